@@ -1,0 +1,412 @@
+"""Shared transformer pieces: RoPE (2-D patch grid, 1-D/3-D over time), attention, MLPs, LayerScale.
+
+Layout conventions: tokens are [batch, length, hidden]; attention heads are [batch, length, heads, head_dim]
+(the layout `jax.nn.dot_product_attention` takes). `dtype` is the compute dtype, `param_dtype` the storage
+dtype of parameters; norms, softmax and RoPE angles are computed in float32.
+
+Parameters carry logical axis names (see `deltaworld_jax/sharding.py` for the mapping to mesh axes):
+  embed: the model width          mlp: the MLP width          heads: the flattened heads x head_dim
+  vocab: per-head / output-size axes that are never sharded     norm: small vectors (scales, biases)
+Submodule names follow the official PyTorch/`transformers` names so weight import is a plain rename.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Array = jax.Array
+
+# ----------------------------------------------------------------------------------------------------
+# Initialisers and basic layers
+# ----------------------------------------------------------------------------------------------------
+
+
+def trunc_normal(std: float) -> nnx.Initializer:
+    """Truncated normal at +-2 std, as `torch.nn.init.trunc_normal_(std=...)` (cut at +-2 absolute, which
+    equals +-2 std only for std=1; for std=0.02 torch's cut is effectively no cut, so we use a plain
+    truncation at 2 std, the statistically sensible reading that every JAX port uses)."""
+    return nnx.initializers.truncated_normal(stddev=std, lower=-2.0, upper=2.0)
+
+
+def linear(
+    in_features: int,
+    out_features: int,
+    *,
+    axes: tuple[str | None, str | None],
+    use_bias: bool = True,
+    init_std: float = 0.02,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+) -> nnx.Linear:
+    """nnx.Linear with truncated-normal weights, zero bias and logical axis names on both."""
+    return nnx.Linear(
+        in_features,
+        out_features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nnx.with_partitioning(trunc_normal(init_std), axes),
+        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[1],)),
+        rngs=rngs,
+    )
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm computed in float32; returns `dtype` (the compute dtype). `use_bias=False` gives the
+    bias-free norm DeltaTok's QK-norm uses."""
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        eps: float = 1e-5,
+        use_bias: bool = True,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        del rngs
+        self.eps = eps
+        self.dtype = dtype
+        self.weight = nnx.Param(jnp.ones((num_features,), param_dtype), out_sharding=("norm",))
+        self.bias = (
+            nnx.Param(jnp.zeros((num_features,), param_dtype), out_sharding=("norm",))
+            if use_bias
+            else None
+        )
+
+    def __call__(self, x: Array) -> Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.weight.value.astype(jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias.value.astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class LayerScale(nnx.Module):
+    """Per-channel residual scale (`lambda1` in DINOv3), initialised to `init_value`."""
+
+    def __init__(self, dim: int, *, init_value: float, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        del rngs
+        self.lambda1 = nnx.Param(jnp.full((dim,), init_value, param_dtype), out_sharding=("norm",))
+
+    def __call__(self, x: Array) -> Array:
+        return x * self.lambda1.value.astype(x.dtype)
+
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    # torch's nn.GELU / transformers "gelu" is the exact (erf) GELU, not the tanh approximation.
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "silu": jax.nn.silu,
+}
+
+
+class MLP(nnx.Module):
+    """up_proj -> activation -> down_proj (DINOv3ViTMLP)."""
+
+    def __init__(self, hidden: int, intermediate: int, *, act: str = "gelu", use_bias: bool = True,
+                 init_std: float = 0.02, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        kw = dict(use_bias=use_bias, init_std=init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.act = act
+        self.up_proj = linear(hidden, intermediate, axes=("embed", "mlp"), **kw)
+        self.down_proj = linear(intermediate, hidden, axes=("mlp", "embed"), **kw)
+
+    def __call__(self, x: Array) -> Array:
+        return self.down_proj(ACTIVATIONS[self.act](self.up_proj(x)))
+
+
+class GatedMLP(nnx.Module):
+    """SwiGLU: down_proj(act(gate_proj(x)) * up_proj(x)) (DINOv3ViTGatedMLP)."""
+
+    def __init__(self, hidden: int, intermediate: int, *, act: str = "silu", use_bias: bool = True,
+                 init_std: float = 0.02, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        kw = dict(use_bias=use_bias, init_std=init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.act = act
+        self.gate_proj = linear(hidden, intermediate, axes=("embed", "mlp"), **kw)
+        self.up_proj = linear(hidden, intermediate, axes=("embed", "mlp"), **kw)
+        self.down_proj = linear(intermediate, hidden, axes=("mlp", "embed"), **kw)
+
+    def __call__(self, x: Array) -> Array:
+        return self.down_proj(ACTIVATIONS[self.act](self.gate_proj(x)) * self.up_proj(x))
+
+
+# ----------------------------------------------------------------------------------------------------
+# RoPE
+# ----------------------------------------------------------------------------------------------------
+
+
+def patch_center_coords(grid_h: int, grid_w: int) -> Array:
+    """(y, x) centres of a grid of patches in [-1, 1]: [grid_h * grid_w, 2], row-major like the patches."""
+    ys = (jnp.arange(grid_h, dtype=jnp.float32) + 0.5) / grid_h
+    xs = (jnp.arange(grid_w, dtype=jnp.float32) + 0.5) / grid_w
+    yy, xx = jnp.meshgrid(ys, xs, indexing="ij")
+    return 2.0 * jnp.stack([yy.reshape(-1), xx.reshape(-1)], axis=-1) - 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeAugmentation:
+    """DINOv3's train-time coordinate augmentation. `None` disables a term.
+
+    shift: add U(-shift, shift) per axis; jitter: multiply by a log-uniform factor in [1/jitter, jitter]
+    per axis; rescale: multiply both axes by ONE log-uniform factor in [1/rescale, rescale]."""
+
+    shift: float | None = None
+    jitter: float | None = None
+    rescale: float | None = 2.0
+
+    def __call__(self, coords: Array, rng: Array) -> Array:
+        k_shift, k_jitter, k_rescale = jax.random.split(rng, 3)
+        if self.shift is not None:
+            coords = coords + jax.random.uniform(k_shift, (1, 2), minval=-self.shift, maxval=self.shift)
+        if self.jitter is not None:
+            r = math.log(self.jitter)
+            coords = coords * jnp.exp(jax.random.uniform(k_jitter, (1, 2), minval=-r, maxval=r))
+        if self.rescale is not None:
+            r = math.log(self.rescale)
+            coords = coords * jnp.exp(jax.random.uniform(k_rescale, (1,), minval=-r, maxval=r))
+        return coords
+
+
+def rope_2d(
+    grid_hw: tuple[int, int],
+    head_dim: int,
+    *,
+    theta: float = 100.0,
+    augmentation: RopeAugmentation | None = None,
+    rng: Array | None = None,
+) -> tuple[Array, Array]:
+    """DINOv3 2-D RoPE tables (cos, sin), each [grid_h * grid_w, head_dim], float32.
+
+    head_dim/4 frequencies per axis; angles 2*pi*coord*inv_freq laid out [y-freqs, x-freqs] tiled twice,
+    for the rotate-half convention. Augmentation applies only when both `augmentation` and `rng` are given
+    (inference mode passes no rng)."""
+    coords = patch_center_coords(*grid_hw)
+    if augmentation is not None and rng is not None:
+        coords = augmentation(coords, rng)
+    inv_freq = 1.0 / theta ** jnp.arange(0, 1, 4 / head_dim, dtype=jnp.float32)  # [head_dim/4]
+    angles = 2 * jnp.pi * coords[:, :, None] * inv_freq[None, None, :]  # [N, 2, head_dim/4]
+    angles = jnp.tile(angles.reshape(coords.shape[0], -1), (1, 2))  # [N, head_dim]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def rotate_half(x: Array) -> Array:
+    half = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def apply_rope_2d(x_blhd: Array, cos: Array, sin: Array) -> Array:
+    """Rotate the LAST cos.shape[0] tokens of x [B, L, H, hd]; earlier (prefix) tokens pass unrotated,
+    as in `transformers`' DINOv3 `apply_rotary_pos_emb`. cos/sin: [N, hd] or [B, N, hd]."""
+    num_patches = cos.shape[-2]
+    num_prefix = x_blhd.shape[1] - num_patches
+    prefix, patches = x_blhd[:, :num_prefix], x_blhd[:, num_prefix:]
+    if cos.ndim == 2:
+        cos, sin = cos[None], sin[None]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # broadcast over heads
+    p32 = patches.astype(jnp.float32)
+    rotated = (p32 * cos + rotate_half(p32) * sin).astype(x_blhd.dtype)
+    return jnp.concatenate([prefix, rotated], axis=1)
+
+
+def axis_rope_inv_freq(half: int) -> Array:
+    """1 / 10**linspace(-2, 2, half): the predictor's frequencies (periods from 0.01 to 100 position units)."""
+    return 1.0 / (10.0 ** jnp.linspace(-2.0, 2.0, half, dtype=jnp.float32))
+
+
+def apply_axis_rope(
+    x_blhd: Array,
+    positions: tuple[Array, ...],
+    axis_sizes: tuple[int, ...],
+    unrotated_size: int,
+) -> Array:
+    """The predictor's multi-axis RoPE (1-D over time for DeltaWorld, 3-D (t, x, y) for DINO-World).
+
+    x: [B, L, H, hd]; positions: one [B, L] array per axis. Per head, consecutive chunks of `axis_sizes`
+    dims are rotated by their axis' positions (rotate-half within the chunk, angle 2*pi*pos*inv_freq),
+    then `unrotated_size` dims pass through. Anything beyond is dropped, exactly as the official code."""
+    if len(positions) != len(axis_sizes):
+        raise ValueError(f"{len(positions)} position arrays for {len(axis_sizes)} RoPE axes")
+    x32 = x_blhd.astype(jnp.float32)
+    parts, offset = [], 0
+    for pos, size in zip(positions, axis_sizes):
+        half = size // 2
+        angle = 2 * jnp.pi * pos.astype(jnp.float32)[:, :, None, None] * axis_rope_inv_freq(half)
+        cos, sin = jnp.cos(angle), jnp.sin(angle)
+        even = x32[..., offset : offset + half]
+        odd = x32[..., offset + half : offset + 2 * half]
+        parts += [even * cos - odd * sin, even * sin + odd * cos]
+        offset += size
+    parts.append(x32[..., offset : offset + unrotated_size])
+    return jnp.concatenate(parts, axis=-1).astype(x_blhd.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Attention
+# ----------------------------------------------------------------------------------------------------
+
+
+def dot_product_attention(
+    q: Array, k: Array, v: Array, *, mask: Array | None = None, implementation: str | None = "xla"
+) -> Array:
+    """softmax(q k^T / sqrt(hd)) v with [B, L, H, hd] inputs; mask is boolean (True = attend),
+    broadcastable to [B, H, Lq, Lk].
+
+    implementation: "xla" (any backend), "cudnn" (fused flash attention on GPU, bf16/fp16 only), or
+    "reference" (explicit einsum + float32 softmax; used by tests as the ground truth)."""
+    scale = q.shape[-1] ** -0.5
+    if implementation == "reference":
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
+        if mask is not None:
+            logits = jnp.where(mask, logits, -jnp.inf)
+        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=implementation)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    hidden_size: int
+    num_heads: int
+    query_bias: bool = True
+    key_bias: bool = False
+    value_bias: bool = True
+    proj_bias: bool = True
+    qk_norm: bool = False  # LayerNorm over head_dim without bias, AFTER RoPE (DeltaTok)
+    output_gate: bool = False  # per-head sigmoid gate from the block's normed input (DeltaTok)
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    implementation: str | None = "xla"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+class SelfAttention(nnx.Module):
+    """DINOv3 self-attention with DeltaTok's optional QK-norm (after RoPE) and per-head output gate."""
+
+    def __init__(self, cfg: AttentionConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        if cfg.hidden_size % cfg.num_heads:
+            raise ValueError(f"hidden_size {cfg.hidden_size} is not divisible by num_heads {cfg.num_heads}")
+        self.cfg = cfg
+        d = cfg.hidden_size
+        kw = dict(init_std=cfg.init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = linear(d, d, axes=("embed", "heads"), use_bias=cfg.query_bias, **kw)
+        self.k_proj = linear(d, d, axes=("embed", "heads"), use_bias=cfg.key_bias, **kw)
+        self.v_proj = linear(d, d, axes=("embed", "heads"), use_bias=cfg.value_bias, **kw)
+        self.o_proj = linear(d, d, axes=("heads", "embed"), use_bias=cfg.proj_bias, **kw)
+        if cfg.qk_norm:
+            nkw = dict(eps=cfg.norm_eps, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            self.q_norm = LayerNorm(cfg.head_dim, **nkw)
+            self.k_norm = LayerNorm(cfg.head_dim, **nkw)
+        if cfg.output_gate:
+            self.attn_gate = linear(d, cfg.num_heads, axes=("embed", "vocab"), use_bias=True, **kw)
+
+    def __call__(self, x: Array, rope: tuple[Array, Array] | None = None, mask: Array | None = None,
+                 implementation: str | None = None) -> Array:
+        b, l, _ = x.shape
+        h, hd = self.cfg.num_heads, self.cfg.head_dim
+        q = self.q_proj(x).reshape(b, l, h, hd)
+        k = self.k_proj(x).reshape(b, l, h, hd)
+        v = self.v_proj(x).reshape(b, l, h, hd)
+        if rope is not None:
+            q, k = apply_rope_2d(q, *rope), apply_rope_2d(k, *rope)
+        if self.cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        out = dot_product_attention(q, k, v, mask=mask,
+                                    implementation=implementation or self.cfg.implementation)
+        if self.cfg.output_gate:
+            gate = jax.nn.sigmoid(self.attn_gate(x).astype(jnp.float32))  # [B, L, H]
+            out = (out.astype(jnp.float32) * gate[..., None]).astype(out.dtype)
+        return self.o_proj(out.reshape(b, l, h * hd))
+
+
+class CrossAttention(nnx.Module):
+    """The predictor's cross-attention: queries attend only to key/value tokens.
+
+    q_proj on the (normed) queries; ONE fused kv_proj (kv_dim -> 2*hidden) on the raw key/value tokens,
+    split into k then v; RoPE over `positions` on q and k (axis RoPE); out_proj."""
+
+    def __init__(self, hidden_size: int, kv_size: int, num_heads: int, *, rope_axis_sizes: tuple[int, ...],
+                 rope_unrotated_size: int, init_std: float = 0.02, implementation: str | None = "xla",
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        head_dim = hidden_size // num_heads
+        if sum(rope_axis_sizes) + rope_unrotated_size != head_dim:
+            raise ValueError(
+                f"RoPE sizes must sum to head_dim: {rope_axis_sizes} + {rope_unrotated_size} != {head_dim}")
+        self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
+        self.rope_axis_sizes = tuple(rope_axis_sizes)
+        self.rope_unrotated_size = rope_unrotated_size
+        self.implementation = implementation
+        kw = dict(init_std=init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = linear(hidden_size, hidden_size, axes=("embed", "heads"), **kw)
+        self.kv_proj = linear(kv_size, 2 * hidden_size, axes=("embed", "heads"), **kw)
+        self.out_proj = linear(hidden_size, hidden_size, axes=("heads", "embed"), **kw)
+
+    def __call__(self, queries: Array, kv_tokens: Array, pos_q: tuple[Array, ...], pos_k: tuple[Array, ...],
+                 mask: Array | None = None, implementation: str | None = None) -> Array:
+        b, lq, _ = queries.shape
+        lk = kv_tokens.shape[1]
+        h, hd = self.num_heads, self.head_dim
+        q = self.q_proj(queries).reshape(b, lq, h, hd)
+        kv = self.kv_proj(kv_tokens)
+        k = kv[..., : self.hidden_size].reshape(b, lk, h, hd)
+        v = kv[..., self.hidden_size :].reshape(b, lk, h, hd)
+        q = apply_axis_rope(q, pos_q, self.rope_axis_sizes, self.rope_unrotated_size)
+        k = apply_axis_rope(k, pos_k, self.rope_axis_sizes, self.rope_unrotated_size)
+        out = dot_product_attention(q, k, v, mask=mask, implementation=implementation or self.implementation)
+        return self.out_proj(out.reshape(b, lq, h * hd))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The DINOv3-style block (DINOv3 itself, and DeltaTok's encoder/decoder)
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+    attention: AttentionConfig
+    intermediate_size: int
+    gated_mlp: bool = False  # SwiGLU
+    act: str = "gelu"
+    mlp_bias: bool = True
+    layer_scale_init: float = 1.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+
+class Block(nnx.Module):
+    """x = x + ls1(attn(norm1(x))); x = x + ls2(mlp(norm2(x))) (transformers' DINOv3ViTLayer)."""
+
+    def __init__(self, cfg: BlockConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        d = cfg.attention.hidden_size
+        nkw = dict(eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.norm1 = LayerNorm(d, **nkw)
+        self.attention = SelfAttention(cfg.attention, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.layer_scale1 = LayerScale(d, init_value=cfg.layer_scale_init, param_dtype=param_dtype, rngs=rngs)
+        self.norm2 = LayerNorm(d, **nkw)
+        mlp_cls = GatedMLP if cfg.gated_mlp else MLP
+        self.mlp = mlp_cls(d, cfg.intermediate_size, act=cfg.act, use_bias=cfg.mlp_bias, init_std=cfg.init_std,
+                           dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.layer_scale2 = LayerScale(d, init_value=cfg.layer_scale_init, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x: Array, rope: tuple[Array, Array] | None = None, mask: Array | None = None,
+                 implementation: str | None = None) -> Array:
+        x = x + self.layer_scale1(self.attention(self.norm1(x), rope, mask, implementation))
+        return x + self.layer_scale2(self.mlp(self.norm2(x)))
+
+
+def count_params(module: nnx.Module) -> int:
+    """Number of parameters (nnx.Param leaves) in a module, abstract or concrete."""
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(module, nnx.Param))))

