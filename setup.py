@@ -22,7 +22,9 @@ INSTALL_REQUIRES = [
     "orbax-checkpoint",
     "pillow",
     "safetensors",
-    "tensorboardX",
+    # clu.metric_writers writes TensorBoard event files through TensorFlow's summary API.
+    "tensorboard",
+    "tensorflow-cpu",
     "tensorflow-datasets",
 ]
 
