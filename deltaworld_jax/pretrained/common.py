@@ -1,0 +1,249 @@
+"""Strict checkpoint loading shared by every importer of official weights.
+
+The flow of a loader:
+  1. `read_state_dict(path)` -> flat {checkpoint key: numpy array} from .bin/.pth/.pt, Lightning .ckpt,
+     .safetensors or a Hugging Face folder (single or sharded safetensors, or pytorch_model.bin);
+  2. the family's own renaming (+ `torch_linear_to_kernel` / `torch_conv_to_kernel` transposes) into
+     {our parameter path ("layer.0.attention.q_proj.kernel"): array}, each entry remembering its source key;
+  3. `fill_abstract_model(nnx.eval_shape(build), params)`: casts to each parameter's dtype, checks shapes, and
+     raises ONE `CheckpointMismatchError` listing every unused checkpoint entry, every missing parameter and
+     every shape mismatch. Building abstractly means the model's weights are only ever allocated once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Iterable, Mapping
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+StateDict = dict[str, np.ndarray]
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint does not fit the model: lists all unused, missing and mis-shaped entries at once."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------------------
+
+
+def _import_torch():
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError("reading PyTorch checkpoints (.bin/.pth/.pt/.ckpt) needs `torch` (pip install torch); "
+                          "safetensors files need only `safetensors`") from e
+    return torch
+
+
+def _torch_to_numpy(value: Any) -> np.ndarray:
+    torch = _import_torch()
+    t = value.detach().cpu()
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16; float32 holds it exactly
+        t = t.float()
+    return t.numpy()
+
+
+def _flatten_torch_state(obj: Mapping[str, Any], prefix: str = "") -> StateDict:
+    """Nested dicts of tensors -> flat {dotted key: numpy array}; non-tensor entries are skipped."""
+    torch = _import_torch()
+    out: StateDict = {}
+    for key, value in obj.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, torch.Tensor):
+            out[name] = _torch_to_numpy(value)
+        elif isinstance(value, Mapping):
+            out.update(_flatten_torch_state(value, name + "."))
+    return out
+
+
+def _read_torch_file(path: str) -> StateDict:
+    torch = _import_torch()
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types (UnpicklingError, RuntimeError, ...)
+        raise ValueError(f"could not read PyTorch checkpoint {path}: {type(e).__name__}: {e}") from None
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    # Lightning checkpoints keep the weights under "state_dict"; some exporters use "model"/"module".
+    for wrapper in ("state_dict", "model", "module"):
+        if wrapper in obj and isinstance(obj[wrapper], Mapping):
+            obj = obj[wrapper]
+            break
+    return _flatten_torch_state(obj)
+
+
+def _read_safetensors(path: str) -> StateDict:
+    from safetensors import safe_open
+
+    out: StateDict = {}
+    try:
+        # framework="np" cannot read bfloat16; go through torch then, if it is installed.
+        with safe_open(path, framework="np") as f:
+            for key in f.keys():
+                out[key] = f.get_tensor(key)
+    except (TypeError, ValueError) as e:
+        if "bf16" not in str(e).lower() and "bfloat16" not in str(e).lower():
+            raise
+        from safetensors.torch import load_file
+
+        out = {k: _torch_to_numpy(v) for k, v in load_file(path).items()}
+    return out
+
+
+def _read_hf_folder(folder: str) -> StateDict:
+    single = os.path.join(folder, "model.safetensors")
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        return _read_safetensors(single)
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        out: StateDict = {}
+        for shard in shards:
+            out.update(_read_safetensors(os.path.join(folder, shard)))
+        return out
+    for name in ("pytorch_model.bin", "model.pth", "model.pt"):
+        if os.path.isfile(os.path.join(folder, name)):
+            return _read_torch_file(os.path.join(folder, name))
+    raise FileNotFoundError(
+        f"{folder} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin; "
+        f"it holds: {sorted(os.listdir(folder))[:20]}")
+
+
+def read_state_dict(path: str | os.PathLike) -> StateDict:
+    """Flat {key: numpy array} from a checkpoint file or a Hugging Face model folder."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return _read_hf_folder(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint file or folder at {path}")
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".safetensors":
+        return _read_safetensors(path)
+    if ext in (".bin", ".pth", ".pt", ".ckpt"):
+        return _read_torch_file(path)
+    raise ValueError(f"unknown checkpoint format {ext!r} for {path}: expected .safetensors, .bin, .pth, .pt, "
+                     ".ckpt or a Hugging Face folder")
+
+
+def read_hf_config(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """The folder's config.json as a dict, or None when there is none."""
+    path = os.path.join(os.fspath(folder), "config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def strip_prefix(state: Mapping[str, np.ndarray], prefix: str) -> StateDict:
+    """Removes `prefix` from every key that starts with it; other keys are kept unchanged (they will show
+    up as unused if nothing maps them)."""
+    if not prefix:
+        return dict(state)
+    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Layout conversion
+# ----------------------------------------------------------------------------------------------------
+
+
+def torch_linear_to_kernel(weight: np.ndarray) -> np.ndarray:
+    """torch nn.Linear weight [out, in] -> our kernel [in, out]."""
+    if weight.ndim != 2:
+        raise ValueError(f"a Linear weight must be 2-D, got shape {weight.shape}")
+    return np.ascontiguousarray(weight.T)
+
+
+def torch_conv_to_kernel(weight: np.ndarray) -> np.ndarray:
+    """torch ConvNd weight [out, in, *spatial] -> our (channels-last) kernel [*spatial, in, out]."""
+    if weight.ndim < 3:
+        raise ValueError(f"a conv weight must be at least 3-D, got shape {weight.shape}")
+    spatial = tuple(range(2, weight.ndim))
+    return np.ascontiguousarray(weight.transpose(spatial + (1, 0)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Filling an abstract model
+# ----------------------------------------------------------------------------------------------------
+
+
+def path_to_str(path: Iterable[Any]) -> str:
+    """('layer', 0, 'norm1', 'weight') -> 'layer.0.norm1.weight'."""
+    return ".".join(str(getattr(p, "key", p)) for p in path)
+
+
+def model_param_shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
+    """{dotted path: shape} of every variable of a (possibly abstract) model."""
+    _, state = nnx.split(model)
+    return {path_to_str(p): tuple(v.shape) for p, v in nnx.to_flat_state(state)}
+
+
+class MappedParams(dict):
+    """{our dotted parameter path: numpy array} that also remembers each entry's checkpoint key, so errors
+    can name the checkpoint's own keys. Add entries with `put`."""
+
+    def __init__(self):
+        super().__init__()
+        self.source: dict[str, str] = {}
+        self.unmapped: list[str] = []  # checkpoint keys that no rule recognised
+
+    def put(self, ours: str, value: np.ndarray, source: str) -> None:
+        if ours in self:
+            raise CheckpointMismatchError(f"checkpoint keys {self.source[ours]!r} and {source!r} both map to {ours!r}")
+        self[ours] = value
+        self.source[ours] = source
+
+
+def fill_abstract_model(
+    abstract_model: nnx.Module,
+    params: Mapping[str, np.ndarray],
+    *,
+    dtype: Any = None,
+    what: str = "checkpoint",
+    unmapped_keys: Iterable[str] = (),
+) -> nnx.Module:
+    """Returns a concrete model: `abstract_model`'s structure (from `nnx.eval_shape`) with every variable
+    taken from `params` ({dotted path: array}), cast to the variable's own dtype (or `dtype`).
+
+    Strict: raises one CheckpointMismatchError listing all entries of `params` the model does not have,
+    all model variables that `params` lacks, all shape mismatches, and `unmapped_keys` (checkpoint keys
+    the caller's renaming did not recognise)."""
+    graphdef, state = nnx.split(abstract_model)
+    flat = list(nnx.to_flat_state(state))
+    wanted = {path_to_str(p): v for p, v in flat}
+    source = getattr(params, "source", {})
+    unmapped = list(unmapped_keys) + list(getattr(params, "unmapped", []))
+
+    def named(ours: str) -> str:
+        return f"{source[ours]} (-> {ours})" if ours in source and source[ours] != ours else ours
+
+    unused = sorted(named(k) for k in params if k not in wanted) + sorted(unmapped)
+    missing = sorted(k for k in wanted if k not in params)
+    mismatched = sorted(
+        f"{named(k)}: checkpoint {tuple(params[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in wanted.items() if k in params and tuple(params[k].shape) != tuple(v.shape))
+    if unused or missing or mismatched:
+        lines = [f"{what} does not match the model:"]
+        for title, items in (("unused checkpoint entries", unused), ("missing model parameters", missing),
+                             ("shape mismatches", mismatched)):
+            if items:
+                lines.append(f"  {len(items)} {title}:")
+                lines += [f"    {item}" for item in items]
+        raise CheckpointMismatchError("\n".join(lines))
+
+    filled = []
+    for path, var in flat:
+        key = path_to_str(path)
+        target_dtype = dtype if dtype is not None else var.get_value().dtype
+        value = np.asarray(params[key])
+        array = jnp.asarray(value, dtype=target_dtype)
+        filled.append((path, var.replace(array)))
+    return nnx.merge(graphdef, nnx.from_flat_state(filled))
+
