@@ -46,6 +46,8 @@ setup(
     version="0.1.0",
     description="DeltaTok and DeltaWorld (A Frame is Worth One Token, CVPR 2026) in JAX/Flax NNX",
     packages=find_packages(include=["deltaworld_jax", "deltaworld_jax.*"]),
+    # Official data lists (Kinetics exclusion list, KITTI Eigen test split) used by deltaworld_jax.data.
+    package_data={"deltaworld_jax.data": ["*.txt"]},
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require={

@@ -1,0 +1,325 @@
+"""Training and evaluation iterators on Grain.
+
+Training: videos of the source -> this process's shard (every process_count-th video) -> seeded
+shuffle, reshuffled every epoch -> repeated forever -> one clip per element, drawn from a generator
+seeded by (seed, epoch, video, attempt) -> batches of batch_size_per_process (batched BEFORE the
+worker split, so worker w builds whole batches w, w+N, ... and the batch stream is identical for any
+worker count) -> Grain worker processes -> `TrainIterator`, whose get_state/set_state (also used by
+Grain's Orbax CheckpointHandler) resume the exact batch stream.
+
+A broken video is replaced by another video of the same shard, chosen by the attempt's generator; the
+failures travel with the clip as counts per kind and are summed into `iterator.errors`, so the counts
+are exact and deterministic in any worker layout. After `max_retries` failures in a row the loader
+raises an error naming the source.
+
+Evaluation: every clip of the set, in order, this process's share (every process_count-th clip);
+broken clips are skipped and counted; batches in the calling process; wide clips split into two
+square crops as the official evaluation does (see `split_into_square_crops`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from absl import flags
+
+import grain
+from deltaworld_jax.data import eval_sources
+from deltaworld_jax.data.arrayrecord import ArrayRecordSource
+from deltaworld_jax.data.sampling import (TrainFrameTransform, as_hw, clip_rng, eval_resize_hw,
+                                          resize_bilinear_like_cv2, sample_train_frame_indices)
+from deltaworld_jax.data.sources import (DATA_EXCEPTIONS, ERROR_KINDS, BrokenInput, FrameFolderSource,
+                                         VideoFileSource)
+from deltaworld_jax.data.synthetic import SyntheticSource, WorldConfig
+
+
+def _ensure_absl_flags_parsed() -> None:
+    """Grain reads its options through absl flags, in this process and in its workers; a library
+    caller (pytest, a notebook) may never have parsed them. Parsing nothing keeps the defaults."""
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def _worker_init(worker_index: int, worker_count: int) -> None:
+    del worker_index, worker_count
+    _ensure_absl_flags_parsed()
+
+
+def world_config(synthetic_config) -> WorldConfig:
+    c = synthetic_config
+    return WorldConfig(aspect=c.width / c.height, max_shapes=c.max_shapes, initial_shapes=c.initial_shapes,
+                       event_rate=c.event_rate, speed_range=tuple(c.speed_range),
+                       radius_range=tuple(c.radius_range), appear_probability=c.appear_probability)
+
+
+def make_train_source(data_config):
+    """The random-access video source named by config.data.source."""
+    min_frames = data_config.min_video_frames or data_config.num_frames
+    kind = data_config.source
+    if kind == "synthetic":
+        c = data_config.synthetic
+        return SyntheticSource(world_config(c), c.seed, c.num_clips, c.duration, c.fps, c.height, c.width)
+    if not data_config.root:
+        raise ValueError(f"config.data.root must name the folder of the {kind!r} source")
+    if kind == "videos":
+        return VideoFileSource(data_config.root, exclude_list=data_config.exclude_list, min_frames=min_frames)
+    if kind == "frames":
+        return FrameFolderSource(data_config.root, fps=data_config.fps, exclude_list=data_config.exclude_list,
+                                 min_frames=min_frames)
+    if kind == "arrayrecord":
+        return ArrayRecordSource(data_config.root, min_frames=min_frames)
+    raise ValueError(f"unknown config.data.source {kind!r}: expected synthetic, videos, frames or arrayrecord")
+
+
+class TrainClipLoader:
+    """(stream position, video) -> one augmented clip; picklable, runs in Grain workers."""
+
+    def __init__(self, source, data_config, seed: int, shard: range):
+        self.source = source
+        self.seed = int(seed)
+        self.shard = shard  # this process's videos: replacements for broken ones come from here too
+        self.num_frames = data_config.num_frames
+        self.stride_range = tuple(data_config.time_stride_range)
+        self.out_hw = (data_config.frame_size, data_config.frame_width or data_config.frame_size)
+        self.scale = tuple(data_config.crop_scale)
+        self.ratio_jitter = data_config.ratio_jitter
+        self.flip = data_config.horizontal_flip
+        self.max_retries = data_config.max_retries
+
+    def load_clip(self, video: int, rng: np.random.Generator) -> dict:
+        timestamps = self.source.frame_timestamps(video)
+        indices, clip_times = sample_train_frame_indices(timestamps, self.num_frames, self.stride_range, rng)
+        transform = TrainFrameTransform(self.out_hw, self.scale, self.ratio_jitter, self.flip, rng)
+        frames = self.source.read_frames(video, indices, transform)
+        return {"frames": np.stack(frames), "timestamps": clip_times}
+
+    def __call__(self, position: int, video: int) -> dict:
+        epoch = position // len(self.shard)
+        errors = np.zeros(len(ERROR_KINDS), np.int32)
+        failures = []
+        candidate = int(video)
+        for attempt in range(self.max_retries + 1):
+            rng = clip_rng(self.seed, epoch, video, attempt)
+            if attempt:
+                candidate = self.shard[int(rng.integers(len(self.shard)))]
+            try:
+                clip = self.load_clip(candidate, rng)
+            except BrokenInput as error:
+                errors[ERROR_KINDS.index(error.kind)] += 1
+                failures.append(str(error))
+                continue
+            except DATA_EXCEPTIONS as error:
+                errors[ERROR_KINDS.index("unreadable")] += 1
+                failures.append(f"unreadable: {self.source.describe(candidate)}: {type(error).__name__}: {error}")
+                continue
+            clip["errors"] = errors
+            return clip
+        raise RuntimeError(
+            f"no readable clip in {self.max_retries + 1} tries from {getattr(self.source, 'root', self.source)} "
+            f"(is anything in it readable?); last failures: {failures[-3:]}")
+
+
+class TrainIterator(grain.DatasetIterator):
+    """Batches {frames uint8 [B,T,H,W,3], timestamps float32 [B,T]}; `errors` counts skipped inputs."""
+
+    def __init__(self, parent: grain.DatasetIterator):
+        super().__init__(parent)
+        self.errors = {kind: 0 for kind in ERROR_KINDS}
+
+    def __next__(self) -> dict:
+        batch = next(self._parent)
+        for kind, count in zip(ERROR_KINDS, batch.pop("errors").sum(axis=0)):
+            self.errors[kind] += int(count)
+        return batch
+
+    def get_state(self) -> dict:
+        return {"pipeline": self._parent.get_state(), "errors": dict(self.errors)}
+
+    def set_state(self, state: dict) -> None:
+        self._parent.set_state(state["pipeline"])
+        self.errors = {kind: int(state["errors"].get(kind, 0)) for kind in ERROR_KINDS}
+
+
+def _check_process(process_index: int, process_count: int) -> None:
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} must be in [0, process_count={process_count})")
+
+
+def make_train_iterator(data_config, *, seed: int, batch_size_per_process: int, process_index: int = 0,
+                        process_count: int = 1, num_workers: int | None = None) -> TrainIterator:
+    """An endless iterator of this process's training batches; deterministic in (config, seed, process)."""
+    _check_process(process_index, process_count)
+    _ensure_absl_flags_parsed()
+    source = make_train_source(data_config)
+    if len(source) == 0:
+        raise ValueError(f"no videos found in {getattr(source, 'root', data_config.root)!r} "
+                         f"(source {data_config.source!r})")
+    shard = range(process_index, len(source), process_count)
+    if len(shard) == 0:
+        raise ValueError(f"{len(source)} videos cannot feed process {process_index} of {process_count}")
+    videos = grain.MapDataset.range(len(source))[process_index::process_count]
+    if data_config.shuffle:
+        videos = videos.shuffle(seed=int(seed) % 2**32)
+    dataset = (videos.repeat(None)
+               .map_with_index(TrainClipLoader(source, data_config, seed, shard))
+               .batch(batch_size_per_process, drop_remainder=True))
+    iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=data_config.read_threads,
+                                                             prefetch_buffer_size=data_config.read_buffer_size))
+    workers = data_config.num_workers if num_workers is None else num_workers
+    if workers > 0:
+        iter_dataset = iter_dataset.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=data_config.worker_buffer_size),
+            worker_init_fn=_worker_init)
+    return TrainIterator(iter(iter_dataset))
+
+
+# ---- evaluation ---------------------------------------------------------------------------------
+
+EVAL_SETS = ("vspw", "cityscapes", "kitti", "synthetic")
+
+
+def make_eval_source(data_config, name: str):
+    e = data_config.eval
+    if name == "synthetic":
+        return eval_sources.SyntheticEvalSource(make_train_source(_synthetic_only(data_config)),
+                                                e.num_synthetic_clips, e.num_frames, e.synthetic_stride_seconds)
+    if name not in EVAL_SETS:
+        raise ValueError(f"unknown eval set {name!r}; expected one of {EVAL_SETS}")
+    c = e[name]
+    if not c.root:
+        raise ValueError(f"config.data.eval.{name}.root is empty: set it to the {name} folder")
+    if name == "vspw":
+        return eval_sources.VSPWSource(c.root, e.num_frames, c.stride_seconds, c.fps, c.label_interval)
+    if name == "cityscapes":
+        return eval_sources.CityscapesSource(c.root, e.num_frames, c.stride_seconds, c.fps)
+    return eval_sources.KITTISource(c.root, e.num_frames, c.stride_seconds, c.fps, c.split_file)
+
+
+def _synthetic_only(data_config):
+    config = data_config.copy_and_resolve_references()
+    config.source = "synthetic"
+    return config
+
+
+class EvalClipLoader:
+    """Clip index -> resized clip, or ('broken', kind) so the main process can count it."""
+
+    def __init__(self, source, frame_size: int, max_aspect_ratio: float):
+        self.source, self.frame_size, self.max_aspect_ratio = source, frame_size, max_aspect_ratio
+
+    def __call__(self, index: int):
+        try:
+            clip = self.source.load(int(index))
+        except BrokenInput as error:
+            return {"broken": np.int32(ERROR_KINDS.index(error.kind)), "sample_index": np.int32(index)}
+        except DATA_EXCEPTIONS:
+            return {"broken": np.int32(ERROR_KINDS.index("unreadable")), "sample_index": np.int32(index)}
+        height, width = clip["frames"].shape[1:3]
+        new_h, new_w = eval_resize_hw(height, width, self.frame_size, self.max_aspect_ratio)
+        clip["frames"] = np.stack([resize_bilinear_like_cv2(f, new_h, new_w) for f in clip["frames"]])
+        return clip
+
+
+def _stack(clips: list[dict], name: str) -> dict:
+    batch = {}
+    for key in clips[0]:
+        shapes = {np.shape(c[key]) for c in clips}
+        if len(shapes) > 1:
+            raise ValueError(f"eval set {name}: clips of one batch differ in {key} shape {sorted(shapes)}; "
+                             "use config.data.eval.batch_size = 1 for sets with mixed frame sizes")
+        batch[key] = np.stack([c[key] for c in clips])
+    return batch
+
+
+def split_into_square_crops(batch: dict) -> dict:
+    """Official square-crop evaluation of non-square clips, on a batch of B clips.
+
+    Frames become two overlapping squares at opposite ends (left/right when wide, top/bottom when
+    tall): [2B, T, S, S, 3], first crops of every clip, then second crops. Labels become two
+    NON-overlapping halves split at the middle, so no pixel is scored twice; when the label size is odd
+    the first half gets one padding row/column of ignore (255, or 0 for depth) at its far edge.
+    Adds is_split, is_wide, overlap (max/min side ratio < 2) and crop_index, all [2B] (all False/0
+    when the clips are square and nothing is split).
+    """
+    frames = batch["frames"]
+    height, width = frames.shape[2:4]
+    count = frames.shape[0]
+    if height == width:
+        return {**batch, "is_split": np.zeros(count, bool), "is_wide": np.zeros(count, bool),
+                "overlap": np.zeros(count, bool), "crop_index": np.zeros(count, np.int32)}
+    wide = width > height
+    size = min(height, width)
+    second = frames[:, :, :, width - size:] if wide else frames[:, :, height - size:, :]
+    out = {key: np.concatenate([value, value]) for key, value in batch.items() if key not in ("frames", "labels")}
+    out["frames"] = np.concatenate([frames[:, :, :size, :size], second])
+    if "labels" in batch:
+        labels = batch["labels"]
+        label_axis = 3 if wide else 2
+        middle = labels.shape[label_axis] // 2
+        first, last = np.split(labels, [middle], axis=label_axis)
+        if first.shape != last.shape:
+            pad = [(0, 0)] * labels.ndim
+            pad[label_axis] = (0, last.shape[label_axis] - first.shape[label_axis])
+            first = np.pad(first, pad, constant_values=255 if labels.dtype == np.uint8 else 0)
+        out["labels"] = np.concatenate([first, last])
+    out["is_split"] = np.ones(2 * count, bool)
+    out["is_wide"] = np.full(2 * count, wide)
+    out["overlap"] = np.full(2 * count, max(height, width) / size < 2.0)
+    out["crop_index"] = np.repeat(np.arange(2, dtype=np.int32), count)
+    return out
+
+
+class EvalIterator:
+    """Iterates once over this process's share of an eval set; `errors` counts skipped clips."""
+
+    def __init__(self, name: str, elements, batch_size: int, square_crops: bool):
+        self.name, self._elements, self.batch_size, self.square_crops = name, elements, batch_size, square_crops
+        self.errors = {kind: 0 for kind in ERROR_KINDS}
+        self.num_clips = 0
+
+    def __iter__(self):
+        return self
+
+    def _finish(self, clips: list[dict]) -> dict:
+        batch = _stack(clips, self.name)
+        self.num_clips += len(clips)
+        return split_into_square_crops(batch) if self.square_crops else batch
+
+    def __next__(self) -> dict:
+        clips = []
+        for element in self._elements:
+            if "broken" in element:
+                self.errors[ERROR_KINDS[int(element["broken"])]] += 1
+                continue
+            clips.append(element)
+            if len(clips) == self.batch_size:
+                return self._finish(clips)
+        if clips:
+            return self._finish(clips)
+        raise StopIteration
+
+
+def make_eval_iterator(data_config, name: str, *, batch_size_per_process: int | None = None,
+                       process_index: int = 0, process_count: int = 1,
+                       num_workers: int | None = None) -> EvalIterator:
+    """One pass over eval set `name` ("vspw", "cityscapes", "kitti", "synthetic").
+
+    Batches: frames uint8 [B', T, S, S, 3] (B' = 2B when clips are split into square crops), timestamps
+    float32 [B', T], labels [B', T, Hl, Wl] at label resolution (uint8 classes with 255 = ignore for
+    VSPW/Cityscapes, float32 metres with 0 = invalid for KITTI; none for synthetic), sample_index int32
+    [B'], and the crop fields of split_into_square_crops.
+    """
+    _check_process(process_index, process_count)
+    _ensure_absl_flags_parsed()
+    e = data_config.eval
+    source = make_eval_source(data_config, name)
+    if len(source) == 0:
+        raise ValueError(f"eval set {name}: no clips found under {getattr(source, 'root', '?')!r}")
+    frame_size = e.frame_size if e.frame_size > 0 else data_config.frame_size
+    dataset = (grain.MapDataset.range(len(source))[process_index::process_count]
+               .map(EvalClipLoader(source, frame_size, e.max_aspect_ratio))
+               .to_iter_dataset(grain.ReadOptions(num_threads=data_config.read_threads,
+                                                  prefetch_buffer_size=data_config.read_buffer_size)))
+    workers = data_config.num_workers if num_workers is None else num_workers
+    if workers > 0:
+        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers), worker_init_fn=_worker_init)
+    return EvalIterator(name, iter(dataset), batch_size_per_process or e.batch_size, e.square_crops)

@@ -1,0 +1,185 @@
+r"""Converts a folder of videos (or of frame folders) into the prepared ArrayRecord format.
+
+  python -m deltaworld_jax.data.prepare --input=/data/kinetics700/train --output=/data/k700_frames \
+      --num_shards=1024 [--shard_index=i] [--num_workers=16] [--short_side=320] [--jpeg_quality=90]
+
+With --shard_index=i one shard is written (run one such command per machine or job for a cluster);
+without it, every unfinished shard is written by a pool of --num_workers processes. Finished shards
+are skipped, so rerunning after an interruption resumes. Videos are assigned to shards round-robin in
+sorted order (shard i gets videos i, i+N, ...), so every run agrees on the assignment. Broken videos are
+skipped and counted in the shard's index (`skipped`). See arrayrecord.py for the format.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing
+import os
+from pathlib import Path
+
+import av
+import numpy as np
+from absl import app, flags, logging
+from PIL import Image
+
+from deltaworld_jax.data import arrayrecord
+from deltaworld_jax.data.sources import DATA_EXCEPTIONS, FrameFolderSource, VideoFileSource
+
+_INPUT = flags.DEFINE_string("input", None, "Folder of videos (any depth) or of frame folders.")
+_OUTPUT = flags.DEFINE_string("output", None, "Folder to write the shards to.")
+_INPUT_KIND = flags.DEFINE_enum("input_kind", "videos", ["videos", "frames"], "What --input holds.")
+_NUM_SHARDS = flags.DEFINE_integer("num_shards", 16, "Total number of shards.")
+_SHARD_INDEX = flags.DEFINE_integer("shard_index", -1, "Write only this shard (-1: all unfinished shards).")
+_NUM_WORKERS = flags.DEFINE_integer("num_workers", os.cpu_count() or 1, "Processes when writing all shards.")
+_FPS = flags.DEFINE_float("fps", 25.0, "Frame rate of frame folders (<= 0: times from '<i>_<seconds>' names).")
+_SHORT_SIDE = flags.DEFINE_integer("short_side", 0, "Resize frames so the short side is this (0: keep).")
+_JPEG_QUALITY = flags.DEFINE_integer("jpeg_quality", 90, "JPEG quality of re-encoded frames.")
+_EXCLUDE_LIST = flags.DEFINE_string("exclude_list", "kinetics",
+                                    "'kinetics' (official exclusion list), a file of '<class>/<id>' lines, or ''.")
+
+
+def _resized(image: Image.Image, short_side: int) -> Image.Image:
+    if short_side <= 0 or min(image.size) <= short_side:
+        return image
+    scale = short_side / min(image.size)
+    size = (max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale)))
+    return image.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
+
+
+def _jpeg(image: Image.Image, quality: int) -> bytes:
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def decode_video(path: str) -> tuple[list[Image.Image], np.ndarray]:
+    """Every frame of a video in presentation order and its time (seconds from the first frame)."""
+    frames, pts = [], []
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        for frame in container.decode(stream):
+            if frame.pts is None:
+                continue
+            frames.append(frame.to_image())
+            pts.append(frame.pts)
+        time_base = float(stream.time_base)
+    order = np.argsort(pts, kind="stable")
+    pts_sorted = np.asarray(pts, np.int64)[order]
+    return [frames[i] for i in order], (pts_sorted - (pts_sorted[0] if len(pts) else 0)) * time_base
+
+
+def _video_frames(path: str, short_side: int, quality: int):
+    images, timestamps = decode_video(path)
+    if len(images) < 2:
+        raise ValueError(f"{len(images)} decodable frames")
+    images = [_resized(image, short_side) for image in images]
+    return [_jpeg(image, quality) for image in images], timestamps, images[0].size
+
+
+def _folder_frames(frame_paths: list[str], timestamps: np.ndarray, short_side: int, quality: int):
+    jpegs, size = [], None
+    for path in frame_paths:
+        image = Image.open(path)
+        if size is None:
+            size = _resized(image, short_side).size
+        if image.format == "JPEG" and (short_side <= 0 or min(image.size) <= short_side):
+            jpegs.append(Path(path).read_bytes())  # already a JPEG at the wanted size: copy, no re-encode
+        else:
+            jpegs.append(_jpeg(_resized(image, short_side), quality))
+    return jpegs, timestamps, size
+
+
+def list_inputs(input_dir: str, input_kind: str, fps: float, exclude_list: str):
+    """[(name, reader)] in sorted order; reader() -> (jpegs, timestamps, (width, height))."""
+    if input_kind == "videos":
+        source = VideoFileSource(input_dir, exclude_list=exclude_list)
+        return [(os.path.relpath(p, input_dir), p) for p in source.paths]
+    source = FrameFolderSource(input_dir, fps=fps, exclude_list=exclude_list)
+    return [(os.path.relpath(folder, input_dir), (source, i)) for i, (folder, _) in enumerate(source.videos)]
+
+
+def write_shard(input_dir: str, output_dir: str, input_kind: str = "videos", num_shards: int = 1, shard_index: int = 0,
+                fps: float = 25.0, short_side: int = 0, jpeg_quality: int = 90, exclude_list: str = "kinetics") -> str:
+    """Writes shard `shard_index` unless it is already finished. Returns 'written' or 'skipped'."""
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    schema = arrayrecord.schema(num_shards, input=os.path.abspath(input_dir), input_kind=input_kind,
+                                short_side=short_side, jpeg_quality=jpeg_quality, exclude_list=exclude_list)
+    schema_path = output / arrayrecord.SCHEMA_FILE
+    if schema_path.exists():
+        existing = json.loads(schema_path.read_text())
+        if existing.get("num_shards") != num_shards:
+            raise ValueError(f"{output} was prepared with {existing.get('num_shards')} shards, not {num_shards}")
+    else:
+        arrayrecord.write_atomically(schema_path, json.dumps(schema, indent=2).encode())
+    if (output / f"{arrayrecord.shard_stem(shard_index, num_shards)}.index.npz").exists():
+        return "skipped"
+    inputs = list_inputs(input_dir, input_kind, fps, exclude_list)[shard_index::num_shards]
+    writer = arrayrecord.ShardWriter(output, shard_index, num_shards)
+    for name, handle in inputs:
+        try:
+            if input_kind == "videos":
+                jpegs, timestamps, (width, height) = _video_frames(handle, short_side, jpeg_quality)
+            else:
+                source, index = handle
+                timestamps = source.frame_timestamps(index)
+                jpegs, timestamps, (width, height) = _folder_frames(source.videos[index][1], timestamps,
+                                                                   short_side, jpeg_quality)
+        except DATA_EXCEPTIONS as error:  # one broken input never stops a shard
+            logging.warning("skipping %s: %s: %s", name, type(error).__name__, error)
+            writer.skipped += 1
+            continue
+        writer.add_video(name, jpegs, timestamps, height, width)
+    writer.commit()
+    return "written"
+
+
+def _write_shard_star(kwargs):
+    return kwargs["shard_index"], write_shard(**kwargs)
+
+
+def prepare(input_dir: str, output_dir: str, num_shards: int, num_workers: int = 1, **options) -> dict:
+    """Writes every unfinished shard with `num_workers` processes; returns {'written': n, 'skipped': m}."""
+    jobs = [dict(options, input_dir=input_dir, output_dir=output_dir, num_shards=num_shards, shard_index=i)
+            for i in range(num_shards)]
+    workers = max(1, min(num_workers, len(jobs)))
+    counts = {"written": 0, "skipped": 0}
+    if workers == 1:
+        results = map(_write_shard_star, jobs)
+    else:
+        # fork: workers inherit the imported modules instead of importing them again.
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        pool = multiprocessing.get_context(method).Pool(workers)
+        results = pool.imap_unordered(_write_shard_star, jobs)
+    try:
+        for shard_index, result in results:
+            counts[result] += 1
+            logging.info("shard %d: %s", shard_index, result)
+    finally:
+        if workers > 1:
+            pool.close()
+            pool.join()
+    return counts
+
+
+def main(argv):
+    del argv
+    if not _INPUT.value or not _OUTPUT.value:
+        raise app.UsageError("--input and --output are required")
+    options = dict(input_kind=_INPUT_KIND.value, fps=_FPS.value, short_side=_SHORT_SIDE.value,
+                   jpeg_quality=_JPEG_QUALITY.value, exclude_list=_EXCLUDE_LIST.value)
+    if _SHARD_INDEX.value >= 0:
+        if _SHARD_INDEX.value >= _NUM_SHARDS.value:
+            raise app.UsageError(f"--shard_index={_SHARD_INDEX.value} must be < --num_shards={_NUM_SHARDS.value}")
+        result = write_shard(_INPUT.value, _OUTPUT.value, num_shards=_NUM_SHARDS.value,
+                             shard_index=_SHARD_INDEX.value, **options)
+        print(f"shard {_SHARD_INDEX.value}: {result}")
+        return
+    counts = prepare(_INPUT.value, _OUTPUT.value, _NUM_SHARDS.value, _NUM_WORKERS.value, **options)
+    print(f"{counts['written']} shards written, {counts['skipped']} already finished, output {_OUTPUT.value}")
+
+
+if __name__ == "__main__":
+    app.run(main)
