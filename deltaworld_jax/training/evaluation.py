@@ -1,0 +1,462 @@
+"""The official evaluation protocol: forecast features, read them with frozen task heads, score mIoU / RMSE.
+
+For each dataset, clip (7 frames at a fixed stride), context length c (4) and horizon h (1, 3):
+  * World models (DeltaWorld, DINO-World, copy-last) see the window that ENDS the clip: frames
+    [T - c - h, T); the first c are context, the last h are predicted (timestamps are not re-based; the
+    RoPE only sees differences). DeltaTok reconstructs the last h frames of the whole clip starting from
+    the frame before them (its context length is 1, or 0 from a black frame when h == T).
+  * Per predicted step t, the loss (the model's criterion: smooth-L1 beta 0.1 for world models, log-cosh
+    for DeltaTok) and, when the step's labels have any valid pixel, the task metric on the head's output
+    upsampled bilinearly to the label size.
+  * Several samples per clip (DeltaWorld: N = 20): 'mean' scores the mean of the samples' features,
+    'best' the sample whose LAST predicted frame has the lowest criterion to the truth.
+  * Wide frames are two overlapping square crops (corners), labels split at the midpoint (no pixel
+    scored twice); each crop's prediction is upsampled to a square of the label height and cut to its
+    half (`align_to_task_output`), exactly as the official code does, quirks included (aspect >= 2 stretches).
+
+Batches: dicts with `frames` uint8 [B, T, H, W, 3], `timestamps` float32 [B, T] and optionally `labels`
+[B, T, h, w] (integer class ids with 255 = ignore for segmentation; float depth in metres with 0 = invalid).
+Metric states are sums (see metrics_eval.py), so results do not depend on batching or sharding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from functools import partial
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from deltaworld_jax.models.heads import DepthHead, SegHead
+from deltaworld_jax.objectives import log_cosh, smooth_l1
+from deltaworld_jax.training.metrics_eval import MeanIoU, RootMeanSquaredError
+
+Array = jax.Array
+
+# ----------------------------------------------------------------------------------------------------
+# Wide frames: square crops, label halves, and aligning predictions back to the labels
+# ----------------------------------------------------------------------------------------------------
+
+
+def split_into_square_crops(frames: np.ndarray, labels: np.ndarray | None):
+    """[B, T, H, W, 3] -> ([2B, T, s, s, 3] (all first crops, then all second crops), labels [2B, T, lh, ~lw/2]
+    or [2B, T, ~lh/2, lw], overlap, is_wide). Square frames are returned unchanged with is_wide None.
+
+    Frame crops sit at the two corners (left/right or top/bottom) and overlap; labels are split at the
+    midpoint, and when the label length is odd the first half is padded by one ignored row/column (255 for
+    integer labels, 0 for depth) so both halves have one shape. overlap = long/short side < 2."""
+    h, w = frames.shape[-3:-1]
+    if h == w:
+        return frames, labels, False, None
+    is_wide = w > h
+    s = min(h, w)
+    if is_wide:
+        crops = [frames[..., :s, :s, :], frames[..., :, w - s:, :]]
+    else:
+        crops = [frames[..., :s, :s, :], frames[..., h - s:, :, :]]
+    frames = np.concatenate(crops, axis=0)
+    if labels is not None:
+        axis = labels.ndim - 1 if is_wide else labels.ndim - 2
+        mid = labels.shape[axis] // 2
+        first, second = np.split(labels, [mid], axis=axis)
+        if first.shape != second.shape:
+            pad = [(0, 0)] * labels.ndim
+            pad[axis] = (0, 1)
+            fill = 255 if np.issubdtype(labels.dtype, np.integer) else 0
+            first = np.pad(first, pad, constant_values=fill)
+        labels = np.concatenate([first, second], axis=0)
+    return frames, labels, max(h, w) / min(h, w) < 2.0, is_wide
+
+
+def resize_bilinear(x: Array, size_hw: tuple[int, int]) -> Array:
+    """[B, h, w, C] -> [B, H, W, C] like torch F.interpolate(mode='bilinear', align_corners=False):
+    half-pixel centres, two taps, no antialiasing."""
+    b, _, _, c = x.shape
+    return jax.image.resize(x.astype(jnp.float32), (b, *size_hw, c), method="linear", antialias=False)
+
+
+def align_to_task_output(x: Array, target_hw: tuple[int, int], overlap: bool, is_wide: bool | None,
+                         is_second_crop: bool = False) -> Array:
+    """Upsample a crop's head output [B, h, w, C] onto its label half [target_hw] (the official rules)."""
+    th, tw = target_hw
+    if not overlap:
+        return resize_bilinear(x, (th, tw))
+    square = max(th, tw)
+    up = resize_bilinear(x, (square, square))
+    if not is_second_crop:
+        return up[:, :th, :tw]
+    if is_wide:
+        return up[:, :th, square - tw:]
+    return up[:, square - th:, :tw]
+
+
+def upsample_to_labels(x: Array, target_hw: tuple[int, int], overlap: bool, is_wide: bool | None) -> Array:
+    """The first half of the batch are first crops, the second half second crops (see split_into_square_crops)."""
+    if is_wide is None:
+        return resize_bilinear(x, target_hw)
+    half = x.shape[0] // 2
+    return jnp.concatenate([align_to_task_output(x[:half], target_hw, overlap, is_wide, False),
+                            align_to_task_output(x[half:], target_hw, overlap, is_wide, True)], axis=0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Forecasters: one small interface for every model (and the copy-last lower bound)
+# ----------------------------------------------------------------------------------------------------
+
+
+class ClipFeatures(NamedTuple):
+    feats: Array  # [B, T, N, D] VFM features of the whole clip
+    timestamps: Array  # [B, T]
+    grid_hw: tuple[int, int]
+    black: Array  # [1, N, D] VFM features of an all-black frame of this size
+
+
+class Forecast(NamedTuple):
+    rollouts: Array  # [B, S, horizon, N, D]
+    targets: Array  # [B, horizon, N, D]
+    context: Array  # [B, c, N, D] the features before the predicted frames (for pictures)
+    ctx_len: int  # the context length the model used (the result key c{ctx_len}_h{horizon})
+
+
+class Forecaster(Protocol):
+    name: str
+    criterion: Callable[[Array, Array], Array]  # elementwise loss (pred, target)
+
+    def __call__(self, clip: ClipFeatures, *, ctx_len: int, horizon: int, rng: Array) -> Forecast: ...
+
+
+def world_criterion(pred: Array, target: Array) -> Array:
+    return smooth_l1(pred, target, 0.1)
+
+
+def _window(clip: ClipFeatures, ctx_len: int, horizon: int):
+    t = clip.feats.shape[1]
+    if ctx_len < 1 or ctx_len + horizon > t:
+        raise ValueError(f"context {ctx_len} + horizon {horizon} does not fit a clip of {t} frames")
+    start = t - ctx_len - horizon
+    return clip.feats[:, start:], clip.timestamps[:, start:]
+
+
+@dataclasses.dataclass
+class CopyLast:
+    """Lower bound: every future frame is the last context frame's features."""
+
+    name: str = "copy_last"
+    criterion: Callable = world_criterion
+
+    def __call__(self, clip: ClipFeatures, *, ctx_len: int, horizon: int, rng: Array) -> Forecast:
+        feats, _ = _window(clip, ctx_len, horizon)
+        context = feats[:, :ctx_len]
+        rollouts = jnp.broadcast_to(context[:, None, -1:], (feats.shape[0], 1, horizon, *feats.shape[2:]))
+        return Forecast(rollouts, feats[:, ctx_len:], context, ctx_len)
+
+
+@partial(nnx.jit, static_argnames=("horizon", "grid_hw"))
+def _deltatok_rollout(tokenizer, feats, black, *, horizon, grid_hw):
+    return tokenizer.rollout(feats, black, horizon, tokenizer.rope(grid_hw, rng=None))
+
+
+@dataclasses.dataclass
+class DeltaTokReconstruction:
+    """DeltaTok's reconstruction rollout over the last `horizon` frames of the whole clip (ctx_len is
+    ignored: the official DeltaTok evaluation starts from the one frame before the horizon)."""
+
+    tokenizer: Any
+    name: str = "deltatok"
+    criterion: Callable = log_cosh
+    uses_context = False
+
+    def __call__(self, clip: ClipFeatures, *, ctx_len: int | None, horizon: int, rng: Array) -> Forecast:
+        t = clip.feats.shape[1]
+        preds, targets = _deltatok_rollout(self.tokenizer, clip.feats, clip.black, horizon=horizon,
+                                           grid_hw=tuple(clip.grid_hw))
+        return Forecast(preds[:, None], targets, clip.feats[:, :t - horizon], 0 if horizon >= t else 1)
+
+
+@partial(nnx.jit, static_argnames=("ctx_len", "grid_hw", "num_samples"))
+def _deltaworld_rollout(world, tokenizer, feats, times, black, rng, *, ctx_len, grid_hw, num_samples):
+    return world.rollout(tokenizer, feats, times, grid_hw=grid_hw, ctx_len=ctx_len, rng=rng,
+                         num_samples=num_samples, black_bnd=black)
+
+
+@dataclasses.dataclass
+class DeltaWorldForecaster:
+    """DeltaWorld: N sampled futures per clip, decoded by the frozen DeltaTok."""
+
+    world: Any
+    tokenizer: Any
+    num_samples: int = 20
+    name: str = "deltaworld"
+    criterion: Callable = world_criterion
+
+    def __call__(self, clip: ClipFeatures, *, ctx_len: int, horizon: int, rng: Array) -> Forecast:
+        feats, times = _window(clip, ctx_len, horizon)
+        rollouts, targets = _deltaworld_rollout(self.world, self.tokenizer, feats, times, clip.black, rng,
+                                                ctx_len=ctx_len, grid_hw=tuple(clip.grid_hw),
+                                                num_samples=self.num_samples)
+        return Forecast(rollouts, targets, feats[:, :ctx_len], ctx_len)
+
+
+@partial(nnx.jit, static_argnames=("ctx_len", "grid_hw", "num_samples"))
+def _dinoworld_rollout(world, feats, times, rng, *, ctx_len, grid_hw, num_samples):
+    return world.rollout(feats, times, grid_hw=grid_hw, ctx_len=ctx_len, rng=rng, num_samples=num_samples)
+
+
+@dataclasses.dataclass
+class DINOWorldForecaster:
+    """DINO-World: deterministic (one sample) unless trained best-of-K."""
+
+    world: Any
+    num_samples: int | None = None
+    name: str = "dinoworld"
+    criterion: Callable = world_criterion
+
+    def __call__(self, clip: ClipFeatures, *, ctx_len: int, horizon: int, rng: Array) -> Forecast:
+        feats, times = _window(clip, ctx_len, horizon)
+        rollouts, targets = _dinoworld_rollout(self.world, feats, times, rng, ctx_len=ctx_len,
+                                               grid_hw=tuple(clip.grid_hw), num_samples=self.num_samples)
+        return Forecast(rollouts, targets, feats[:, :ctx_len], ctx_len)
+
+
+def select_samples(forecast: Forecast, criterion: Callable) -> dict[str, tuple[Array, Array | None]]:
+    """{'mean': (features [B, h, N, D], None), 'best': (features, index [B])} ('best' only when S > 1)."""
+    return _select_samples(forecast.rollouts, forecast.targets, criterion)
+
+
+@partial(jax.jit, static_argnums=2)
+def _select_samples(rollouts, targets, criterion):
+    forecast = Forecast(rollouts, targets, None, 0)
+    selections = {"mean": (jnp.mean(rollouts.astype(jnp.float32), axis=1), None)}
+    if rollouts.shape[1] > 1:
+        last = rollouts[:, :, -1]
+        losses = jnp.mean(criterion(last, forecast.targets[:, None, -1]), axis=(-2, -1))  # [B, S]
+        index = jnp.argmin(losses, axis=1)
+        selections["best"] = (jnp.take_along_axis(rollouts, index[:, None, None, None, None], 1)[:, 0], index)
+    return selections
+
+
+# ----------------------------------------------------------------------------------------------------
+# The protocol
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    ctx_lens: tuple[int, ...] = (4,)
+    horizons: tuple[int, ...] = (1, 3)
+    seed: int = 0
+    max_batches: int = 0  # per dataset; 0 = all
+
+    @classmethod
+    def from_config(cls, config: Any | None) -> "EvalSettings":
+        """From `config.eval` (ml_collections or dict); missing fields keep the official defaults."""
+        if config is None:
+            return cls()
+        get = config.get if hasattr(config, "get") else lambda k, d=None: getattr(config, k, d)
+        return cls(ctx_lens=tuple(get("ctx_lens", (4,))), horizons=tuple(get("horizons", (1, 3))),
+                   seed=int(get("seed", 0)), max_batches=int(get("max_batches", 0)))
+
+
+@dataclasses.dataclass
+class _Mean:
+    total: float = 0.0
+    count: int = 0
+
+    def add(self, values) -> None:
+        values = np.asarray(jax.device_get(values), np.float64)
+        self.total += float(values.sum())
+        self.count += values.size
+
+    def compute(self) -> float:
+        return self.total / self.count if self.count else float("nan")
+
+
+@nnx.jit
+def _features(vfm, frames):
+    return vfm(frames)
+
+
+@partial(jax.jit, static_argnums=0)
+def _per_clip_loss(criterion, preds, targets):
+    return jnp.mean(criterion(preds, targets), axis=(-2, -1))
+
+
+@partial(nnx.jit, static_argnames=("grid_hw", "target_hw", "overlap", "is_wide"))
+def _head_on_labels(head, feats_bnd, *, grid_hw, target_hw, overlap, is_wide):
+    return upsample_to_labels(_apply_head(head, feats_bnd, grid_hw), target_hw, overlap, is_wide)
+
+
+def _apply_head(head, feats_bnd: Array, grid_hw) -> Array:
+    b, n, d = feats_bnd.shape
+    out = head(feats_bnd.reshape(b, *grid_hw, d))
+    return out if out.ndim == 4 else out[..., None]  # depth [B, h, w] -> [B, h, w, 1]
+
+
+class Evaluator:
+    """Accumulates losses and metrics for every (dataset, model, c/h, selection, step); `results()`."""
+
+    def __init__(self, forecasters: Iterable[Forecaster], vfm: nnx.Module, heads: Mapping[str, nnx.Module],
+                 settings: EvalSettings = EvalSettings()):
+        self.forecasters = list(forecasters)
+        self.vfm, self.heads, self.settings = vfm, dict(heads), settings
+        self.losses: dict[tuple, _Mean] = {}
+        self.metrics: dict[tuple, MeanIoU | RootMeanSquaredError] = {}
+        self._black: dict[tuple, Array] = {}
+
+    def _new_metric(self, head):
+        if isinstance(head, SegHead):
+            return "miou", MeanIoU(head.num_classes)
+        if isinstance(head, DepthHead):
+            return "rmse", RootMeanSquaredError()
+        raise TypeError(f"no metric for head {type(head).__name__}")
+
+    def _black_features(self, hw: tuple[int, int]) -> Array:
+        if hw not in self._black:
+            self._black[hw] = _features(self.vfm, jnp.zeros((1, *hw, 3), jnp.uint8))
+        return self._black[hw]
+
+    def clip_features(self, frames: np.ndarray, timestamps: np.ndarray) -> ClipFeatures:
+        hw = tuple(frames.shape[-3:-1])
+        p = self.vfm.patch_size
+        if hw[0] % p or hw[1] % p:
+            raise ValueError(f"frame size {hw} is not a multiple of the VFM patch size {p}")
+        feats = _features(self.vfm, jnp.asarray(frames))
+        return ClipFeatures(feats, jnp.asarray(timestamps, jnp.float32), (hw[0] // p, hw[1] // p),
+                            self._black_features(hw))
+
+    def update(self, dataset: str, batch: Mapping[str, Any], rng: Array) -> list[dict]:
+        """Score one batch; returns per (model, c/h) what pictures need (clip, forecast, selections)."""
+        labels = batch.get("labels")
+        frames, labels, overlap, is_wide = split_into_square_crops(
+            np.asarray(batch["frames"]), None if labels is None else np.asarray(labels))
+        timestamps = np.asarray(batch["timestamps"], np.float32)
+        if is_wide is not None:
+            timestamps = np.concatenate([timestamps, timestamps], axis=0)
+        clip = self.clip_features(frames, timestamps)
+        head = self.heads.get(dataset)
+        num_frames = frames.shape[1]
+        outputs = []
+        for f_index, forecaster in enumerate(self.forecasters):
+            # DeltaTok chooses its own context (the frame before the horizon): one pass per horizon.
+            ctx_lens = self.settings.ctx_lens if getattr(forecaster, "uses_context", True) else (None,)
+            for c_index, ctx_len in enumerate(ctx_lens):
+                for h_index, horizon in enumerate(self.settings.horizons):
+                    if (ctx_len or 0) + horizon > num_frames:
+                        continue
+                    key_rng = jax.random.fold_in(rng, (f_index * 64 + c_index) * 64 + h_index)
+                    forecast = forecaster(clip, ctx_len=ctx_len, horizon=horizon, rng=key_rng)
+                    selections = select_samples(forecast, forecaster.criterion)
+                    for selection, (preds, _) in selections.items():
+                        key = (dataset, forecaster.name, f"c{forecast.ctx_len}_h{horizon}", selection)
+                        self._score(key, preds, forecast.targets, labels, horizon, head, clip.grid_hw,
+                                    overlap, is_wide, forecaster.criterion)
+                    outputs.append(dict(model=forecaster.name, ctx_len=forecast.ctx_len, horizon=horizon,
+                                        frames=frames, labels=labels, clip=clip, forecast=forecast,
+                                        selections=selections, overlap=overlap, is_wide=is_wide))
+        return outputs
+
+    def _score(self, key, preds, targets, labels, horizon, head, grid_hw, overlap, is_wide, criterion):
+        num_preds = preds.shape[1]
+        for t in range(num_preds):
+            step = horizon - num_preds + t
+            per_clip = _per_clip_loss(criterion, preds[:, t], targets[:, step])
+            self.losses.setdefault((*key, f"t{step}"), _Mean()).add(per_clip)
+            if head is None or labels is None:
+                continue
+            step_labels = labels[:, labels.shape[1] - horizon + step]
+            valid = (step_labels != 255) if isinstance(head, SegHead) else (step_labels > 0)
+            if not valid.any():
+                continue
+            out = _head_on_labels(head, preds[:, t], grid_hw=tuple(grid_hw), target_hw=tuple(step_labels.shape[-2:]),
+                                  overlap=overlap, is_wide=is_wide)
+            metric_key = (*key, f"t{step}")
+            if metric_key not in self.metrics:
+                self.metrics[metric_key] = self._new_metric(head)[1]
+            metric = self.metrics[metric_key]
+            if isinstance(metric, MeanIoU):
+                metric.update(out, jnp.asarray(step_labels))
+            else:
+                metric.update(out[..., 0], jnp.asarray(step_labels, jnp.float32))
+
+    def results(self) -> dict:
+        """{dataset: {model: {"c4_h3": {selection: {"t2": {"loss": .., "miou"|"rmse": ..}, "loss": mean}}}}}.
+        mIoU is in percent (as published), RMSE in metres."""
+        out: dict = {}
+        for (dataset, model, ch, selection, step), mean in sorted(self.losses.items()):
+            entry = out.setdefault(dataset, {}).setdefault(model, {}).setdefault(ch, {}).setdefault(selection, {})
+            entry.setdefault(step, {})["loss"] = mean.compute()
+            metric = self.metrics.get((dataset, model, ch, selection, step))
+            if isinstance(metric, MeanIoU):
+                entry[step]["miou"] = 100.0 * metric.compute()
+            elif isinstance(metric, RootMeanSquaredError):
+                entry[step]["rmse"] = metric.compute()
+        for models in out.values():
+            for chs in models.values():
+                for selections in chs.values():
+                    for entry in selections.values():
+                        steps = [v["loss"] for k, v in entry.items() if k.startswith("t")]
+                        entry["loss"] = float(np.mean(steps))
+        return out
+
+
+def evaluate(forecasters: Iterable[Forecaster], vfm: nnx.Module, eval_data: Mapping[str, Iterable[Mapping]],
+             heads: Mapping[str, nnx.Module], settings: EvalSettings | Any = None,
+             on_batch: Callable[[str, int, list[dict]], None] | None = None) -> dict:
+    """Run the protocol over every dataset ({name: iterable of batches}); `heads` maps a dataset name to its
+    head ('vspw', 'cityscapes': SegHead; 'kitti': DepthHead; datasets without one get losses only).
+    `on_batch(dataset, batch_index, outputs)` sees each batch's forecasts (e.g. to draw pictures)."""
+    if not isinstance(settings, EvalSettings):
+        settings = EvalSettings.from_config(settings)
+    evaluator = Evaluator(forecasters, vfm, heads, settings)
+    rng = jax.random.key(settings.seed)
+    for d_index, (dataset, batches) in enumerate(eval_data.items()):
+        for index, batch in enumerate(batches):
+            if settings.max_batches and index >= settings.max_batches:
+                break
+            outputs = evaluator.update(dataset, batch, jax.random.fold_in(jax.random.fold_in(rng, d_index), index))
+            if on_batch is not None:
+                on_batch(dataset, index, outputs)
+    return evaluator.results()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Results table
+# ----------------------------------------------------------------------------------------------------
+
+
+def headline(results: dict) -> list[dict]:
+    """One row per (dataset, model, selection, c/h): the metric of the LAST predicted frame (the published
+    '1 frame' / '3 frames' numbers) and the mean loss over the horizon."""
+    rows = []
+    for dataset, models in results.items():
+        for model, chs in models.items():
+            for ch, selections in chs.items():
+                for selection, entry in selections.items():
+                    last = max((k for k in entry if k.startswith("t")), key=lambda k: int(k[1:]))
+                    metric = {k: v for k, v in entry[last].items() if k != "loss"}
+                    rows.append(dict(dataset=dataset, model=model, selection=selection, setting=ch, step=last,
+                                     loss=entry["loss"], **metric))
+    return rows
+
+
+def write_results(results: dict, workdir: str, name: str = "eval_results") -> tuple[str, str]:
+    """Write `<name>.json` (everything) and `<name>.md` (the headline table) to workdir; returns both paths."""
+    from etils import epath
+
+    directory = epath.Path(workdir)
+    directory.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = directory / f"{name}.json", directory / f"{name}.md"
+    json_path.write_text(json.dumps(results, indent=2, sort_keys=True))
+    lines = ["| dataset | model | selection | setting | scored frame | loss | mIoU | RMSE |",
+             "|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v: "" if v is None else f"{v:.4g}" if not np.isnan(v) else "nan"
+    for row in headline(results):
+        lines.append(f"| {row['dataset']} | {row['model']} | {row['selection']} | {row['setting']} | {row['step']} "
+                     f"| {fmt(row['loss'])} | {fmt(row.get('miou'))} | {fmt(row.get('rmse'))} |")
+    md_path.write_text("\n".join(lines) + "\n")
+    return os.fspath(json_path), os.fspath(md_path)
