@@ -1,0 +1,190 @@
+"""DeltaWorld: a generative world model over DeltaTok's one-token-per-frame delta tokens.
+
+Official semantics (amazon-far/deltatok models/deltaworld.py, models/world.py, training/world.py):
+- Training: tokens z [B, T, D] of a clip (DeltaTok.tokenize_clip). Frame i >= 1 is predicted from tokens
+  0..i-1 (frame-causal mask), query position t_i, key positions t_0..t_{T-2}. Queries are noise
+  N(0, 1) * init_std; best-of-K: K candidates per predicted frame are scored WITHOUT gradient, the argmin of
+  each candidate's mean smooth-L1 is kept, and the predictor runs again on the chosen queries WITH gradient.
+  Loss: smooth-L1 (beta 0.1) between predicted and true tokens, averaged.
+- Rollout: S noise queries per step predict S next tokens, each decoded by DeltaTok from its own previous
+  (predicted) features, starting from the last context frame's true features; the predicted token is
+  appended to that sample's key/values.
+
+This module owns ONLY the predictor (and `q_embed` in the deterministic variant): the VFM and the tokenizer
+are frozen and passed in, so the trainer keeps them out of the optimiser and the checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from deltaworld_jax.models import layers
+from deltaworld_jax.models.predictor import (
+    Predictor,
+    WorldConfig,
+    frame_causal_mask,
+    noise_queries,
+    select_best_queries,
+    smooth_l1_loss_fn,
+)
+from deltaworld_jax.objectives import smooth_l1
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class DeltaWorldConfig(WorldConfig):
+    """Released DeltaWorld: 12 blocks, width 768, 12 heads, 1-D RoPE 60 + 4, best-of-256 training,
+    best-of-20 evaluation."""
+
+    rope_axis_sizes: tuple[int, ...] = (60,)
+    use_bom: bool = True
+    num_samples_train: int = 256
+    num_samples_eval: int = 20
+
+
+def _check_clip(tokens_btd: Array, timestamps_bt: Array, width: int) -> None:
+    if tokens_btd.ndim != 3 or tokens_btd.shape[-1] != width:
+        raise ValueError(f"tokens must be [B, T, {width}], got {tokens_btd.shape}")
+    if timestamps_bt.shape != tokens_btd.shape[:2]:
+        raise ValueError(f"timestamps {timestamps_bt.shape} must be [B, T] = {tokens_btd.shape[:2]}")
+    if tokens_btd.shape[1] < 2:
+        raise ValueError(f"a training clip needs at least 2 frames, got {tokens_btd.shape[1]}")
+
+
+class DeltaWorld(nnx.Module):
+    def __init__(self, cfg: DeltaWorldConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.dtype = dtype
+        self.predictor = Predictor(cfg.predictor_config(), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        if not cfg.use_bom:
+            init = layers.trunc_normal(cfg.init_std)
+            self.q_embed = nnx.Param(init(rngs.params(), (1, cfg.hidden_size), param_dtype),
+                                     out_sharding=(None, "embed"))
+
+    @property
+    def num_rollout_samples(self) -> int:
+        """S: rollouts drawn per clip (1 for the deterministic variant, whose rollouts are all equal)."""
+        return self.cfg.num_samples_eval if self.cfg.use_bom else 1
+
+    # ------------------------------------------------------------------------------------------------
+    # Training
+    # ------------------------------------------------------------------------------------------------
+
+    def _train_layout(self, timestamps_bt: Array):
+        num_frames = timestamps_bt.shape[1]
+        pos_q = (timestamps_bt[:, 1:],)  # frame i >= 1 is predicted at its own time
+        pos_k = (timestamps_bt[:, :-1],)  # from the tokens of frames 0..T-2
+        return pos_q, pos_k, jnp.arange(1, num_frames), jnp.arange(num_frames - 1)
+
+    def predict_next_tokens(self, queries_bfd: Array, tokens_btd: Array, timestamps_bt: Array) -> Array:
+        """The loss pass: one query per frame 1..T-1 -> predicted tokens [B, T-1, D] (frame-causal)."""
+        pos_q, pos_k, q_frames, k_frames = self._train_layout(timestamps_bt)
+        return self.predictor(queries_bfd, tokens_btd[:, :-1], pos_q, pos_k, frame_causal_mask(q_frames, k_frames))
+
+    def train_queries(self, tokens_btd: Array, timestamps_bt: Array, rng: Array) -> tuple[Array, dict[str, Array]]:
+        """Queries of the loss pass [B, T-1, hidden]: the best of K noise candidates per frame (no gradient
+        flows through the choice), or the learned q_embed in the deterministic variant."""
+        _check_clip(tokens_btd, timestamps_bt, self.cfg.backbone_hidden_size)
+        b, t = tokens_btd.shape[:2]
+        if not self.cfg.use_bom:
+            return jnp.broadcast_to(self.q_embed[...], (b, t - 1, self.cfg.hidden_size)), {}
+        pos_q, pos_k, q_frames, k_frames = self._train_layout(timestamps_bt)
+        queries, index, best_loss = select_best_queries(
+            self.predictor, rng, num_candidates=self.cfg.num_samples_train, chunk_size=self.cfg.bom_chunk,
+            kv_tokens=tokens_btd[:, :-1], pos_q_bfp=tuple(p[:, :, None] for p in pos_q), pos_k=pos_k,
+            q_frames=q_frames, k_frames=k_frames, targets_bfpd=tokens_btd[:, 1:, None],
+            loss_fn=smooth_l1_loss_fn(self.cfg.loss_beta))
+        return queries, {"bom_best_loss": jnp.mean(best_loss),
+                         "bom_index_mean": jnp.mean(index.astype(jnp.float32))}
+
+    def loss(self, tokens_btd: Array, timestamps_bt: Array, rng: Array) -> tuple[Array, dict[str, Array]]:
+        """Mean smooth-L1 between predicted and true tokens of frames 1..T-1, and metrics."""
+        tokens_btd = jax.lax.stop_gradient(tokens_btd.astype(jnp.float32))
+        queries, metrics = self.train_queries(tokens_btd, timestamps_bt, rng)
+        preds = self.predict_next_tokens(queries, tokens_btd, timestamps_bt)
+        loss = jnp.mean(smooth_l1(preds, tokens_btd[:, 1:], self.cfg.loss_beta))
+        return loss, {"loss": loss, **metrics}
+
+    # ------------------------------------------------------------------------------------------------
+    # Rollout (evaluation)
+    # ------------------------------------------------------------------------------------------------
+
+    def rollout(
+        self,
+        tokenizer: Any,
+        feats_btnd: Array,
+        timestamps_bt: Array,
+        *,
+        grid_hw: tuple[int, int],
+        ctx_len: int,
+        rng: Array,
+        num_samples: int | None = None,
+        black_bnd: Array | None = None,
+        context_tokens_btd: Array | None = None,
+    ) -> tuple[Array, Array]:
+        """Forecast the frames after the context, `num_samples` futures per clip, as one traced program.
+
+        feats_btnd: VFM features of the clip [B, ctx_len + horizon, N, D] (the frames after the context are
+        only targets); timestamps_bt: [B, ctx_len + horizon]; grid_hw: the patch grid (for DeltaTok's RoPE);
+        context tokens: `context_tokens_btd` [B, >= ctx_len, D] if given, else DeltaTok.tokenize_clip of the
+        context against `black_bnd` (VFM features of an all-black frame).
+        Returns (predicted features [B, S, horizon, N, D], targets [B, horizon, N, D]).
+        The horizon is a static Python unroll (a few steps), each step predicting all B*S samples at once;
+        jit the call (e.g. nnx.jit with static ctx_len / grid_hw / num_samples)."""
+        num_samples = num_samples or self.num_rollout_samples
+        b, t, n, d = feats_btnd.shape
+        horizon = t - ctx_len
+        if not 1 <= ctx_len < t:
+            raise ValueError(f"ctx_len {ctx_len} must be in [1, {t - 1}] for a clip of {t} frames")
+        if timestamps_bt.shape != (b, t):
+            raise ValueError(f"timestamps {timestamps_bt.shape} must be [B, T] = {(b, t)}")
+        rope = tokenizer.rope(tuple(grid_hw), rng=None)
+        if context_tokens_btd is None:
+            if black_bnd is None:
+                raise ValueError("rollout needs context_tokens_btd or black_bnd (features of a black frame)")
+            context_tokens_btd = tokenizer.tokenize_clip(feats_btnd[:, :ctx_len], black_bnd, rope)
+        if context_tokens_btd.shape[1] < ctx_len:
+            raise ValueError(f"{context_tokens_btd.shape[1]} context tokens for ctx_len {ctx_len}")
+
+        def per_sample(x):  # [B, ...] -> [B*S, ...], sample-major inside each clip
+            return jnp.repeat(x, num_samples, axis=0)
+
+        kv = per_sample(jax.lax.stop_gradient(context_tokens_btd[:, :ctx_len]).astype(jnp.float32))
+        prev_feats = per_sample(feats_btnd[:, ctx_len - 1])
+        times = per_sample(timestamps_bt)
+        step_rngs = jax.random.split(rng, horizon)
+        predictions = []
+        for step in range(horizon):
+            target_frame = ctx_len + step
+            if self.cfg.use_bom:
+                queries = noise_queries(step_rngs[step], (b * num_samples, 1), self.cfg.hidden_size,
+                                        self.cfg.init_std)
+            else:
+                queries = jnp.broadcast_to(self.q_embed[...], (b * num_samples, 1, self.cfg.hidden_size))
+            token = self.predictor(queries, kv, (times[:, target_frame:target_frame + 1],),
+                                   (times[:, :kv.shape[1]],), None).astype(jnp.float32)
+            prev_feats = tokenizer.decode(token, prev_feats, rope)
+            predictions.append(prev_feats)
+            kv = jnp.concatenate([kv, token], axis=1)
+        preds = jnp.stack(predictions, axis=1).reshape(b, num_samples, horizon, n, -1)
+        return preds, feats_btnd[:, ctx_len:]
+
+
+def best_of_samples(rollouts_bshnd: Array, targets_bhnd: Array, beta: float = 0.1) -> tuple[Array, Array]:
+    """The official best-of-N: per clip, the sample whose LAST predicted frame has the lowest mean smooth-L1
+    to the ground truth. Returns (best rollout [B, horizon, N, D], index [B])."""
+    last = rollouts_bshnd[:, :, -1]
+    losses = jnp.mean(smooth_l1(last, targets_bhnd[:, None, -1], beta), axis=(-2, -1))
+    index = jnp.argmin(losses, axis=1)
+    return jnp.take_along_axis(rollouts_bshnd, index[:, None, None, None, None], axis=1)[:, 0], index
+
+
+def mean_of_samples(rollouts_bshnd: Array) -> Array:
+    """The official mean-of-N: the average of the samples' features [B, horizon, N, D]."""
+    return jnp.mean(rollouts_bshnd.astype(jnp.float32), axis=1)

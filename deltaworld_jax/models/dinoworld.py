@@ -1,0 +1,185 @@
+"""DINO-World: the discriminative baseline of the official code, forecasting VFM features directly.
+
+Official semantics (amazon-far/deltatok models/dinoworld.py, models/world.py):
+- Keys/values: ALL patch features of the past frames; one query per patch of the frame to predict, the
+  learned `q_embed` (1 x hidden) repeated, so the model is deterministic.
+- 3-D RoPE over (t, x = width, y = height), 20 + 20 + 20 rotated dims + 4 unrotated per head; spatial
+  coordinates linspace(-1, 1, n) WITH endpoints (unlike DINOv3's patch centres), row-major patches.
+- Training: frame i >= 1 from the patches of frames 0..i-1 (frame-causal mask); loss smooth-L1 (beta 0.1)
+  in feature space, averaged.
+- Optional best-of-K variant (`use_bom`): one noise query per (frame, candidate), repeated over the frame's
+  patches; K candidates scored without gradient by their mean smooth-L1 over the frame, argmin kept.
+- Rollout: predicted features of each step are appended to the key/values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from deltaworld_jax.models import layers
+from deltaworld_jax.models.predictor import (
+    Predictor,
+    WorldConfig,
+    frame_causal_mask,
+    noise_queries,
+    select_best_queries,
+    smooth_l1_loss_fn,
+)
+from deltaworld_jax.objectives import smooth_l1
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class DINOWorldConfig(WorldConfig):
+    """Released DINO-World: the DeltaWorld predictor sizes, 3-D RoPE (20, 20, 20) + 4, deterministic."""
+
+    rope_axis_sizes: tuple[int, ...] = (20, 20, 20)
+    use_bom: bool = False
+    num_samples_train: int = 16
+    num_samples_eval: int = 20
+    bom_chunk: int | None = 4
+
+
+def spatial_positions(grid_hw: tuple[int, int]) -> tuple[Array, Array]:
+    """(x, y) RoPE coordinates of the patches, each [H*W] row-major: linspace(-1, 1) WITH endpoints."""
+    grid_h, grid_w = grid_hw
+    yy, xx = jnp.meshgrid(jnp.linspace(-1.0, 1.0, grid_h, dtype=jnp.float32),
+                          jnp.linspace(-1.0, 1.0, grid_w, dtype=jnp.float32), indexing="ij")
+    return xx.reshape(-1), yy.reshape(-1)
+
+
+def frame_positions(times_bf: Array, grid_hw: tuple[int, int]) -> tuple[Array, Array, Array]:
+    """(t, x, y) positions of every patch of F frames, frame-major: three [B, F*P] arrays."""
+    b, f = times_bf.shape
+    x, y = spatial_positions(grid_hw)
+    p = x.shape[0]
+    return (jnp.repeat(times_bf, p, axis=1), jnp.broadcast_to(jnp.tile(x, f), (b, f * p)),
+            jnp.broadcast_to(jnp.tile(y, f), (b, f * p)))
+
+
+class DINOWorld(nnx.Module):
+    def __init__(self, cfg: DINOWorldConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        if len(cfg.rope_axis_sizes) != 3:
+            raise ValueError(f"DINO-World's RoPE has 3 axes (t, x, y), got {cfg.rope_axis_sizes}")
+        self.cfg = cfg
+        self.dtype = dtype
+        self.predictor = Predictor(cfg.predictor_config(), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        if not cfg.use_bom:
+            init = layers.trunc_normal(cfg.init_std)
+            self.q_embed = nnx.Param(init(rngs.params(), (1, cfg.hidden_size), param_dtype),
+                                     out_sharding=(None, "embed"))
+
+    @property
+    def num_rollout_samples(self) -> int:
+        return self.cfg.num_samples_eval if self.cfg.use_bom else 1
+
+    def _check(self, feats_btnd: Array, timestamps_bt: Array, grid_hw: tuple[int, int]) -> None:
+        d = self.cfg.backbone_hidden_size
+        if feats_btnd.ndim != 4 or feats_btnd.shape[-1] != d:
+            raise ValueError(f"features must be [B, T, N, {d}], got {feats_btnd.shape}")
+        if feats_btnd.shape[2] != grid_hw[0] * grid_hw[1]:
+            raise ValueError(f"{feats_btnd.shape[2]} patches per frame, but grid_hw {tuple(grid_hw)}")
+        if timestamps_bt.shape != feats_btnd.shape[:2]:
+            raise ValueError(f"timestamps {timestamps_bt.shape} must be [B, T] = {feats_btnd.shape[:2]}")
+
+    # ------------------------------------------------------------------------------------------------
+    # Training
+    # ------------------------------------------------------------------------------------------------
+
+    def _train_layout(self, feats_btnd: Array, timestamps_bt: Array, grid_hw: tuple[int, int]):
+        b, t, p, d = feats_btnd.shape
+        kv = feats_btnd[:, :-1].reshape(b, (t - 1) * p, d)
+        pos_q = frame_positions(timestamps_bt[:, 1:], grid_hw)
+        pos_k = frame_positions(timestamps_bt[:, :-1], grid_hw)
+        q_frames = jnp.repeat(jnp.arange(1, t), p)
+        k_frames = jnp.repeat(jnp.arange(t - 1), p)
+        return kv, pos_q, pos_k, q_frames, k_frames
+
+    def predict_next_frames(self, queries_bfd: Array, feats_btnd: Array, timestamps_bt: Array,
+                            grid_hw: tuple[int, int]) -> Array:
+        """The loss pass: one query per frame 1..T-1 (repeated over its patches) -> [B, T-1, N, D]."""
+        b, t, p, d = feats_btnd.shape
+        kv, pos_q, pos_k, q_frames, k_frames = self._train_layout(feats_btnd, timestamps_bt, grid_hw)
+        queries = jnp.repeat(queries_bfd, p, axis=1)
+        preds = self.predictor(queries, kv, pos_q, pos_k, frame_causal_mask(q_frames, k_frames))
+        return preds.reshape(b, t - 1, p, d)
+
+    def train_queries(self, feats_btnd: Array, timestamps_bt: Array, grid_hw: tuple[int, int],
+                      rng: Array) -> tuple[Array, dict[str, Array]]:
+        """One query per predicted frame [B, T-1, hidden]: q_embed, or the best of K noise candidates."""
+        self._check(feats_btnd, timestamps_bt, grid_hw)
+        b, t, p, _ = feats_btnd.shape
+        if not self.cfg.use_bom:
+            return jnp.broadcast_to(self.q_embed[...], (b, t - 1, self.cfg.hidden_size)), {}
+        kv, _, pos_k, _, k_frames = self._train_layout(feats_btnd, timestamps_bt, grid_hw)
+        pos_q_bfp = tuple(pos.reshape(b, t - 1, p) for pos in frame_positions(timestamps_bt[:, 1:], grid_hw))
+        queries, index, best_loss = select_best_queries(
+            self.predictor, rng, num_candidates=self.cfg.num_samples_train, chunk_size=self.cfg.bom_chunk,
+            kv_tokens=kv, pos_q_bfp=pos_q_bfp, pos_k=pos_k, q_frames=jnp.arange(1, t), k_frames=k_frames,
+            targets_bfpd=feats_btnd[:, 1:], loss_fn=smooth_l1_loss_fn(self.cfg.loss_beta))
+        return queries, {"bom_best_loss": jnp.mean(best_loss),
+                         "bom_index_mean": jnp.mean(index.astype(jnp.float32))}
+
+    def loss(self, feats_btnd: Array, timestamps_bt: Array, grid_hw: tuple[int, int],
+             rng: Array | None = None) -> tuple[Array, dict[str, Array]]:
+        """Mean smooth-L1 between predicted and true features of frames 1..T-1 (rng: best-of-K only)."""
+        feats_btnd = jax.lax.stop_gradient(feats_btnd.astype(jnp.float32))
+        if self.cfg.use_bom and rng is None:
+            raise ValueError("the best-of-K DINO-World needs an rng for its noise queries")
+        queries, metrics = self.train_queries(feats_btnd, timestamps_bt, grid_hw, rng)
+        preds = self.predict_next_frames(queries, feats_btnd, timestamps_bt, grid_hw)
+        loss = jnp.mean(smooth_l1(preds, feats_btnd[:, 1:], self.cfg.loss_beta))
+        return loss, {"loss": loss, **metrics}
+
+    # ------------------------------------------------------------------------------------------------
+    # Rollout (evaluation)
+    # ------------------------------------------------------------------------------------------------
+
+    def rollout(
+        self,
+        feats_btnd: Array,
+        timestamps_bt: Array,
+        *,
+        grid_hw: tuple[int, int],
+        ctx_len: int,
+        rng: Array | None = None,
+        num_samples: int | None = None,
+    ) -> tuple[Array, Array]:
+        """Forecast the frames after the context; each step's predicted features join the key/values.
+
+        feats_btnd [B, ctx_len + horizon, N, D] (frames after the context are only targets).
+        Returns (predicted features [B, S, horizon, N, D], targets [B, horizon, N, D]); S = 1 for the
+        deterministic model. A static unroll over the (short) horizon: jit the call."""
+        self._check(feats_btnd, timestamps_bt, grid_hw)
+        num_samples = num_samples or self.num_rollout_samples
+        b, t, p, d = feats_btnd.shape
+        horizon = t - ctx_len
+        if not 1 <= ctx_len < t:
+            raise ValueError(f"ctx_len {ctx_len} must be in [1, {t - 1}] for a clip of {t} frames")
+        if self.cfg.use_bom and rng is None:
+            raise ValueError("the best-of-K DINO-World needs an rng for its rollout queries")
+        kv = jnp.repeat(jax.lax.stop_gradient(feats_btnd[:, :ctx_len]).reshape(b, ctx_len * p, d),
+                        num_samples, axis=0)
+        times = jnp.repeat(timestamps_bt, num_samples, axis=0)
+        step_rngs = jax.random.split(rng, horizon) if self.cfg.use_bom else [None] * horizon
+        predictions = []
+        for step in range(horizon):
+            target_frame = ctx_len + step
+            if self.cfg.use_bom:
+                query = noise_queries(step_rngs[step], (b * num_samples, 1), self.cfg.hidden_size,
+                                      self.cfg.init_std)
+            else:
+                query = jnp.broadcast_to(self.q_embed[...], (b * num_samples, 1, self.cfg.hidden_size))
+            queries = jnp.repeat(query, p, axis=1)
+            pos_q = frame_positions(times[:, target_frame:target_frame + 1], grid_hw)
+            pos_k = frame_positions(times[:, :ctx_len + step], grid_hw)
+            pred = self.predictor(queries, kv, pos_q, pos_k, None).astype(jnp.float32)
+            predictions.append(pred)
+            kv = jnp.concatenate([kv, pred], axis=1)
+        preds = jnp.stack(predictions, axis=1).reshape(b, num_samples, horizon, p, d)
+        return preds, feats_btnd[:, ctx_len:]

@@ -1,0 +1,268 @@
+"""The world models' predictor: a stack of cross-attention blocks (queries attend ONLY to key/value tokens),
+and the query machinery shared by DeltaWorld and DINO-World (frame-causal mask, noise queries, best-of-K).
+
+Official semantics (amazon-far/deltatok models/predictor.py, models/world.py):
+  block:  q = q + ls1(cross_attn(norm1(q), kv)); q = q + ls2(mlp(norm2(q)))
+  cross_attn: q_proj on the normed queries, ONE kv_proj (backbone width -> 2 * hidden, split k then v) on
+          the RAW key/value tokens, axis RoPE on q and k, out_proj; no self-attention among queries.
+  norms:  torch nn.LayerNorm defaults (eps 1e-5, with bias); MLP: exact GELU, ratio 4; LayerScale 1e-5.
+  output: head(norm(q)), head = Linear(hidden -> backbone width).
+Because queries never attend to each other, any number of independent queries (K candidates, S samples)
+can share one pass: that is what makes best-of-K one batched program here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from deltaworld_jax.models import layers
+from deltaworld_jax.objectives import smooth_l1
+
+Array = jax.Array
+Positions = tuple[Array, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictorConfig:
+    """Sizes of the predictor. Defaults: the released DeltaWorld (ViT-B/16 DINOv3 tokens)."""
+
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    backbone_hidden_size: int = 768  # width of the key/value tokens and of the output
+    mlp_ratio: int = 4
+    rope_axis_sizes: tuple[int, ...] = (60,)
+    rope_unrotated_size: int = 4
+    layer_scale_init: float = 1e-5
+    norm_eps: float = 1e-5
+    init_std: float = 0.02  # the backbone's initializer_range; also the scale of the noise queries
+    attention_impl: str | None = "xla"
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        head_dim = self.hidden_size // self.num_heads
+        rope_total = sum(self.rope_axis_sizes) + self.rope_unrotated_size
+        if rope_total != head_dim:
+            raise ValueError(
+                f"RoPE sizes must sum to head_dim: {tuple(self.rope_axis_sizes)} + {self.rope_unrotated_size} "
+                f"= {rope_total}, but head_dim = {self.hidden_size} // {self.num_heads} = {head_dim}")
+        if any(size % 2 for size in self.rope_axis_sizes):
+            raise ValueError(f"every RoPE axis size must be even (rotate-half), got {self.rope_axis_sizes}")
+
+
+class PredictorBlock(nnx.Module):
+    """norm1 -> attention (cross) -> layer_scale1 -> residual; norm2 -> mlp -> layer_scale2 -> residual."""
+
+    def __init__(self, cfg: PredictorConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        d = cfg.hidden_size
+        nkw = dict(eps=cfg.norm_eps, use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.norm1 = layers.LayerNorm(d, **nkw)
+        self.attention = layers.CrossAttention(
+            d, cfg.backbone_hidden_size, cfg.num_heads, rope_axis_sizes=tuple(cfg.rope_axis_sizes),
+            rope_unrotated_size=cfg.rope_unrotated_size, init_std=cfg.init_std,
+            implementation=cfg.attention_impl, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.layer_scale1 = layers.LayerScale(d, init_value=cfg.layer_scale_init, param_dtype=param_dtype,
+                                              rngs=rngs)
+        self.norm2 = layers.LayerNorm(d, **nkw)
+        self.mlp = layers.MLP(d, d * cfg.mlp_ratio, act="gelu", init_std=cfg.init_std, dtype=dtype,
+                              param_dtype=param_dtype, rngs=rngs)
+        self.layer_scale2 = layers.LayerScale(d, init_value=cfg.layer_scale_init, param_dtype=param_dtype,
+                                              rngs=rngs)
+
+    def __call__(self, queries: Array, kv_tokens: Array, pos_q: Positions, pos_k: Positions,
+                 mask: Array | None) -> Array:
+        attended = self.attention(self.norm1(queries), kv_tokens, pos_q, pos_k, mask)
+        queries = queries + self.layer_scale1(attended)
+        return queries + self.layer_scale2(self.mlp(self.norm2(queries)))
+
+
+class Predictor(nnx.Module):
+    """blocks[i] (PredictorBlock), then `norm` and `head` (hidden -> backbone width)."""
+
+    def __init__(self, cfg: PredictorConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.dtype = dtype
+        self.blocks = nnx.List([PredictorBlock(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                                for _ in range(cfg.num_layers)])
+        self.norm = layers.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, use_bias=True, dtype=dtype,
+                                     param_dtype=param_dtype, rngs=rngs)
+        self.head = layers.linear(cfg.hidden_size, cfg.backbone_hidden_size, axes=("embed", "vocab"),
+                                  init_std=cfg.init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, queries: Array, kv_tokens: Array, pos_q: Positions, pos_k: Positions,
+                 mask: Array | None = None) -> Array:
+        """queries [B, Lq, hidden]; kv_tokens [B, Lk, backbone]; pos_q / pos_k: one [B, Lq] / [B, Lk] array
+        per RoPE axis; mask: boolean, True = attend, broadcastable to [B, heads, Lq, Lk] (None: all).
+        Returns [B, Lq, backbone]."""
+        if queries.ndim != 3 or queries.shape[-1] != self.cfg.hidden_size:
+            raise ValueError(f"queries must be [B, Lq, {self.cfg.hidden_size}], got {queries.shape}")
+        if kv_tokens.ndim != 3 or kv_tokens.shape[-1] != self.cfg.backbone_hidden_size:
+            raise ValueError(f"kv_tokens must be [B, Lk, {self.cfg.backbone_hidden_size}], got {kv_tokens.shape}")
+        for name, pos, length in (("pos_q", pos_q, queries.shape[1]), ("pos_k", pos_k, kv_tokens.shape[1])):
+            if len(pos) != len(self.cfg.rope_axis_sizes):
+                raise ValueError(f"{name} has {len(pos)} axes, the predictor's RoPE has "
+                                 f"{len(self.cfg.rope_axis_sizes)}")
+            if any(p.shape[-1] != length for p in pos):
+                raise ValueError(f"{name} lengths {[p.shape for p in pos]} do not match {length} tokens")
+        x = queries.astype(self.dtype)
+        kv_tokens = kv_tokens.astype(self.dtype)
+        for block in self.blocks:
+            x = block(x, kv_tokens, pos_q, pos_k, mask)
+        return self.head(self.norm(x))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Query machinery shared by DeltaWorld and DINO-World
+# ----------------------------------------------------------------------------------------------------
+
+
+def frame_causal_mask(q_frames: Array, k_frames: Array) -> Array:
+    """Boolean [1, 1, Lq, Lk] mask, True = attend: a query for frame i sees the keys of frames < i
+    (official `causal_mask`: -inf where k_index >= q_index)."""
+    return (k_frames[None, :] < q_frames[:, None])[None, None]
+
+
+def noise_queries(rng: Array, shape: tuple[int, ...], hidden_size: int, init_std: float,
+                  dtype=jnp.float32) -> Array:
+    """N(0, 1) * init_std queries of shape [*shape, hidden_size] (official `_sample_queries`)."""
+    return (jax.random.normal(rng, (*shape, hidden_size), jnp.float32) * init_std).astype(dtype)
+
+
+def candidate_queries(rng: Array, candidate_ids: Array, shape: tuple[int, ...], hidden_size: int,
+                      init_std: float) -> Array:
+    """Noise queries of the best-of-K candidates `candidate_ids` ([C] ints): [*shape, C, hidden].
+
+    Candidate k's noise depends only on (rng, k), never on how the K candidates are chunked, so a chunked
+    search and a brute-force loop over k see the same candidates."""
+    per_candidate = jax.vmap(lambda k: noise_queries(jax.random.fold_in(rng, k), shape, hidden_size, init_std))
+    return jnp.moveaxis(per_candidate(candidate_ids), 0, len(shape))
+
+
+def expand_candidate_positions(pos_q_bfp: Positions, num_candidates: int) -> Positions:
+    """[B, F, P] query positions -> [B, F*C*P] in the (frame, candidate, token) order of the query layout."""
+    return tuple(jnp.broadcast_to(p[:, :, None, :], (p.shape[0], p.shape[1], num_candidates, p.shape[2]))
+                 .reshape(p.shape[0], -1) for p in pos_q_bfp)
+
+
+def candidate_losses(
+    predictor: Predictor,
+    candidates_bfcd: Array,
+    kv_tokens: Array,
+    pos_q_bfp: Positions,
+    pos_k: Positions,
+    q_frames: Array,
+    k_frames: Array,
+    targets_bfpd: Array,
+    loss_fn: Callable[[Array, Array], Array],
+) -> Array:
+    """Mean loss of every candidate query: [B, F, C].
+
+    candidates_bfcd: one noise query per (frame to predict, candidate); each is repeated over the P tokens
+    of its frame (P = 1 for DeltaWorld, the patches for DINO-World). All F*C*P queries go through the
+    predictor in ONE pass (queries are independent), with the frame-causal mask of their frame."""
+    b, f, c, d = candidates_bfcd.shape
+    p = targets_bfpd.shape[2]
+    queries = jnp.broadcast_to(candidates_bfcd[:, :, :, None, :], (b, f, c, p, d)).reshape(b, f * c * p, d)
+    pos_q = expand_candidate_positions(pos_q_bfp, c)
+    q_frame_ids = jnp.broadcast_to(q_frames[:, None, None], (f, c, p)).reshape(-1)
+    preds = predictor(queries, kv_tokens, pos_q, pos_k, frame_causal_mask(q_frame_ids, k_frames))
+    preds = preds.reshape(b, f, c, p, -1)
+    return jnp.mean(loss_fn(preds, targets_bfpd[:, :, None]), axis=(-2, -1))
+
+
+def select_best_queries(
+    predictor: Predictor,
+    rng: Array,
+    *,
+    num_candidates: int,
+    chunk_size: int | None,
+    kv_tokens: Array,
+    pos_q_bfp: Positions,
+    pos_k: Positions,
+    q_frames: Array,
+    k_frames: Array,
+    targets_bfpd: Array,
+    loss_fn: Callable[[Array, Array], Array],
+) -> tuple[Array, Array, Array]:
+    """Best-of-K: the candidate noise query with the lowest loss, per (batch, frame to predict).
+
+    The search runs on a copy of the predictor's parameters under stop_gradient, so nothing in it is kept
+    for backprop; the K candidates go in chunks of `chunk_size` (None: all at once) through a lax.scan that
+    carries only the running best, so the search's memory is one chunk's activations. Ties go to the lowest
+    candidate index, as torch.argmin. Returns (queries [B, F, hidden], index [B, F], best loss [B, F])."""
+    chunk = num_candidates if not chunk_size else min(chunk_size, num_candidates)
+    if num_candidates % chunk:
+        raise ValueError(f"num_candidates {num_candidates} is not a multiple of the chunk size {chunk}")
+    graphdef, state = nnx.split(predictor)
+    frozen = nnx.merge(graphdef, jax.lax.stop_gradient(state))
+    kv_tokens, targets_bfpd = jax.lax.stop_gradient((kv_tokens, targets_bfpd))
+    b, f = targets_bfpd.shape[:2]
+    hidden, std = predictor.cfg.hidden_size, predictor.cfg.init_std
+
+    def scan_chunk(carry, first_id):
+        best_loss, best_index, best_query = carry
+        ids = first_id + jnp.arange(chunk)
+        cands = candidate_queries(rng, ids, (b, f), hidden, std)  # [B, F, C, hidden]
+        losses = candidate_losses(frozen, cands, kv_tokens, pos_q_bfp, pos_k, q_frames, k_frames,
+                                  targets_bfpd, loss_fn)
+        chunk_best = jnp.argmin(losses, axis=-1)
+        chunk_loss = jnp.take_along_axis(losses, chunk_best[..., None], -1)[..., 0]
+        chunk_query = jnp.take_along_axis(cands, chunk_best[..., None, None], 2)[:, :, 0]
+        better = chunk_loss < best_loss  # strict: an earlier chunk wins ties
+        return (jnp.where(better, chunk_loss, best_loss), jnp.where(better, ids[chunk_best], best_index),
+                jnp.where(better[..., None], chunk_query, best_query)), None
+
+    init = (jnp.full((b, f), jnp.inf, jnp.float32), jnp.zeros((b, f), jnp.int32),
+            jnp.zeros((b, f, hidden), jnp.float32))
+    (best_loss, best_index, best_query), _ = jax.lax.scan(
+        scan_chunk, init, jnp.arange(0, num_candidates, chunk))
+    return jax.lax.stop_gradient(best_query), best_index, best_loss
+
+
+@dataclasses.dataclass(frozen=True)
+class WorldConfig:
+    """Fields shared by DeltaWorld and DINO-World: the predictor's sizes plus the query scheme.
+    `config.model` of a world-model run holds these fields (plus `kind`)."""
+
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    backbone_hidden_size: int = 768
+    mlp_ratio: int = 4
+    rope_axis_sizes: tuple[int, ...] = (60,)
+    rope_unrotated_size: int = 4
+    layer_scale_init: float = 1e-5
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    attention_impl: str | None = "xla"
+    use_bom: bool = True  # noise queries + best-of-K training; False: one learned query (q_embed)
+    num_samples_train: int = 256  # K, the candidates per predicted frame in best-of-K training
+    num_samples_eval: int = 20  # S, the rollouts drawn per clip at evaluation (use_bom only)
+    bom_chunk: int | None = 64  # candidates per pass of the best-of-K search (memory); None: all K at once
+    loss_beta: float = 0.1  # smooth-L1 beta
+
+    def __post_init__(self):
+        object.__setattr__(self, "rope_axis_sizes", tuple(self.rope_axis_sizes))
+        self.predictor_config()  # validates the sizes now, with a clear message
+
+    def predictor_config(self) -> PredictorConfig:
+        names = {f.name for f in dataclasses.fields(PredictorConfig)}
+        return PredictorConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+
+    @classmethod
+    def from_mapping(cls, mapping) -> "WorldConfig":
+        """From a dict / ConfigDict holding some of the fields (others are ignored, e.g. `kind`)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in dict(mapping).items() if k in names}
+        return cls(**kwargs)
+
+
+def smooth_l1_loss_fn(beta: float) -> Callable[[Array, Array], Array]:
+    """The world models' criterion: elementwise smooth-L1 (torch SmoothL1Loss, reduction none)."""
+    return lambda pred, target: smooth_l1(pred, target, beta)

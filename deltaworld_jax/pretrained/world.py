@@ -1,0 +1,157 @@
+"""Released DeltaWorld / DINO-World weights -> deltaworld_jax modules.
+
+Sources: the released `pytorch_model.bin` (only the trained parameters, official names such as
+`predictor.blocks.0.attention.kv_proj.weight`, `predictor.head.weight`, and `q_embed.weight` for the
+deterministic DINO-World), or a Lightning `.ckpt` (`state_dict`, names under an optional `network.` prefix;
+the frozen tokenizer / backbone entries are dropped). Widths, depth and MLP width come from the tensors'
+shapes; the number of heads and the RoPE split are not recoverable from shapes and are keyword arguments
+whose defaults are the released models' values.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+from flax import nnx
+
+from deltaworld_jax.models.deltaworld import DeltaWorld, DeltaWorldConfig
+from deltaworld_jax.models.dinoworld import DINOWorld, DINOWorldConfig
+
+_BLOCK_LINEARS = ("attention.q_proj", "attention.kv_proj", "attention.out_proj", "mlp.up_proj", "mlp.down_proj")
+_BLOCK_VECTORS = ("norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias", "layer_scale1.lambda1",
+                  "layer_scale2.lambda1")
+# Entries of a training checkpoint that belong to the frozen parts, not to the world model.
+_FROZEN_PREFIXES = ("tokenizer.", "backbone.", "task_heads.")
+
+
+def world_key_map(num_layers: int, with_q_embed: bool) -> dict[str, tuple[tuple[Any, ...], bool]]:
+    """Official name -> (path in the nnx module, transpose?). Linear weights are [out, in] in torch and
+    [in, out] (`kernel`) here."""
+    mapping: dict[str, tuple[tuple[Any, ...], bool]] = {}
+    for i in range(num_layers):
+        prefix = f"predictor.blocks.{i}."
+        base = ("predictor", "blocks", i)
+        for name in _BLOCK_LINEARS:
+            path = base + tuple(name.split("."))
+            mapping[prefix + name + ".weight"] = (path + ("kernel",), True)
+            mapping[prefix + name + ".bias"] = (path + ("bias",), False)
+        for name in _BLOCK_VECTORS:
+            mapping[prefix + name] = (base + tuple(name.split(".")), False)
+    for name in ("norm.weight", "norm.bias"):
+        mapping["predictor." + name] = (("predictor",) + tuple(name.split(".")), False)
+    mapping["predictor.head.weight"] = (("predictor", "head", "kernel"), True)
+    mapping["predictor.head.bias"] = (("predictor", "head", "bias"), False)
+    if with_q_embed:
+        mapping["q_embed.weight"] = (("q_embed",), False)
+    return mapping
+
+
+def world_state_dict(model: DeltaWorld | DINOWorld) -> dict[str, np.ndarray]:
+    """The model's parameters under the official names and layouts (the inverse of the loaders)."""
+    state = nnx.state(model, nnx.Param)
+    flat = {tuple(path): np.asarray(value.get_value() if hasattr(value, "get_value") else value)
+            for path, value in nnx.to_flat_state(state)}
+    out = {}
+    for name, (path, transpose) in world_key_map(model.cfg.num_layers, not model.cfg.use_bom).items():
+        array = flat[path]
+        out[name] = array.T if transpose else array
+    return out
+
+
+def _world_tensors(source: str | Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Flat numpy dict of the world model's entries: unwraps a Lightning `state_dict`, strips `network.`,
+    drops the frozen tokenizer/backbone entries."""
+    from deltaworld_jax.pretrained import common
+
+    tensors = common.read_tensors(source) if not isinstance(source, Mapping) else dict(source)
+    if "state_dict" in tensors and isinstance(tensors["state_dict"], Mapping):
+        tensors = dict(tensors["state_dict"])
+    out = {}
+    for name, value in tensors.items():
+        name = name[len("network."):] if name.startswith("network.") else name
+        if name.startswith(_FROZEN_PREFIXES):
+            continue
+        out[name] = np.asarray(value)
+    return out
+
+
+def _infer_sizes(tensors: Mapping[str, np.ndarray]) -> dict[str, int]:
+    """Width, depth, MLP width and the backbone width from the tensors' shapes."""
+    if "predictor.head.weight" not in tensors or "predictor.blocks.0.attention.kv_proj.weight" not in tensors:
+        raise ValueError("not a DeltaWorld / DINO-World checkpoint: no predictor.head.weight / "
+                         f"predictor.blocks.0.attention.kv_proj.weight among {sorted(tensors)[:8]}...")
+    backbone_hidden, hidden = tensors["predictor.head.weight"].shape
+    depth = 1 + max(int(k.split(".")[2]) for k in tensors if k.startswith("predictor.blocks."))
+    intermediate = tensors["predictor.blocks.0.mlp.up_proj.weight"].shape[0]
+    if intermediate % hidden:
+        raise ValueError(f"MLP width {intermediate} is not a multiple of the width {hidden}")
+    return dict(hidden_size=int(hidden), num_layers=int(depth), backbone_hidden_size=int(backbone_hidden),
+                mlp_ratio=int(intermediate // hidden))
+
+
+def _fill(model: DeltaWorld | DINOWorld, tensors: Mapping[str, np.ndarray], source: str) -> None:
+    mapping = world_key_map(model.cfg.num_layers, not model.cfg.use_bom)
+    renamed = {}
+    for name, array in tensors.items():
+        if name in mapping:
+            path, transpose = mapping[name]
+            renamed[path] = array.T if transpose else array
+        else:
+            renamed[("<unused>", name)] = array
+    from deltaworld_jax.pretrained import common
+
+    common.fill_module(model, renamed, source=str(source))
+
+
+def load_deltaworld(
+    source: str | Mapping[str, Any],
+    *,
+    tokenizer: Any = None,
+    num_heads: int = 12,
+    rope_axis_sizes: tuple[int, ...] = (60,),
+    rope_unrotated_size: int = 4,
+    dtype=None,
+    **config_overrides,
+) -> DeltaWorld:
+    """A DeltaWorld from released weights. `tokenizer` (a DeltaTok), when given, must produce tokens of the
+    checkpoint's width (checked). Other DeltaWorldConfig fields (use_bom, num_samples_eval, ...) may be
+    passed as keyword arguments."""
+    tensors = _world_tensors(source)
+    sizes = _infer_sizes(tensors)
+    use_bom = config_overrides.pop("use_bom", "q_embed.weight" not in tensors)
+    cfg = DeltaWorldConfig(**sizes, num_heads=num_heads, rope_axis_sizes=tuple(rope_axis_sizes),
+                           rope_unrotated_size=rope_unrotated_size, use_bom=use_bom, **config_overrides)
+    token_width = getattr(getattr(tokenizer, "cfg", None), "hidden_size", None)
+    if token_width is not None and token_width != cfg.backbone_hidden_size:
+        raise ValueError(f"the tokenizer makes {token_width}-wide tokens, the checkpoint's predictor reads "
+                         f"{cfg.backbone_hidden_size}")
+    kw = {} if dtype is None else {"dtype": dtype}
+    model = nnx.eval_shape(lambda: DeltaWorld(cfg, **kw, rngs=nnx.Rngs(0)))
+    _fill(model, tensors, source if isinstance(source, str) else "<mapping>")
+    return model
+
+
+def load_dinoworld(
+    source: str | Mapping[str, Any],
+    *,
+    vfm: Any = None,
+    num_heads: int = 12,
+    rope_axis_sizes: tuple[int, ...] = (20, 20, 20),
+    rope_unrotated_size: int = 4,
+    dtype=None,
+    **config_overrides,
+) -> DINOWorld:
+    """A DINO-World from released weights; `vfm`, when given, must have the checkpoint's feature width."""
+    tensors = _world_tensors(source)
+    sizes = _infer_sizes(tensors)
+    use_bom = config_overrides.pop("use_bom", "q_embed.weight" not in tensors)
+    cfg = DINOWorldConfig(**sizes, num_heads=num_heads, rope_axis_sizes=tuple(rope_axis_sizes),
+                          rope_unrotated_size=rope_unrotated_size, use_bom=use_bom, **config_overrides)
+    if vfm is not None and vfm.hidden_size != cfg.backbone_hidden_size:
+        raise ValueError(f"the VFM makes {vfm.hidden_size}-wide features, the checkpoint's predictor reads "
+                         f"{cfg.backbone_hidden_size}")
+    kw = {} if dtype is None else {"dtype": dtype}
+    model = nnx.eval_shape(lambda: DINOWorld(cfg, **kw, rngs=nnx.Rngs(0)))
+    _fill(model, tensors, source if isinstance(source, str) else "<mapping>")
+    return model
