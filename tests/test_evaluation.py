@@ -203,3 +203,16 @@ def test_bad_inputs():
                       ctx_len=4, horizon=1, rng=jax.random.key(0))
     with pytest.raises(ValueError, match="multiple of the VFM patch"):
         ev.evaluate([ev.CopyLast()], PixelVFM(), {"x": [_static_batch(hw=(10, 10))]}, {})
+
+
+def test_batches_split_by_the_data_pipeline_score_like_unsplit_ones():
+    from deltaworld_jax.data.pipeline import split_into_square_crops as pipeline_split
+
+    vfm, seg = PixelVFM(), _seg_head(seed=7)
+    batch = {"frames": np.random.default_rng(8).integers(0, 255, (2, 5, 8, 12, 3), dtype=np.uint8),
+             "timestamps": np.tile(np.arange(5, dtype=np.float32) * 0.2, (2, 1)),
+             "labels": np.random.default_rng(9).integers(0, 5, (2, 5, 6, 9)).astype(np.uint8)}
+    settings = ev.EvalSettings(ctx_lens=(4,), horizons=(1,))
+    ours = ev.evaluate([ev.CopyLast()], vfm, {"vspw": [batch]}, {"vspw": seg}, settings)
+    theirs = ev.evaluate([ev.CopyLast()], vfm, {"vspw": [pipeline_split(batch)]}, {"vspw": seg}, settings)
+    assert ours == theirs

@@ -21,8 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from deltaworld_jax.models.heads import (IMAGENET_MEAN, IMAGENET_STD, KITTI_MAX_DEPTH, KITTI_MIN_DEPTH, DepthHead, RGBHead, SegHead,
-                                         sincos_pos_embed)
+from deltaworld_jax.models.heads import (IMAGENET_MEAN, IMAGENET_STD, KITTI_MAX_DEPTH, KITTI_MIN_DEPTH,
+                                         DepthHead, RGBHead, SegHead, sincos_pos_embed)
+from deltaworld_jax.pretrained import common
 
 HEAD_KINDS = ("seg-head-vspw", "seg-head-cityscapes", "depth-head-kitti", "rgb-head-imagenet")
 _EXPECTED_CLASSES = {"seg-head-vspw": 124, "seg-head-cityscapes": 19}
@@ -30,77 +31,34 @@ _EXPECTED_CLASSES = {"seg-head-vspw": 124, "seg-head-cityscapes": 19}
 _IGNORED_KEYS = re.compile(r"(^|\.)num_batches_tracked$")
 
 
-def _official_name(path: tuple) -> str:
-    """Our variable path -> the official state-dict key (Linear 'kernel' is torch's transposed 'weight')."""
-    parts = [str(p) for p in path]
-    if parts[-1] == "kernel":
-        parts[-1] = "weight"
-    return ".".join(parts)
-
-
-def _to_ours(path: tuple, tensor: np.ndarray) -> np.ndarray:
-    if path[-1] != "kernel":
-        return tensor
-    if tensor.ndim == 4:  # 1x1 conv [out, in, 1, 1]
-        if tensor.shape[2:] != (1, 1):
-            raise ValueError(f"{_official_name(path)}: expected a 1x1 conv kernel, got shape {tensor.shape}")
-        tensor = tensor[:, :, 0, 0]
-    return tensor.T
+def _to_ours(official: Mapping[str, np.ndarray], linear_weights: tuple[str, ...]) -> common.MappedParams:
+    """Official keys -> our paths: a Linear's / 1x1 conv's 'X.weight' becomes our transposed 'X.kernel'."""
+    params = common.MappedParams()
+    for key, value in official.items():
+        module = key.rsplit(".", 1)[0]
+        if key.endswith(".weight") and any(re.fullmatch(pattern, module) for pattern in linear_weights):
+            if value.ndim == 4:
+                if value.shape[2:] != (1, 1):
+                    raise common.CheckpointMismatchError(f"{key}: expected a 1x1 conv, got shape {value.shape}")
+                value = value[:, :, 0, 0]
+            params.put(module + ".kernel", common.torch_linear_to_kernel(value), key)
+        else:
+            params.put(key, value, key)
+    return params
 
 
 def _read(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, np.ndarray]:
     if isinstance(source, Mapping):
         flat = {k: np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v) for k, v in source.items()}
     else:
-        flat = _read_file(source)
+        flat = common.read_state_dict(source)
     return {k: v for k, v in flat.items() if not _IGNORED_KEYS.search(k)}
 
 
-def _read_file(path) -> dict[str, np.ndarray]:
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"Head checkpoint not found: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
-
-        return load_file(path)
-    try:
-        import torch
-    except ImportError as e:  # .pth / .bin are PyTorch pickles
-        raise ImportError(f"Reading {path} needs PyTorch (pip install torch); or convert it to .safetensors") from e
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("state_dict", state)
-    return {k: v.float().numpy() for k, v in state.items() if hasattr(v, "numpy")}
-
-
-def _fill(model: nnx.Module, tensors: dict[str, np.ndarray], optional: tuple[str, ...] = ()) -> nnx.Module:
-    """Fill every Param / BatchStat of `model` (and the listed optional variables) from `tensors`, strictly."""
-    graphdef, state = nnx.split(model)
-    filled, missing, mismatched = [], [], []
-    used = set()
-    for path, variable in nnx.to_flat_state(state):
-        name = _official_name(path)
-        loadable = isinstance(variable, (nnx.Param, nnx.BatchStat)) or name in optional
-        if not loadable or (name not in tensors and name in optional):
-            filled.append((path, variable))
-            continue
-        if name not in tensors:
-            missing.append(name)
-            filled.append((path, variable))
-            continue
-        used.add(name)
-        value = _to_ours(path, np.asarray(tensors[name], np.float32))
-        if value.shape != tuple(variable.shape):
-            mismatched.append(f"{name}: checkpoint {tuple(tensors[name].shape)} vs model {tuple(variable.shape)}")
-            filled.append((path, variable))
-            continue
-        filled.append((path, variable.replace(jnp.asarray(value))))
-    unused = sorted(set(tensors) - used)
-    if missing or unused or mismatched:
-        raise ValueError(
-            f"Checkpoint does not match {type(model).__name__}: missing={sorted(missing)}, unused={unused}, "
-            f"shape mismatches={mismatched}")
-    return nnx.merge(graphdef, nnx.from_flat_state(filled))
+# Modules whose '.weight' is a Linear (or 1x1 conv) weight; every other '.weight' is a norm's scale.
+_PROBE_LINEARS = (r"head",)
+_RGB_LINEARS = (r"decoder_embed", r"decoder_pred", r"decoder_layers\.\d+\.attention\.attention\.(query|key|value)",
+                r"decoder_layers\.\d+\.(attention\.output|intermediate|output)\.dense")
 
 
 def _require(tensors: dict[str, np.ndarray], *names: str) -> None:
@@ -125,14 +83,14 @@ def load_head(source, kind: str, *, norm_weight=None, norm_bias=None, num_heads:
         if num_classes != _EXPECTED_CLASSES[kind]:
             raise ValueError(f"{kind} expects {_EXPECTED_CLASSES[kind]} classes, the checkpoint has {num_classes}")
         model = nnx.eval_shape(lambda: SegHead(in_features, num_classes, rngs=nnx.Rngs(0)))
-        return _fill(model, tensors)
+        return common.fill_abstract_model(model, _to_ours(tensors, _PROBE_LINEARS), what=kind)
 
     if kind == "depth-head-kitti":
         _require(tensors, "bn.weight", "head.weight")
         num_bins, in_features = tensors["head.weight"].shape[:2]
         model = nnx.eval_shape(lambda: DepthHead(in_features, min_depth=KITTI_MIN_DEPTH, max_depth=KITTI_MAX_DEPTH,
                                                  num_bins=num_bins, rngs=nnx.Rngs(0)))
-        return _fill(model, tensors)
+        return common.fill_abstract_model(model, _to_ours(tensors, _PROBE_LINEARS), what=kind)
 
     _require(tensors, "decoder_embed.weight", "decoder_pred.weight", "decoder_layers.0.intermediate.dense.weight")
     if norm_weight is None or norm_bias is None:
@@ -156,4 +114,4 @@ def load_head(source, kind: str, *, norm_weight=None, norm_bias=None, num_heads:
     tensors = {**tensors, "norm_weight": np.asarray(norm_weight, np.float32).reshape(-1),
                "norm_bias": np.asarray(norm_bias, np.float32).reshape(-1),
                "img_mean": np.asarray(IMAGENET_MEAN, np.float32), "img_std": np.asarray(IMAGENET_STD, np.float32)}
-    return _fill(model, tensors, optional=("decoder_pos_embed", "norm_weight", "norm_bias", "img_mean", "img_std"))
+    return common.fill_abstract_model(model, _to_ours(tensors, _RGB_LINEARS), what=kind)

@@ -297,6 +297,25 @@ def _apply_head(head, feats_bnd: Array, grid_hw) -> Array:
     return out if out.ndim == 4 else out[..., None]  # depth [B, h, w] -> [B, h, w, 1]
 
 
+def _square_batch(batch: Mapping[str, Any]):
+    """(frames, labels, overlap, is_wide, timestamps) with square frames: batches from the data pipeline
+    arrive already split (they carry `is_split` / `is_wide` / `overlap`); others are split here."""
+    labels = batch.get("labels")
+    labels = None if labels is None else np.asarray(labels)
+    frames = np.asarray(batch["frames"])
+    timestamps = np.asarray(batch["timestamps"], np.float32)
+    if "is_split" in batch:
+        if frames.shape[-3] != frames.shape[-2]:
+            raise ValueError(f"a batch marked is_split has non-square frames {frames.shape}")
+        if not np.asarray(batch["is_split"]).any():
+            return frames, labels, False, None, timestamps
+        return frames, labels, bool(np.asarray(batch["overlap"])[0]), bool(np.asarray(batch["is_wide"])[0]), timestamps
+    frames, labels, overlap, is_wide = split_into_square_crops(frames, labels)
+    if is_wide is not None:
+        timestamps = np.concatenate([timestamps, timestamps], axis=0)
+    return frames, labels, overlap, is_wide, timestamps
+
+
 class Evaluator:
     """Accumulates losses and metrics for every (dataset, model, c/h, selection, step); `results()`."""
 
@@ -331,12 +350,7 @@ class Evaluator:
 
     def update(self, dataset: str, batch: Mapping[str, Any], rng: Array) -> list[dict]:
         """Score one batch; returns per (model, c/h) what pictures need (clip, forecast, selections)."""
-        labels = batch.get("labels")
-        frames, labels, overlap, is_wide = split_into_square_crops(
-            np.asarray(batch["frames"]), None if labels is None else np.asarray(labels))
-        timestamps = np.asarray(batch["timestamps"], np.float32)
-        if is_wide is not None:
-            timestamps = np.concatenate([timestamps, timestamps], axis=0)
+        frames, labels, overlap, is_wide, timestamps = _square_batch(batch)
         clip = self.clip_features(frames, timestamps)
         head = self.heads.get(dataset)
         num_frames = frames.shape[1]
