@@ -108,17 +108,17 @@ def make_cityscapes(root: Path, height: int = 16, width: int = 32) -> Path:
 
 
 def make_kitti(root: Path, frames: tuple[int, ...] = (30, 40), height: int = 360, width: int = 1230):
-    """One raw drive with frames 0..max+1 and depth maps (value 256 * (1 + n / 10) metres), and a
+    """One raw drive with the frames of 7-frame clips (stride 2) ending at `frames`, depth maps (value 256 * (1 + n / 10) metres), and a
     split file listing `frames`; a KB crop needs >= 352 x 1216 frames."""
     date, drive = "2011_09_26", "2011_09_26_drive_0002_sync"
     image_dir = root / date / drive / "image_02" / "data"
     depth_dir = root / "val" / drive / "proj_depth" / "groundtruth" / "image_02"
     image_dir.mkdir(parents=True)
     depth_dir.mkdir(parents=True)
-    for n in range(max(frames) + 2):
-        Image.fromarray(numbered_frame(n, height, width)).save(image_dir / f"{n:010d}.png")
+    for n in sorted({i for end in frames for i in range(end - 12, end + 1, 2)}):  # the clips' frames only
+        Image.fromarray(numbered_frame(n, height, width)).save(image_dir / f"{n:010d}.png", compress_level=1)
         depth = np.full((height, width), int(256 * (1 + n / 10)), np.uint16)
-        Image.fromarray(depth).save(depth_dir / f"{n:010d}.png")
+        Image.fromarray(depth).save(depth_dir / f"{n:010d}.png", compress_level=1)
     lines = [f"{date}/{drive}/image_02/data/{n:010d}.png {drive}/proj_depth/groundtruth/image_02/{n:010d}.png 721.5"
              for n in frames]
     lines.append(f"{date}/{drive}/image_02/data/0000000005.png None 721.5")

@@ -118,6 +118,16 @@ class VideoFileSource:
         path = self.paths[index]
         if os.path.getsize(path) == 0:
             raise BrokenInput("unreadable", path, "empty file")
+        try:
+            entry = self._demux_index(path)
+        except DATA_EXCEPTIONS as error:
+            raise BrokenInput("unreadable", path, f"{type(error).__name__}: {error}") from error
+        self._index_cache[index] = entry
+        if len(self._index_cache) > self._index_cache_size:
+            self._index_cache.popitem(last=False)
+        return entry
+
+    def _demux_index(self, path: str):
         with av.open(path) as container:
             if not container.streams.video:
                 raise BrokenInput("unreadable", path, "no video stream")
@@ -134,19 +144,22 @@ class VideoFileSource:
             raise BrokenInput("too_short", path, f"{len(pts)} frames, need at least {self.min_frames}")
         if not key_pts:
             raise BrokenInput("unreadable", path, "no keyframe")
-        entry = (np.sort(np.asarray(pts, np.int64)), np.sort(np.asarray(key_pts, np.int64)), time_base)
-        self._index_cache[index] = entry
-        if len(self._index_cache) > self._index_cache_size:
-            self._index_cache.popitem(last=False)
-        return entry
+        return np.sort(np.asarray(pts, np.int64)), np.sort(np.asarray(key_pts, np.int64)), time_base
 
     def frame_timestamps(self, index: int) -> np.ndarray:
         pts, _, time_base = self._frame_index(index)
         return (pts - pts[0]).astype(np.float64) * time_base
 
     def read_frames(self, index: int, frame_indices: Sequence[int], transform: FrameTransform) -> list[np.ndarray]:
-        path = self.paths[index]
         pts, key_pts, _ = self._frame_index(index)
+        try:
+            decoded, wanted = self._decode(self.paths[index], pts, key_pts, frame_indices)
+        except DATA_EXCEPTIONS as error:
+            raise BrokenInput("unreadable", self.paths[index], f"{type(error).__name__}: {error}") from error
+        return [transform(decoded[p]) for p in wanted]
+
+    @staticmethod
+    def _decode(path: str, pts: np.ndarray, key_pts: np.ndarray, frame_indices: Sequence[int]):
         wanted = [int(pts[i]) for i in frame_indices]
         wanted_set = set(wanted)
         needed = sorted(wanted_set)
@@ -181,7 +194,7 @@ class VideoFileSource:
                     break
         if len(decoded) < len(needed):
             raise BrokenInput("unreadable", path, "could not decode all needed frames")
-        return [transform(decoded[p]) for p in wanted]
+        return decoded, wanted
 
 
 def _parse_frame_times(paths: Sequence[str]) -> np.ndarray | None:

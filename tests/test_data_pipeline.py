@@ -1,0 +1,155 @@
+"""Grain loaders end to end on tiny real files: batches, determinism, sharding, resume, skips, workers."""
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_data_fixtures import make_kinetics_tree, make_vspw
+
+from deltaworld_jax.data import default_data_config
+from deltaworld_jax.data.pipeline import make_eval_iterator, make_train_iterator
+
+NUM_VIDEOS, FPS = 8, 10.0
+
+
+@pytest.fixture(scope="module")
+def coloured_videos(tmp_path_factory):
+    """Frame folders whose every pixel is 20 * video id: a batch tells which videos it came from."""
+    root = tmp_path_factory.mktemp("coloured")
+    for video in range(NUM_VIDEOS):
+        folder = root / f"v{video}"
+        folder.mkdir()
+        for n in range(12):
+            Image.fromarray(np.full((20, 28, 3), 20 * video, np.uint8)).save(folder / f"{n:03d}.png")
+    return root
+
+
+def frames_config(root, **overrides):
+    config = default_data_config()
+    config.source, config.root, config.fps, config.exclude_list = "frames", str(root), FPS, ""
+    config.num_frames, config.frame_size = 4, 16
+    config.read_threads = 1
+    config.update(overrides)
+    return config
+
+
+def video_ids(batch):
+    return [int(round(v)) for v in batch["frames"].reshape(batch["frames"].shape[0], -1).mean(axis=1) / 20]
+
+
+def take(iterator, n):
+    batches = [next(iterator) for _ in range(n)]
+    return batches
+
+
+def test_train_batches_shapes_dtypes_and_timestamps(coloured_videos):
+    iterator = make_train_iterator(frames_config(coloured_videos, frame_width=24), seed=0, batch_size_per_process=3)
+    for batch in take(iterator, 3):
+        assert set(batch) == {"frames", "timestamps"}
+        assert batch["frames"].shape == (3, 4, 16, 24, 3) and batch["frames"].dtype == np.uint8
+        assert batch["timestamps"].shape == (3, 4) and batch["timestamps"].dtype == np.float32
+        times = batch["timestamps"]
+        assert np.all(times[:, 0] == 0)
+        steps = np.diff(times, axis=1)
+        # Frames are 0.1 s apart; targets are 1/25..1/3 s apart and snap to the nearest frame.
+        assert np.all(steps >= 0) and np.all(steps <= 0.4 + 1e-6)
+        np.testing.assert_allclose(times * FPS, np.round(times * FPS), atol=1e-4)
+    assert iterator.errors == {"unreadable": 0, "too_short": 0, "missing_label": 0}
+
+
+def test_same_seed_same_batches_other_seed_other_batches(coloured_videos):
+    config = frames_config(coloured_videos)
+    a = take(make_train_iterator(config, seed=5, batch_size_per_process=2), 3)
+    b = take(make_train_iterator(config, seed=5, batch_size_per_process=2), 3)
+    c = take(make_train_iterator(config, seed=6, batch_size_per_process=2), 3)
+    assert all(np.array_equal(x["frames"], y["frames"]) and np.array_equal(x["timestamps"], y["timestamps"])
+               for x, y in zip(a, b))
+    assert not all(np.array_equal(x["timestamps"], y["timestamps"]) for x, y in zip(a, c))
+
+
+def test_processes_see_disjoint_videos_and_together_all(coloured_videos):
+    config = frames_config(coloured_videos)
+    seen = []
+    for process in range(2):
+        iterator = make_train_iterator(config, seed=1, batch_size_per_process=2, process_index=process,
+                                       process_count=2)
+        epoch = take(iterator, NUM_VIDEOS // 2 // 2)  # one epoch of this process's 4 videos
+        seen.append(sorted(v for batch in epoch for v in video_ids(batch)))
+    assert set(seen[0]).isdisjoint(seen[1])
+    assert sorted(seen[0] + seen[1]) == list(range(NUM_VIDEOS))
+
+
+def test_iterator_state_restores_the_exact_batch_stream(coloured_videos):
+    config = frames_config(coloured_videos)
+    iterator = make_train_iterator(config, seed=3, batch_size_per_process=3)
+    take(iterator, 2)
+    state = iterator.get_state()
+    expected = take(iterator, 4)  # crosses an epoch boundary (8 videos, 3 per batch)
+    resumed = make_train_iterator(config, seed=3, batch_size_per_process=3)
+    resumed.set_state(state)
+    for x, y in zip(expected, take(resumed, 4)):
+        assert np.array_equal(x["frames"], y["frames"]) and np.array_equal(x["timestamps"], y["timestamps"])
+
+
+def test_broken_videos_are_skipped_and_counted(tmp_path):
+    train = make_kinetics_tree(tmp_path, num_videos=3, num_frames=12)  # + garbage, empty, 1-frame
+    good = (train / "class0" / "vid00.mp4").read_bytes()
+    (train / "class0" / "truncated.mp4").write_bytes(good[: len(good) // 3])
+    config = default_data_config()
+    config.source, config.root, config.exclude_list = "videos", str(train), ""
+    config.num_frames, config.frame_size, config.read_threads = 2, 16, 1
+    iterator = make_train_iterator(config, seed=0, batch_size_per_process=7)
+    batch = next(iterator)  # one epoch: every video once
+    assert batch["frames"].shape == (7, 2, 16, 16, 3)
+    errors = iterator.errors
+    assert errors["unreadable"] >= 3 and errors["too_short"] >= 1 and errors["missing_label"] == 0
+    state = iterator.get_state()
+    assert state["errors"] == errors  # the counts are checkpointed with the stream
+    # A source where nothing is readable is an error that names it, not an endless loop.
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for i in range(3):
+        (broken / f"x{i}.mp4").write_bytes(b"junk" * 100)
+    config.root = str(broken)
+    config.max_retries = 4
+    with pytest.raises(RuntimeError, match=f"no readable clip.*{broken}"):
+        next(make_train_iterator(config, seed=0, batch_size_per_process=1))
+    config.root = str(tmp_path / "nothing_here")
+    with pytest.raises(FileNotFoundError, match="nothing_here"):
+        make_train_iterator(config, seed=0, batch_size_per_process=1)
+
+
+def test_worker_processes_give_identical_batches_and_resume(coloured_videos):
+    config = frames_config(coloured_videos)
+    in_process = take(make_train_iterator(config, seed=2, batch_size_per_process=2, num_workers=0), 5)
+    workers = make_train_iterator(config, seed=2, batch_size_per_process=2, num_workers=2)
+    try:
+        first = take(workers, 3)
+        state = workers.get_state()
+        rest = take(workers, 2)
+        workers.set_state(state)
+        again = take(workers, 2)
+    finally:
+        workers.close()
+    for x, y in zip(in_process, first + rest):
+        assert np.array_equal(x["frames"], y["frames"]) and np.array_equal(x["timestamps"], y["timestamps"])
+    assert all(np.array_equal(x["frames"], y["frames"]) for x, y in zip(rest, again))
+
+
+def test_eval_iterator_skips_and_counts_missing_labels(tmp_path):
+    root = make_vspw(tmp_path, num_videos=2, num_frames=40)
+    os.remove(root / "data" / "video1" / "mask" / "00030.png")  # breaks video1's clip ending at 39
+    config = default_data_config()
+    config.frame_size, config.read_threads = 16, 1
+    config.eval.vspw.root = str(root)
+    for process_count in (1, 2):
+        clips = []
+        errors = {"unreadable": 0, "too_short": 0, "missing_label": 0}
+        for process in range(process_count):
+            iterator = make_eval_iterator(config, "vspw", process_index=process, process_count=process_count)
+            for batch in iterator:
+                assert batch["frames"].shape == (2, 7, 16, 16, 3) and batch["labels"].shape == (2, 7, 24, 20)
+                clips.extend(batch["sample_index"][batch["crop_index"] == 0].tolist())
+            errors = {k: errors[k] + iterator.errors[k] for k in errors}
+        assert len(clips) == 3 and len(set(clips)) == 3 and errors["missing_label"] == 1
