@@ -1,0 +1,139 @@
+"""The training recipe: the trainer's config defaults (the official optimiser recipe) and `--mode=recipe`,
+which runs every stage of a config in order.
+
+A recipe config has `config.stages`: an ordered list of stage names, and `config.stage_configs[name]`:
+the FULL config of each stage (built by the config file, e.g. configs/kinetics.py). Each stage trains in
+`<workdir>/<stage name>/`, so every stage resumes on its own: rerunning the recipe after an interruption
+skips the stages whose final step is reached (their checkpoint at `train.num_steps` exists) and resumes
+the unfinished one. How a stage starts from the previous one is part of its config:
+  train.init_from = "@<stage>"   weights-only init from that stage's final checkpoint (fresh optimiser,
+                                 step 0), e.g. DeltaTok 256px -> 512px
+  train.resume_from = "@<stage>" full resume (params, optimiser state, step counter, data iterator) from
+                                 it, e.g. the lr cool-downs, whose num_steps continue the count
+  tokenizer.checkpoint = "@<stage>"  a DeltaTok stage's checkpoints as DeltaWorld's frozen tokenizer
+"""
+
+from __future__ import annotations
+
+import shutil
+from typing import Any, Callable
+
+import ml_collections
+from absl import logging
+from etils import epath
+
+STAGE_REF = "@"
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Trainer defaults shared by every config: the official optimiser, checkpoint and logging recipe."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.model = ml_collections.ConfigDict({"kind": "", "dtype": "bfloat16"})
+    c.optim = ml_collections.ConfigDict(dict(
+        lr=1e-3, warmup_steps=5000, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip_norm=0.0,
+        accumulation_steps=1))
+    c.train = ml_collections.ConfigDict(dict(batch_size=1024, num_steps=1, log_every_steps=50, init_from="",
+                                             resume_from="", write_metrics=True))
+    # Official: `last` every 500 steps, plus every 50,000 steps kept forever.
+    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep_last=2, keep_period=50_000,
+                                                  async_save=True))
+    c.mesh = ml_collections.ConfigDict(dict(shape=dict(data=-1, fsdp=1, tensor=1), rules=()))
+    c.eval = ml_collections.ConfigDict(dict(every_steps=0, fn=""))
+    c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=0, process_id=-1))
+    return c
+
+
+def stage_dir(workdir: str, stage: str) -> epath.Path:
+    return epath.Path(workdir) / stage
+
+
+def final_step_reached(workdir: str, num_steps: int) -> bool:
+    """A stage is finished when its checkpoint at its final step exists (complete: Orbax only lists
+    finalised checkpoints)."""
+    from deltaworld_jax.training import checkpointing
+
+    return num_steps in checkpointing.checkpoint_steps(str(epath.Path(workdir) / "checkpoints"))
+
+
+def resolve_stage_refs(stage_config, workdir: str) -> ml_collections.ConfigDict:
+    """Replace '@<stage>' references by that stage's checkpoints directory under `workdir`."""
+    config = stage_config.copy_and_resolve_references()
+    with config.unlocked():
+        for section, key in (("train", "init_from"), ("train", "resume_from"), ("tokenizer", "checkpoint")):
+            if section in config and key in config[section]:
+                value = config[section][key]
+                if isinstance(value, str) and value.startswith(STAGE_REF):
+                    config[section][key] = str(stage_dir(workdir, value[1:]) / "checkpoints")
+    return config
+
+
+def validate_recipe(config) -> None:
+    stages = list(config.get("stages", ()))
+    if not stages:
+        raise ValueError("mode=recipe needs config.stages (an ordered list of stage names)")
+    for name in stages:
+        if name not in config.stage_configs:
+            raise ValueError(f"Unknown stage {name!r} in config.stages; defined: {sorted(config.stage_configs)}")
+        stage = config.stage_configs[name]
+        for section, key in (("train", "init_from"), ("train", "resume_from"), ("tokenizer", "checkpoint")):
+            value = stage.get(section, {}).get(key, "") if stage.get(section, None) else ""
+            if isinstance(value, str) and value.startswith(STAGE_REF):
+                ref = value[1:]
+                if ref not in stages or stages.index(ref) >= stages.index(name):
+                    raise ValueError(f"Stage {name!r}: {section}.{key}={value!r} must name an EARLIER stage of "
+                                     f"{stages}")
+
+
+def prepare_resume(config, workdir: epath.Path) -> None:
+    """Full resume from another run (`train.resume_from`): copy its latest complete checkpoint into this
+    stage's checkpoint dir once, so the trainer resumes it (and this stage then saves on its own)."""
+    from deltaworld_jax.training import checkpointing
+
+    source = config.train.get("resume_from", "")
+    target = workdir / "checkpoints"
+    if not source or checkpointing.checkpoint_steps(str(target)):
+        return
+    steps = checkpointing.checkpoint_steps(source)
+    if not steps:
+        raise FileNotFoundError(f"train.resume_from={source!r} has no complete checkpoint")
+    import jax
+
+    if jax.process_index() == 0:
+        target.mkdir(parents=True, exist_ok=True)
+        tmp = target / f".copy-{max(steps)}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        shutil.copytree(epath.Path(source) / str(max(steps)), tmp)
+        tmp.rename(target / str(max(steps)))  # atomic: a half-copied checkpoint is never seen
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("resume_copy")
+
+
+def run_recipe(config, workdir: str, *, eval_fn: Callable | None = None, data_fn: Callable | None = None,
+               only: Any = None) -> dict:
+    """Train every stage of `config.stages` in order (or just those in `only`); skip finished ones."""
+    from deltaworld_jax.training import trainer
+
+    validate_recipe(config)
+    results = {}
+    for name in config.stages:
+        if only and name not in only:
+            continue
+        stage_config = resolve_stage_refs(config.stage_configs[name], workdir)
+        out = stage_dir(workdir, name)
+        num_steps = int(stage_config.train.num_steps)
+        if final_step_reached(str(out), num_steps):
+            logging.info("Stage %s: final step %d reached, skipped", name, num_steps)
+            results[name] = {"skipped": True, "step": num_steps}
+            continue
+        logging.info("Stage %s: training in %s", name, out)
+        trainer.validate_config(stage_config)
+        prepare_resume(stage_config, out)
+        summary = trainer.train(stage_config, str(out), eval_fn=eval_fn, data_fn=data_fn)
+        results[name] = {"skipped": False, "step": summary["step"], "stopped_by": summary["stopped_by"]}
+        if summary["stopped_by"] != "done":
+            break  # preempted: the next invocation resumes this stage
+    return results

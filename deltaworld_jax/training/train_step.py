@@ -1,0 +1,142 @@
+"""The train state and the one jitted training step shared by every model family.
+
+The trainable module travels through jit as (graphdef, pure-dict state) via nnx.split / nnx.merge; the
+frozen modules travel as a separate (graphdef, state) argument that is never differentiated, never donated,
+never seen by the optimiser. One call of the step is ONE optimiser update: the global batch is split into
+`accumulation_steps` micro-batches inside the step (a lax.scan), so the effective batch is
+per-device micro-batch x data-parallel devices x accumulation steps.
+
+Randomness: the step's key is fold_in(base_key, step) and micro-batch i uses fold_in(that, i), so a run
+resumed at step s draws exactly the randomness of the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from deltaworld_jax import sharding as sharding_lib
+from deltaworld_jax.training import optimizer as optimizer_lib
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a full resume restores (besides the data iterator). Pure pytrees: checkpoint friendly."""
+
+    step: jax.Array  # int32 scalar: optimiser updates applied so far
+    params: dict  # nnx.Param variables of the trainable module (pure nested dict)
+    opt_state: Any  # optax state over `params` only
+    extra: dict  # other variables of the trainable module (buffers), usually empty
+
+
+def split_trainable(module: nnx.Module):
+    """(graphdef, params pure dict, extra pure dict) of the trainable module."""
+    graphdef, params, extra = nnx.split(module, nnx.Param, ...)
+    return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(extra)
+
+
+def _microbatches(batch: dict, accumulation: int, mesh: Mesh | None) -> dict:
+    """[B, ...] -> [A, B/A, ...] taking examples A apart (micro-batch i = batch[i::A]), so each device's
+    contiguous block of the batch yields its share of every micro-batch without any communication."""
+
+    def split(x):
+        b = x.shape[0]
+        if b % accumulation:
+            raise ValueError(f"batch dim {b} is not divisible by accumulation_steps={accumulation}")
+        x = x.reshape((b // accumulation, accumulation) + x.shape[1:])
+        x = jnp.swapaxes(x, 0, 1)
+        if mesh is not None:
+            spec = PartitionSpec(None, sharding_lib.BATCH_AXES, *([None] * (x.ndim - 2)))
+            x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+        return x
+
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(
+    task,
+    graphdef: nnx.GraphDef,
+    frozen_graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    *,
+    accumulation_steps: int = 1,
+    mesh: Mesh | None = None,
+    lr_schedule: optax.Schedule | None = None,
+) -> Callable:
+    """step(state, frozen_state, batch, base_key) -> (new_state, metrics). Pure; jit it (see `jit_train_step`).
+
+    metrics: loss (mean over micro-batches), lr (of this update), grad_norm/total and grad_norm/<child>
+    (before clipping, like the official logging), and every metric the task returns (averaged)."""
+
+    def loss_fn(params, extra, frozen_state, micro, rng):
+        trainable = nnx.merge(graphdef, params, extra)
+        frozen = None if frozen_graphdef is None else nnx.merge(frozen_graphdef, frozen_state)
+        loss, aux = task.loss(trainable, frozen, micro, rng)
+        return loss.astype(jnp.float32), aux
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(state: TrainState, frozen_state, batch: dict, base_key: jax.Array):
+        step_key = jax.random.fold_in(base_key, state.step)
+        frozen_state = jax.lax.stop_gradient(frozen_state)
+        if accumulation_steps == 1:
+            (loss, aux), grads = grad_fn(state.params, state.extra, frozen_state, batch,
+                                         jax.random.fold_in(step_key, 0))
+        else:
+            micro = _microbatches(batch, accumulation_steps, mesh)
+
+            def body(carry, xs):
+                grads_sum, loss_sum, aux_sum = carry
+                index, one = xs
+                (l, a), g = grad_fn(state.params, state.extra, frozen_state, one,
+                                    jax.random.fold_in(step_key, index))
+                grads_sum = jax.tree.map(jnp.add, grads_sum, g)
+                aux_sum = jax.tree.map(lambda s, v: s + jnp.asarray(v, jnp.float32), aux_sum, a)
+                return (grads_sum, loss_sum + l, aux_sum), None
+
+            aux_shape = jax.eval_shape(
+                lambda: loss_fn(state.params, state.extra, frozen_state, jax.tree.map(lambda x: x[0], micro),
+                                step_key)[1])
+            zeros_aux = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), aux_shape)
+            zeros_grads = jax.tree.map(jnp.zeros_like, state.params)
+            (grads, loss, aux), _ = jax.lax.scan(
+                body, (zeros_grads, jnp.zeros((), jnp.float32), zeros_aux),
+                (jnp.arange(accumulation_steps), micro))
+            scale = 1.0 / accumulation_steps
+            grads = jax.tree.map(lambda g: g * scale, grads)
+            loss = loss * scale
+            aux = jax.tree.map(lambda v: v * scale, aux)
+
+        count = optimizer_lib.update_count(state.opt_state)
+        lr = jnp.float32(jnp.nan) if lr_schedule is None else jnp.asarray(lr_schedule(count), jnp.float32)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        norms = optimizer_lib.global_norm_by_module(grads)
+        metrics = {"loss": loss, "lr": lr, **{f"grad_norm/{k}": v for k, v in norms.items()},
+                   **{f"task/{k}": jnp.asarray(v, jnp.float32) for k, v in aux.items()}}
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, metrics
+
+    return step
+
+
+def jit_train_step(step_fn: Callable, state_shardings: Any, frozen_shardings: Any, batch_shardings: Any,
+                   mesh: Mesh) -> Callable:
+    """jit with the train state donated, its shardings pinned on the way in and out, metrics replicated."""
+    repl = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(
+        step_fn,
+        in_shardings=(state_shardings, frozen_shardings, batch_shardings, repl),
+        out_shardings=(state_shardings, repl),
+        donate_argnums=(0,),
+    )
+
+
+def init_train_state(params: dict, extra: dict, tx: optax.GradientTransformation) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), extra=extra)

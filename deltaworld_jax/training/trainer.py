@@ -1,0 +1,421 @@
+"""The one trainer for every model family: `run(config, workdir, mode)`.
+
+What it owns: jax.distributed, the mesh, sharded construction of the trainable module, placement of the
+frozen modules, the optimiser, the jitted step, checkpoints (full resume, weights-only init, preemption),
+metrics, and the periodic evaluation hook. What a model family provides is a Task (training/tasks.py).
+
+Every bad config value the trainer can check is checked BEFORE anything is built or compiled
+(`validate_config`), with an error that names the value.
+
+Evaluation hook: `eval_fn(config, trainable, frozen, step) -> {name: scalar or image array}` every
+`config.eval.every_steps` steps, from `run(..., eval_fn=...)` or `config.eval.fn = "module:function"`.
+Data: `data_fn(config, process_index=, process_count=) -> iterator of process-local batches` (default
+`deltaworld_jax.data.make_train_iterator`); each process reads only its shard of every global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from etils import epath
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from deltaworld_jax import sharding as sharding_lib
+from deltaworld_jax.training import checkpointing, metrics as metrics_lib, optimizer as optimizer_lib
+from deltaworld_jax.training import tasks, train_step as step_lib
+
+MODES = ("train", "eval", "recipe")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Distributed set-up and validation
+# ----------------------------------------------------------------------------------------------------
+
+
+def maybe_initialize_distributed(config=None) -> None:
+    """jax.distributed.initialize on multi-process runs (config.distributed.* or the JAX_* / cloud env);
+    a no-op for a single process. CPU collectives go through gloo so multi-process CPU runs work."""
+    dist = config.get("distributed", None) if config is not None and hasattr(config, "get") else None
+    coordinator = (dist.get("coordinator_address", "") if dist else "") or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
+    num_processes = int((dist.get("num_processes", 0) if dist else 0) or os.environ.get("JAX_NUM_PROCESSES", 0) or 0)
+    on_cloud = any(k in os.environ for k in ("TPU_WORKER_HOSTNAMES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"))
+    if jax.distributed.is_initialized() if hasattr(jax.distributed, "is_initialized") else False:
+        return
+    if not coordinator and num_processes <= 1 and not on_cloud:
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kwargs = {}
+    if coordinator:
+        process_id = int((dist.get("process_id", -1) if dist else -1))
+        if process_id < 0:
+            process_id = int(os.environ.get("JAX_PROCESS_ID", 0))
+        kwargs = dict(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+    jax.distributed.initialize(**kwargs)
+    logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+
+
+def validate_config(config, num_devices: int | None = None) -> None:
+    """Check every value the trainer depends on before any build or compile; raise ValueError naming it."""
+    from deltaworld_jax.training import task_modules  # noqa: F401  (registers the tasks)
+
+    kind = config.model.get("kind", None)
+    if kind not in tasks._REGISTRY:
+        raise ValueError(f"Unknown config.model.kind {kind!r}; known: {sorted(tasks._REGISTRY)}")
+    num_devices = jax.device_count() if num_devices is None else num_devices
+    sizes = dict(zip(sharding_lib.MESH_AXES, sharding_lib.resolve_mesh_shape(dict(config.mesh.shape), num_devices)))
+    sharding_lib.axis_rules(config.mesh)
+    dp = sizes["data"] * sizes["fsdp"]
+    accumulation = int(config.optim.get("accumulation_steps", 1))
+    batch = int(config.train.batch_size)
+    if accumulation < 1:
+        raise ValueError(f"config.optim.accumulation_steps must be >= 1, got {accumulation}")
+    if batch <= 0 or batch % (dp * accumulation):
+        raise ValueError(f"config.train.batch_size={batch} (the global batch) is not divisible by data-parallel "
+                         f"size {dp} x accumulation_steps {accumulation} = {dp * accumulation}")
+    if batch % jax.process_count():
+        raise ValueError(f"config.train.batch_size={batch} is not divisible by the {jax.process_count()} processes")
+    if int(config.train.num_steps) <= 0:
+        raise ValueError(f"config.train.num_steps must be positive, got {config.train.num_steps}")
+    optim = config.optim
+    if not optim.lr > 0:
+        raise ValueError(f"config.optim.lr must be positive, got {optim.lr}")
+    if optim.warmup_steps < 0 or optim.weight_decay < 0 or optim.grad_clip_norm < 0:
+        raise ValueError("config.optim warmup_steps, weight_decay and grad_clip_norm must be >= 0, got "
+                         f"{optim.warmup_steps}, {optim.weight_decay}, {optim.grad_clip_norm}")
+    if kind == "deltaworld":
+        checkpoint = config.get("tokenizer", {}).get("checkpoint", "") if config.get("tokenizer", None) else ""
+        if not checkpoint:
+            raise ValueError("DeltaWorld needs a trained tokenizer: set config.tokenizer.checkpoint to a DeltaTok "
+                             "checkpoint (our run's checkpoints dir, or the official pytorch_model.bin)")
+        if not epath.Path(checkpoint).exists():
+            raise ValueError(f"config.tokenizer.checkpoint={checkpoint!r} does not exist")
+    init_from = config.train.get("init_from", "")
+    if init_from and not epath.Path(init_from).exists():
+        raise ValueError(f"config.train.init_from={init_from!r} does not exist")
+
+
+# ----------------------------------------------------------------------------------------------------
+# State construction
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything built for training (before the loop)."""
+
+    mesh: Any
+    rules: Any
+    task: Any
+    graphdef: Any
+    abstract_state: step_lib.TrainState
+    state_shardings: step_lib.TrainState
+    tx: Any
+    schedule: Any
+    frozen_graphdef: Any
+    frozen_state: Any
+    frozen_shardings: Any
+
+
+def build(config, mesh=None) -> Setup:
+    """Mesh, task, abstract + sharded train state layout, optimiser and placed frozen modules. The train
+    state itself is created by `init_state` (fresh) or restored from a checkpoint."""
+    mesh = sharding_lib.make_mesh(config.mesh) if mesh is None else mesh
+    rules = sharding_lib.axis_rules(config.mesh)
+    task = tasks.make_task(config)
+    seed = int(config.seed)
+    repl = sharding_lib.replicated(mesh)
+    # Abstract shapes outside the mesh context: shardings come from OUR rules (sharding.py), not from
+    # Flax's eager per-variable sharding.
+    abstract_module = nnx.eval_shape(lambda: task.build_trainable(nnx.Rngs(seed)))
+    with jax.set_mesh(mesh):
+        graphdef, abstract_params, abstract_extra = nnx.split(abstract_module, nnx.Param, ...)
+        param_shardings = sharding_lib.pure_shardings(abstract_params, mesh, rules)
+        extra_shardings = sharding_lib.pure_shardings(abstract_extra, mesh, rules)
+        decay_mask = optimizer_lib.weight_decay_mask(abstract_module)
+        tx = optimizer_lib.make_optimizer(config.optim, decay_mask)
+        schedule = optimizer_lib.learning_rate_schedule(config.optim.lr, config.optim.warmup_steps)
+        abstract_state = jax.eval_shape(
+            lambda: step_lib.init_train_state(nnx.to_pure_dict(abstract_params), nnx.to_pure_dict(abstract_extra), tx))
+        opt_shardings = optax_shardings(tx, abstract_state.opt_state, param_shardings, repl)
+        state_shardings = step_lib.TrainState(step=repl, params=param_shardings, opt_state=opt_shardings,
+                                              extra=extra_shardings)
+        frozen = task.build_frozen()
+        if frozen is None:
+            frozen_graphdef, frozen_host, frozen_shardings = None, {}, {}
+        else:
+            frozen_graphdef, frozen_vars = nnx.split(frozen)
+            frozen_shardings = sharding_lib.pure_shardings(frozen_vars, mesh, rules)
+            frozen_host = nnx.to_pure_dict(frozen_vars)
+        frozen_state = jax.device_put(frozen_host, frozen_shardings)
+    return Setup(mesh, rules, task, graphdef, abstract_state, state_shardings, tx, schedule, frozen_graphdef,
+                 frozen_state, frozen_shardings)
+
+
+def optax_shardings(tx, abstract_opt_state, param_shardings, replicated):
+    """Shardings of the optimiser state: moments follow their parameter, counters are replicated."""
+    import optax
+
+    return optax.tree_map_params(tx, lambda _, s: s, abstract_opt_state, param_shardings,
+                                 transform_non_params=lambda _: replicated)
+
+
+def init_state(config, setup: Setup, params: Any = None) -> step_lib.TrainState:
+    """A fresh train state, built directly sharded (jitted init with out_shardings). `params` (already
+    placed, e.g. from a weights-only init) replaces the freshly initialised parameters."""
+    seed = int(config.seed)
+
+    def fresh():
+        module = setup.task.build_trainable(nnx.Rngs(seed))
+        _, p, e = step_lib.split_trainable(module)
+        return step_lib.init_train_state(p, e, setup.tx)
+
+    def from_params(p):
+        module = setup.task.build_trainable(nnx.Rngs(seed))
+        _, _, e = step_lib.split_trainable(module)
+        return step_lib.init_train_state(p, e, setup.tx)
+
+    with jax.set_mesh(setup.mesh):
+        if params is None:
+            return jax.jit(fresh, out_shardings=setup.state_shardings)()
+        return jax.jit(from_params, in_shardings=(setup.state_shardings.params,),
+                       out_shardings=setup.state_shardings)(params)
+
+
+def trainable_module(setup: Setup, state: step_lib.TrainState) -> nnx.Module:
+    return nnx.merge(setup.graphdef, state.params, state.extra)
+
+
+def frozen_modules(setup: Setup) -> Any:
+    return None if setup.frozen_graphdef is None else nnx.merge(setup.frozen_graphdef, setup.frozen_state)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data and hooks
+# ----------------------------------------------------------------------------------------------------
+
+
+def default_data_fn(config, *, process_index: int, process_count: int):
+    from deltaworld_jax import data
+
+    return data.make_train_iterator(config, process_index=process_index, process_count=process_count)
+
+
+def resolve_eval_fn(config, eval_fn: Callable | None) -> Callable | None:
+    if eval_fn is not None:
+        return eval_fn
+    name = config.get("eval", {}).get("fn", "") if config.get("eval", None) else ""
+    if not name:
+        return None
+    module_name, _, attr = name.partition(":")
+    if not attr:
+        raise ValueError(f"config.eval.fn={name!r} must look like 'package.module:function'")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def split_batch(batch: dict) -> tuple[dict, dict]:
+    """(model inputs, counters): per-batch scalars such as `skipped` (inputs the loader could not read)
+    are counters, not model inputs."""
+    inputs, counters = {}, {}
+    for key, value in batch.items():
+        value = np.asarray(value)
+        (counters if value.ndim == 0 else inputs)[key] = value
+    return inputs, counters
+
+
+def place_batch(inputs: dict, mesh) -> dict:
+    """Process-local numpy batch -> global arrays split over (data, fsdp)."""
+    out = {}
+    for key, local in inputs.items():
+        global_shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
+        out[key] = jax.make_array_from_process_local_data(sharding_lib.batch_sharding(mesh, local.ndim), local,
+                                                          global_shape)
+    return out
+
+
+class _Preemption:
+    """SIGTERM -> save and stop at the next step. Multi-process: the JAX coordination service's sync
+    point, so every process stops at the same step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. inside a test runner thread)
+            self._previous = None
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        logging.warning("SIGTERM: saving a checkpoint and stopping")
+        self.requested = True
+
+    def reached(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            try:
+                if multihost_utils.reached_preemption_sync_point(step):
+                    return True
+            except RuntimeError:
+                pass
+            return False
+        return self.requested
+
+    def restore(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------------
+
+
+def run(config, workdir: str, mode: str = "train", *, eval_fn: Callable | None = None,
+        data_fn: Callable | None = None) -> dict:
+    """Train (or evaluate, or run the whole recipe of stages). Returns a summary dict."""
+    if mode not in MODES:
+        raise ValueError(f"Unknown mode {mode!r}; known: {MODES}")
+    maybe_initialize_distributed(config)
+    if mode == "recipe":
+        from deltaworld_jax.training import recipe
+
+        return recipe.run_recipe(config, workdir, eval_fn=eval_fn, data_fn=data_fn)
+    validate_config(config)
+    if mode == "eval":
+        return evaluate(config, workdir, eval_fn=eval_fn)
+    return train(config, workdir, eval_fn=eval_fn, data_fn=data_fn)
+
+
+def _checkpointer(config, workdir) -> checkpointing.Checkpointer:
+    ckpt = config.checkpoint
+    return checkpointing.Checkpointer(str(epath.Path(workdir) / "checkpoints"), save_every=ckpt.every_steps,
+                                      keep_last=ckpt.keep_last, keep_period=ckpt.get("keep_period", None),
+                                      async_save=ckpt.get("async_save", True))
+
+
+def evaluate(config, workdir: str, *, eval_fn: Callable | None = None) -> dict:
+    """Run the evaluation hook once on the latest checkpoint of `workdir`."""
+    eval_fn = resolve_eval_fn(config, eval_fn)
+    if eval_fn is None:
+        raise ValueError("mode=eval needs an evaluation function: config.eval.fn='module:function'")
+    setup = build(config)
+    checkpointer = _checkpointer(config, workdir)
+    state = checkpointer.restore(setup.abstract_state, setup.state_shardings)
+    checkpointer.close()
+    step = int(jax.device_get(state.step))
+    results = eval_fn(config, trainable_module(setup, state), frozen_modules(setup), step)
+    writer = metrics_lib.create_writer(str(epath.Path(workdir) / "eval"))
+    _write_eval(writer, step, results)
+    writer.flush()
+    return {"step": step, "eval": results}
+
+
+def _write_eval(writer, step: int, results: dict) -> None:
+    scalars = {f"eval/{k}": float(v) for k, v in results.items() if np.ndim(v) == 0}
+    images = {f"eval/{k}": np.asarray(v) for k, v in results.items() if np.ndim(v) >= 3}
+    if scalars:
+        writer.write_scalars(step, scalars)
+    if images:
+        writer.write_images(step, {k: v if v.ndim == 4 else v[None] for k, v in images.items()})
+
+
+def train(config, workdir: str, *, eval_fn: Callable | None = None, data_fn: Callable | None = None) -> dict:
+    """The training loop. Resumes from the latest checkpoint in `workdir` if any, else initialises (from
+    `config.train.init_from`'s weights when set). Returns {'step', 'losses' (host floats by step), ...}."""
+    workdir = epath.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    eval_fn = resolve_eval_fn(config, eval_fn)
+    data_fn = data_fn or default_data_fn
+    num_steps = int(config.train.num_steps)
+    log_every = int(config.train.log_every_steps)
+
+    setup = build(config)
+    checkpointer = _checkpointer(config, workdir)
+    data_iter = data_fn(config, process_index=jax.process_index(), process_count=jax.process_count())
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        logging.info("Resuming from %s step %d", checkpointer.directory, latest)
+        state = checkpointer.restore(setup.abstract_state, setup.state_shardings, data_iter=data_iter)
+    elif config.train.get("init_from", ""):
+        params = checkpointing.restore_params(config.train.init_from, setup.abstract_state.params,
+                                              setup.state_shardings.params)
+        state = init_state(config, setup, params)
+    else:
+        state = init_state(config, setup)
+
+    step_fn = step_lib.make_train_step(setup.task, setup.graphdef, setup.frozen_graphdef, setup.tx,
+                                       accumulation_steps=int(config.optim.get("accumulation_steps", 1)),
+                                       mesh=setup.mesh, lr_schedule=setup.schedule)
+    base_key = jax.random.PRNGKey(int(config.seed) + 1)  # the init uses config.seed itself
+    writer = metrics_lib.create_writer(str(workdir), enabled=config.train.get("write_metrics", True))
+    progress = metrics_lib.create_progress(num_steps, writer, every_steps=log_every)
+    buffer = metrics_lib.MetricBuffer()
+    preemption = _Preemption()
+    step = int(jax.device_get(state.step))
+    start_step = step
+    losses: dict[int, float] = {}
+    counters_total: dict[str, float] = {}
+    batch_sharding_tree = None
+    jitted = None
+    last_log_time, last_log_step = time.time(), step
+    stopped_by = "done" if step >= num_steps else None
+    try:
+        with jax.set_mesh(setup.mesh):
+            while step < num_steps:
+                if preemption.reached(step):
+                    stopped_by = "preempted"
+                    break
+                inputs, counters = split_batch(next(data_iter))
+                for k, v in counters.items():
+                    counters_total[k] = counters_total.get(k, 0.0) + float(v)
+                batch = place_batch(inputs, setup.mesh)
+                if jitted is None:
+                    batch_sharding_tree = jax.tree.map(lambda x: x.sharding, batch)
+                    jitted = step_lib.jit_train_step(step_fn, setup.state_shardings, setup.frozen_shardings,
+                                                     batch_sharding_tree, setup.mesh)
+                state, step_metrics = jitted(state, setup.frozen_state, batch, base_key)
+                step += 1
+                buffer.add(step, step_metrics)
+                will_save = checkpointer.should_save(step) or step == num_steps
+                if step % log_every == 0 or will_save:
+                    # Reading the metrics back is the only host sync; a non-finite loss raises here,
+                    # before the state that produced it can be saved.
+                    steps, values = buffer.flush()
+                    losses.update({s: float(v) for s, v in zip(steps, values["loss"])})
+                    now = time.time()
+                    rate = (step - last_log_step) / max(now - last_log_time, 1e-9)
+                    last_log_time, last_log_step = now, step
+                    scalars = {k: float(v[-1]) for k, v in values.items()}
+                    scalars["loss"] = float(np.mean(values["loss"]))
+                    scalars["steps_per_second"] = rate
+                    scalars["examples_per_second"] = rate * int(config.train.batch_size)
+                    scalars.update({f"data/{k}": v for k, v in counters_total.items()})
+                    writer.write_scalars(step, scalars)
+                if will_save:
+                    checkpointer.save(state, data_iter)
+                progress(step)
+                if eval_fn is not None and config.eval.every_steps and step % config.eval.every_steps == 0:
+                    results = eval_fn(config, trainable_module(setup, state), frozen_modules(setup), step)
+                    _write_eval(writer, step, results)
+            else:
+                stopped_by = stopped_by or "done"
+        if stopped_by == "preempted" and step > start_step:
+            steps, values = buffer.flush()
+            losses.update({s: float(v) for s, v in zip(steps, values["loss"])})
+            checkpointer.save(state, data_iter)
+    finally:
+        preemption.restore()
+        checkpointer.close()  # waits for the in-flight save: the last good checkpoint is complete
+        writer.flush()
+    logging.info("Training stopped at step %d (%s)", step, stopped_by)
+    return {"step": step, "losses": losses, "stopped_by": stopped_by, "counters": counters_total,
+            "setup": setup, "state": state}

@@ -1,0 +1,221 @@
+"""The trainer on a small test-only Task: a real nnx model (learned token + transformer Block + head) trained
+against a FROZEN nnx patch encoder, on a real Grain iterator of random clips.
+
+Other trainer test files (sharding, checkpoint, multi-process) import ToyTask / toy_config / toy_data from
+here; subprocess cases add this directory to sys.path and `import test_trainer`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from deltaworld_jax.models import layers
+from deltaworld_jax.training import recipe, tasks, trainer
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+PATCH = 4
+
+
+class ToyEncoder(nnx.Module):
+    """Frozen 'VFM': a linear patch embedding of 4x4 patches."""
+
+    def __init__(self, width: int, rngs: nnx.Rngs):
+        self.patch_embed = layers.linear(PATCH * PATCH * 3, width, axes=("vocab", "embed"), rngs=rngs)
+
+    def __call__(self, frames):  # [B, T, H, W, 3] uint8 -> [B, T, N, D]
+        b, t, h, w, c = frames.shape
+        x = frames.astype(jnp.float32) / 255.0
+        x = x.reshape(b, t, h // PATCH, PATCH, w // PATCH, PATCH, c).transpose(0, 1, 2, 4, 3, 5, 6)
+        return self.patch_embed(x.reshape(b, t, (h // PATCH) * (w // PATCH), PATCH * PATCH * c))
+
+
+class ToyPredictor(nnx.Module):
+    """Trainable: predicts frame 1's features from frame 0's (plus a learned token and input noise)."""
+
+    def __init__(self, width: int, dtype, rngs: nnx.Rngs):
+        self.token = nnx.Param(jax.random.normal(rngs.params(), (1, width)) * 0.02, out_sharding=(None, "embed"))
+        attention = layers.AttentionConfig(hidden_size=width, num_heads=2)
+        self.block = layers.Block(layers.BlockConfig(attention, intermediate_size=2 * width, layer_scale_init=0.1),
+                                  dtype=dtype, rngs=rngs)
+        self.head = layers.linear(width, width, axes=("embed", "vocab"), dtype=dtype, rngs=rngs)
+
+    def __call__(self, feats_bnd):
+        b = feats_bnd.shape[0]
+        tokens = jnp.concatenate([jnp.broadcast_to(self.token[...][None], (b, 1, feats_bnd.shape[-1])),
+                                  feats_bnd], axis=1)
+        return self.head(self.block(tokens))[:, 1:]
+
+
+class ToyTask:
+    name = "toy_test"
+
+    def __init__(self, config):
+        self.config = config
+        self.dtype = jnp.dtype(config.model.get("dtype", "float32"))
+        self.width = config.model.get("width", 32)
+
+    def build_trainable(self, rngs):
+        return ToyPredictor(self.width, self.dtype, rngs)
+
+    def build_frozen(self):
+        return ToyEncoder(self.width, nnx.Rngs(1234))
+
+    def loss(self, trainable, frozen, batch, rng):
+        feats = jax.lax.stop_gradient(frozen(batch["frames"]))
+        x, y = feats[:, 0], feats[:, 1]
+        if not self.config.model.get("noise_free", False):
+            x = x + 0.01 * jax.random.normal(rng, x.shape)  # randomness drawn from the step's rng
+        if "poison" in batch:  # tests: a non-finite loss on demand
+            x = x * batch["poison"][:, None, None]
+        pred = trainable(x).astype(jnp.float32)
+        loss = jnp.mean((pred - y) ** 2) * self.config.model.get("loss_scale", 1.0)
+        return loss, {"pred_abs": jnp.mean(jnp.abs(pred))}
+
+
+tasks.register("toy_test")(ToyTask)
+
+
+def toy_config(**overrides) -> ml_collections.ConfigDict:
+    config = recipe.base_config()
+    config.model.kind = "toy_test"
+    config.model.width = 32
+    config.model.dtype = "float32"
+    config.model.loss_scale = 1.0
+    config.data = ml_collections.ConfigDict(dict(frame_size=8, num_frames=2, seed=7, poison_at=-1))
+    config.optim.lr = 3e-3
+    config.optim.warmup_steps = 2
+    config.optim.grad_clip_norm = 1.0
+    config.train.batch_size = 8
+    config.train.num_steps = 6
+    config.train.log_every_steps = 2
+    config.checkpoint.every_steps = 2
+    config.checkpoint.keep_last = 3
+    config.checkpoint.keep_period = 0
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+def toy_data(config, *, process_index: int, process_count: int):
+    """A Grain iterator of process-local batches (each process reads only its shard of every batch);
+    example i of the global stream is a deterministic function of (seed, i)."""
+    size = config.data.frame_size
+    local_batch = config.train.batch_size // process_count
+    poison_at = config.data.get("poison_at", -1)
+
+    def example(i):
+        rng = np.random.default_rng([config.data.seed, i])
+        frames = rng.integers(0, 256, (config.data.num_frames, size, size, 3), dtype=np.uint8)
+        step = i // config.train.batch_size
+        return {"frames": frames, "timestamps": np.arange(config.data.num_frames, dtype=np.float32) * 0.1,
+                "poison": np.float32(np.nan if step == poison_at else 1.0)}
+
+    def counters(batch):
+        batch["skipped"] = np.int64(1)  # the loader's skipped-input counter travels with the batch
+        return batch
+
+    ds = grain.MapDataset.range(10**6)[process_index::process_count].map(example)
+    return iter(ds.to_iter_dataset().batch(local_batch).map(counters))
+
+
+def run_python(code: str, *, devices: int = 1, env: dict | None = None, timeout: int = 240):
+    """Run `code` in a fresh interpreter with `devices` fake CPU devices; returns the CompletedProcess."""
+    full_env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([ROOT, HERE]),
+                    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=full_env, capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)
+
+
+def check(proc):
+    assert proc.returncode == 0, f"subprocess failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_trains_and_resumes_deterministically(tmp_path):
+    """Uninterrupted 6 steps vs 4 steps + a resume to 6: identical losses (same data order, same rng)."""
+    full = trainer.run(toy_config(), str(tmp_path / "full"), data_fn=toy_data)
+    assert full["step"] == 6 and sorted(full["losses"]) == [1, 2, 3, 4, 5, 6]
+    assert full["losses"][6] < full["losses"][1]  # it learns
+    assert full["counters"]["skipped"] == 6.0
+
+    part = trainer.run(toy_config(**{"train.num_steps": 4}), str(tmp_path / "part"), data_fn=toy_data)
+    assert part["step"] == 4
+    resumed = trainer.run(toy_config(), str(tmp_path / "part"), data_fn=toy_data)
+    assert resumed["step"] == 6 and sorted(resumed["losses"]) == [5, 6]
+    for s in (1, 2, 3, 4):
+        assert part["losses"][s] == full["losses"][s]
+    for s in (5, 6):
+        assert resumed["losses"][s] == full["losses"][s], (s, resumed["losses"][s], full["losses"][s])
+    np.testing.assert_array_equal(np.asarray(resumed["state"].params["head"]["kernel"]),
+                                  np.asarray(full["state"].params["head"]["kernel"]))
+    print("resume check: losses", {s: full["losses"][s] for s in (5, 6)}, "equal after resume from step 4")
+
+
+def test_finished_run_is_not_retrained(tmp_path):
+    trainer.run(toy_config(**{"train.num_steps": 2}), str(tmp_path), data_fn=toy_data)
+    again = trainer.run(toy_config(**{"train.num_steps": 2}), str(tmp_path), data_fn=toy_data)
+    assert again["stopped_by"] == "done" and again["losses"] == {}
+
+
+def test_non_finite_loss_stops_with_clear_error_and_keeps_last_checkpoint(tmp_path):
+    from deltaworld_jax.training import checkpointing
+    from deltaworld_jax.training.metrics import NonFiniteLossError
+
+    config = toy_config(**{"data.poison_at": 3})  # the 4th update (-> step 4) sees NaN
+    with pytest.raises(NonFiniteLossError, match="step 4"):
+        trainer.run(config, str(tmp_path), data_fn=toy_data)
+    assert checkpointing.checkpoint_steps(str(tmp_path / "checkpoints")) == [2]
+    resumed = trainer.run(toy_config(**{"train.num_steps": 3}), str(tmp_path), data_fn=toy_data)
+    assert resumed["step"] == 3 and np.isfinite(resumed["losses"][3])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"model.kind": "nope"}, "Unknown config.model.kind 'nope'"),
+    ({"train.batch_size": 6, "optim.accumulation_steps": 4}, "not divisible by data-parallel size 1 x "
+                                                               "accumulation_steps 4"),
+    ({"mesh.shape": {"data": 3, "fsdp": 1, "tensor": 1}}, "needs 3 devices"),
+    ({"optim.lr": 0.0}, "optim.lr must be positive"),
+    ({"model.kind": "deltaworld"}, "config.tokenizer.checkpoint"),
+    ({"train.init_from": "/nonexistent/run"}, "init_from='/nonexistent/run' does not exist"),
+])
+def test_bad_config_values_fail_before_compile(tmp_path, overrides, message, monkeypatch):
+    config = toy_config(**overrides)
+    if overrides.get("model.kind") == "deltaworld":
+        tasks._REGISTRY.setdefault("deltaworld", ToyTask)  # the check must not depend on the real task landing
+        config.tokenizer = ml_collections.ConfigDict({"checkpoint": ""})
+    monkeypatch.setattr(trainer, "build", lambda *a, **k: pytest.fail("built before validating"))
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        trainer.run(config, str(tmp_path), data_fn=toy_data)
+
+
+def test_gradient_accumulation_matches_full_batch(tmp_path):
+    """accumulation 4 over micro-batches of 2 == one batch of 8 (mean of micro-batch gradients), given the
+    same randomness; and the effective batch stays config.train.batch_size."""
+    base = {"train.num_steps": 2, "train.log_every_steps": 1, "model.noise_free": True}
+    one = trainer.run(toy_config(**base), str(tmp_path / "a"), data_fn=toy_data)
+    acc = trainer.run(toy_config(**base, **{"optim.accumulation_steps": 4}), str(tmp_path / "b"), data_fn=toy_data)
+    # The loss of the batch is the mean of its equally sized micro-batch losses (noise off: no rng involved).
+    for s in (1, 2):
+        np.testing.assert_allclose(acc["losses"][s], one["losses"][s], rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(acc["state"].params["head"]["kernel"]),
+                               np.asarray(one["state"].params["head"]["kernel"]), rtol=1e-4, atol=1e-6)
