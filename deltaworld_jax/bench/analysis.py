@@ -1,0 +1,191 @@
+"""`benchmark flops`: parameters per component, analytic FLOPs per training step and per forecast, and the
+FLOPs XLA counts in the compiled real train step, side by side."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import ml_collections
+
+from deltaworld_jax import sharding as sharding_lib
+from deltaworld_jax.bench import flops as flops_lib
+from deltaworld_jax.bench import model_info
+from deltaworld_jax.bench import program
+from deltaworld_jax.models.deltatok import DeltaTok
+from deltaworld_jax.models.predictor import Predictor
+
+# The released evaluation setting (REFERENCE.md, official training/world.py): 512x512 crops, 4 context
+# frames, 3 predicted frames, 20 samples, wide frames as two overlapping square crops.
+RELEASED_FORECAST = dict(frame_hw=(512, 512), context=4, horizon=3, samples=20, crops=2)
+# Published forecast cost of DeltaWorld (the paper's efficiency comparison), in FLOPs.
+PUBLISHED_FORECAST_FLOPS = 31e12
+
+
+@dataclasses.dataclass
+class ModelDims:
+    kind: str
+    vfm: flops_lib.VFMDims | None
+    tokenizer: flops_lib.StackDims | None
+    predictor: flops_lib.PredictorDims | None
+    params: dict[str, int]
+    num_candidates: int = 0  # best-of-K during training (DeltaWorld)
+
+
+def single_device_mesh():
+    return sharding_lib.make_mesh(ml_collections.ConfigDict(dict(shape=dict(data=1, fsdp=1, tensor=1))),
+                                  devices=jax.devices()[:1])
+
+
+def model_dims(setup: program.AbstractSetup, config) -> ModelDims:
+    roots = [setup.trainable_module, setup.frozen_module]
+    vfm = model_info.vfm_module(roots)
+    tok = model_info.first(roots, DeltaTok)
+    pred = model_info.first(roots, Predictor)
+    world_cfg = getattr(setup.trainable_module, "cfg", None)
+    use_bom = bool(getattr(world_cfg, "use_bom", False))
+    k = int(getattr(world_cfg, "num_samples_train", 0)) if use_bom else 0
+    return ModelDims(
+        kind=config.model.kind,
+        vfm=model_info.vfm_dims(vfm) if vfm is not None else None,
+        tokenizer=model_info.tokenizer_dims(tok) if tok is not None else None,
+        predictor=model_info.predictor_dims(pred) if pred is not None else None,
+        params=model_info.component_params(setup.trainable_module, setup.frozen_module),
+        num_candidates=k,
+    )
+
+
+def train_step_flops(dims: ModelDims, frame_hw, batch: int, clip_frames: int, from_tokens: bool = False):
+    if dims.kind == "deltatok":
+        return flops_lib.deltatok_train_step(dims.vfm, dims.tokenizer, frame_hw, batch, clip_frames=clip_frames)
+    if dims.kind == "deltaworld":
+        if dims.num_candidates == 0:
+            raise ValueError("the analytic DeltaWorld step assumes best-of-K training (use_bom=True)")
+        return flops_lib.deltaworld_train_step(dims.vfm, dims.tokenizer, dims.predictor, frame_hw, batch,
+                                               clip_frames=clip_frames, num_candidates=dims.num_candidates,
+                                               from_tokens=from_tokens)
+    if dims.kind == "dinoworld":
+        return flops_lib.dinoworld_train_step(dims.vfm, dims.predictor, frame_hw, batch, clip_frames=clip_frames)
+    raise ValueError(f"no analytic FLOPs for model kind {dims.kind!r}")
+
+
+def xla_train_step(config, batch: int) -> dict[str, Any]:
+    """Compile the trainer's real step for `batch` clips (one micro-batch) on one local device and count
+    its FLOPs twice: XLA's cost analysis and the traced program's matmuls."""
+    cfg = program.benchmark_config(config, batch_size=batch, accumulation_steps=1,
+                                   mesh_shape=dict(data=1, fsdp=1, tensor=1))
+    mesh = single_device_mesh()
+    lowered, step_fn, args, _ = program.lower_train_step(cfg, mesh)
+    compiled = lowered.compile()
+    xla, loops = flops_lib.xla_flops(compiled)
+    with jax.set_mesh(mesh):
+        counted, stats = flops_lib.jaxpr_matmul_flops(step_fn, *args)
+    return {"xla": xla, "xla_while_loops": loops, "jaxpr_matmul": counted,
+            "jaxpr_while_loops": stats.get("while_loops", 0)}
+
+
+def forecast_flops(dims: ModelDims, *, frame_hw, context: int, horizon: int, samples: int, official_eval: bool):
+    """(DeltaWorld forecast, DINO-World forecast with the same VFM and predictor sizes), per crop."""
+    dw = None
+    if dims.tokenizer is not None:
+        dw = flops_lib.deltaworld_forecast(dims.vfm, dims.tokenizer, dims.predictor, frame_hw, context=context,
+                                           horizon=horizon, samples=samples, official_eval=official_eval)
+    dino = flops_lib.dinoworld_forecast(dims.vfm, dims.predictor, frame_hw, context=context, horizon=horizon,
+                                        official_eval=official_eval)
+    return dw, dino
+
+
+def flops_report(config, *, xla: bool = True, xla_batch: int = 2) -> dict[str, Any]:
+    """Everything `benchmark flops` prints, as a dict (tests read it)."""
+    cfg = program.benchmark_config(config)
+    setup = program.abstract_setup(cfg, single_device_mesh())
+    dims = model_dims(setup, cfg)
+    frame_hw = program.frame_hw(cfg)
+    clip_frames = int(cfg.data.num_frames)
+    from_tokens = bool(cfg.data.get("use_cached_tokens", False))
+    per_example = train_step_flops(dims, frame_hw, 1, clip_frames, from_tokens)
+    report: dict[str, Any] = {
+        "kind": dims.kind,
+        "frame_hw": frame_hw,
+        "clip_frames": clip_frames,
+        "params": dims.params,
+        "train_per_example": per_example,
+        "train_per_step": {k: v * int(cfg.train.batch_size) for k, v in per_example.items()},
+        "batch_size": int(cfg.train.batch_size),
+    }
+    if xla:
+        counted = xla_train_step(cfg, xla_batch)
+        analytic = flops_lib.total(train_step_flops(dims, frame_hw, xla_batch, clip_frames, from_tokens))
+        counted["analytic"] = analytic
+        counted["batch"] = xla_batch
+        counted["xla_vs_analytic"] = flops_lib.relative_difference(counted["xla"], analytic)
+        counted["jaxpr_vs_analytic"] = flops_lib.relative_difference(counted["jaxpr_matmul"], analytic)
+        report["xla_check"] = counted
+    if dims.kind in ("deltaworld", "dinoworld") and dims.predictor is not None and dims.vfm is not None:
+        forecast = {}
+        for label, hw in (("config", frame_hw), ("released", RELEASED_FORECAST["frame_hw"])):
+            for official_eval in (True, False):
+                dw, dino = forecast_flops(dims, frame_hw=hw, context=RELEASED_FORECAST["context"],
+                                          horizon=RELEASED_FORECAST["horizon"],
+                                          samples=RELEASED_FORECAST["samples"], official_eval=official_eval)
+                forecast[(label, official_eval)] = {"deltaworld": dw, "dinoworld": dino, "frame_hw": hw}
+        report["forecast"] = forecast
+        report["crops"] = RELEASED_FORECAST["crops"]
+        n_released = dims.vfm.num_patches(RELEASED_FORECAST["frame_hw"])
+        report["tokens_per_frame"] = {"dinoworld": n_released, "deltaworld": 1}
+        q = clip_frames - 1
+        world_train = {
+            "dinoworld predictor (fwd+bwd)": flops_lib.predictor_train(dims.predictor, q * n_released, q * n_released),
+        }
+        if dims.num_candidates:
+            world_train["deltaworld predictor (search + chosen)"] = (
+                sum(flops_lib.predictor_forward(dims.predictor, q * dims.num_candidates, q))
+                + flops_lib.predictor_train(dims.predictor, q, q))
+        report["predictor_train_per_clip_released"] = world_train
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    f = flops_lib.format_flops
+    lines = [f"model kind: {report['kind']}   frames: {report['clip_frames']} x {report['frame_hw']}   "
+             f"global batch: {report['batch_size']}", "", "Parameters (abstract modules, nothing allocated):"]
+    for name, count in report["params"].items():
+        lines.append(f"  {name:32s} {count:>14,d}  ({count / 1e6:.2f} M)")
+    lines += ["", "Analytic matmul FLOPs per training example (official computation):"]
+    for name, value in report["train_per_example"].items():
+        lines.append(f"  {name:42s} {f(value):>16s}")
+    per_example = flops_lib.total(report["train_per_example"])
+    lines.append(f"  {'total per example':42s} {f(per_example):>16s}")
+    lines.append(f"  {'total per step (global batch)':42s} {f(per_example * report['batch_size']):>16s}")
+    if "xla_check" in report:
+        c = report["xla_check"]
+        lines += ["", f"Compiled real train step, batch {c['batch']}, one device:",
+                  f"  analytic (matmuls)            {f(c['analytic']):>16s}",
+                  f"  traced program (matmuls)      {f(c['jaxpr_matmul']):>16s}   "
+                  f"diff {100 * c['jaxpr_vs_analytic']:.2f}%",
+                  f"  XLA cost analysis (all ops)   {f(c['xla']):>16s}   diff {100 * c['xla_vs_analytic']:.2f}%"]
+        if c["xla_while_loops"]:
+            lines.append(f"  note: the compiled program has {c['xla_while_loops']} while loop(s); XLA counts a "
+                         "loop body once, the traced count multiplies scans by their length")
+    if "forecast" in report:
+        crops = report["crops"]
+        lines += ["", f"Forecast cost per clip (context 4, 3 predicted frames, 20 samples; x{crops} square "
+                  "crops per wide frame):"]
+        for (label, official_eval), entry in report["forecast"].items():
+            what = "official eval (VFM + tokens of all 7 frames)" if official_eval else "forecast only (context)"
+            lines.append(f"  [{label} {entry['frame_hw'][0]}x{entry['frame_hw'][1]}, {what}]")
+            for model in ("deltaworld", "dinoworld"):
+                b = entry[model]
+                if b is None:
+                    continue
+                parts = ", ".join(f"{k} {f(v)}" for k, v in b.items())
+                lines.append(f"    {model:10s} per crop {f(flops_lib.total(b)):>14s}   x{crops}: "
+                             f"{f(crops * flops_lib.total(b)):>14s}   ({parts})")
+        tokens = report["tokens_per_frame"]
+        lines += ["", f"Tokens per frame at 512x512: DINO-World {tokens['dinoworld']}, DeltaWorld "
+                      f"{tokens['deltaworld']} ({tokens['dinoworld']}x fewer)"]
+        lines.append("Predictor FLOPs per training clip at 512x512 (fwd+bwd):")
+        for name, value in report["predictor_train_per_clip_released"].items():
+            lines.append(f"  {name:42s} {f(value):>16s}")
+    return "\n".join(lines)

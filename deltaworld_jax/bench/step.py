@@ -1,0 +1,148 @@
+"""`benchmark step`: compile and time the trainer's real train step on the local devices.
+
+Compile time, median step time over many steps after warm-up (each step waited for with
+block_until_ready), examples/s, achieved FLOP/s and MFU against the device's peak, peak memory from the
+compiled program's memory analysis. The model FLOPs for MFU are the analytic ones (what the official
+model computes per step, no recompute), so remat shows up as lower MFU, as it should.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from deltaworld_jax import sharding as sharding_lib
+from deltaworld_jax.bench import analysis, flops as flops_lib, program
+
+# Dense bf16 peak FLOP/s per device (datasheets). TPU v4/v5p devices are whole chips (megacore).
+PEAK_BF16_TFLOPS = {
+    "H100": 989.0,  # SXM
+    "H200": 989.0,
+    "A100": 312.0,
+    "TPU v4": 275.0,
+    "TPU v5 lite": 197.0,  # v5e
+    "TPU v5e": 197.0,
+    "TPU v5p": 459.0,
+    "TPU v5": 459.0,  # v5p reports device_kind "TPU v5"
+    "TPU v6 lite": 918.0,  # v6e
+    "TPU v6e": 918.0,
+}
+
+
+def peak_flops(device) -> float | None:
+    """Peak bf16 FLOP/s of `device`, or None where no peak is known (CPUs: report FLOP/s only)."""
+    if device.platform == "cpu":
+        return None
+    kind = device.device_kind
+    for name in sorted(PEAK_BF16_TFLOPS, key=len, reverse=True):
+        if name.lower() in kind.lower():
+            return PEAK_BF16_TFLOPS[name] * 1e12
+    return None
+
+
+def random_batch(config, mesh, seed: int = 0) -> dict[str, jax.Array]:
+    """A random global batch of the config's shapes, placed as the trainer places batches."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for key, shape in program.batch_shapes(config).items():
+        if key == "frames":
+            value = rng.integers(0, 256, size=shape.shape, dtype=np.uint8)
+        elif key == "timestamps":
+            strides = rng.uniform(1 / 25, 1 / 3, size=(shape.shape[0], shape.shape[1] - 1))
+            value = np.concatenate([np.zeros((shape.shape[0], 1)), np.cumsum(strides, 1)], 1).astype(np.float32)
+        else:
+            value = rng.standard_normal(shape.shape).astype(np.float32)
+        out[key] = jax.device_put(value, sharding_lib.batch_sharding(mesh, value.ndim))
+    return out
+
+
+def materialize(setup: program.AbstractSetup, config):
+    """A fresh train state (the trainer's own sharded init) and randomly initialised frozen modules."""
+    from deltaworld_jax.training import trainer  # late: imports TensorFlow (clu)
+
+    state = trainer.init_state(config, setup)
+    if setup.frozen_module is None:
+        return state, {}
+    with jax.set_mesh(setup.mesh):
+        frozen = jax.jit(lambda: nnx.to_pure_dict(nnx.split(setup.task.build_frozen())[1]),
+                         out_shardings=setup.frozen_shardings)()
+    return state, frozen
+
+
+def time_step(config, *, warmup: int = 3, steps: int = 20, mesh=None) -> dict[str, Any]:
+    """Compile and time the real train step for `config` (global batch config.train.batch_size)."""
+    cfg = program.benchmark_config(config)
+    mesh = sharding_lib.make_mesh(cfg.mesh) if mesh is None else mesh
+    setup = program.abstract_setup(cfg, mesh)
+    state, frozen = materialize(setup, cfg)
+    batch = random_batch(cfg, mesh)
+    key = jax.random.PRNGKey(0)
+    _, jitted = program.build_jitted_step(setup, cfg, jax.tree.map(lambda x: x.sharding, batch))
+    with jax.set_mesh(mesh):
+        t0 = time.perf_counter()
+        compiled = jitted.lower(state, frozen, batch, key).compile()
+        compile_s = time.perf_counter() - t0
+        times = []
+        for i in range(warmup + steps):
+            t0 = time.perf_counter()
+            state, metrics = compiled(state, frozen, batch, key)
+            jax.block_until_ready((state, metrics))
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    loss = float(metrics["loss"])
+    median = statistics.median(times)
+    dims = analysis.model_dims(setup, cfg)
+    model_flops = flops_lib.total(analysis.train_step_flops(
+        dims, program.frame_hw(cfg), int(cfg.train.batch_size), int(cfg.data.num_frames),
+        bool(cfg.data.get("use_cached_tokens", False))))
+    device = mesh.devices.flat[0]
+    peak = peak_flops(device)
+    num_devices = mesh.devices.size
+    mem = compiled.memory_analysis()
+    achieved = model_flops / median
+    return {
+        "kind": cfg.model.kind, "device": f"{num_devices} x {device.device_kind}", "platform": device.platform,
+        "batch_size": int(cfg.train.batch_size), "accumulation_steps": int(cfg.optim.get("accumulation_steps", 1)),
+        "remat": cfg.model.get("remat", "none") or "none", "frame_hw": program.frame_hw(cfg),
+        "num_frames": int(cfg.data.num_frames), "dtype": cfg.model.get("dtype", "float32"),
+        "compile_seconds": compile_s, "step_seconds_median": median,
+        "step_seconds_min": min(times), "step_seconds_max": max(times), "timed_steps": steps,
+        "examples_per_second": int(cfg.train.batch_size) / median, "model_flops_per_step": model_flops,
+        "achieved_flops_per_second": achieved,
+        "mfu": achieved / (peak * num_devices) if peak else None,
+        "peak_flops_per_device": peak,
+        "memory": {"arguments": mem.argument_size_in_bytes, "temporaries": mem.temp_size_in_bytes,
+                   "generated_code": mem.generated_code_size_in_bytes, "outputs": mem.output_size_in_bytes,
+                   "aliased": mem.alias_size_in_bytes,
+                   "peak_estimate": mem.argument_size_in_bytes + mem.temp_size_in_bytes
+                   + mem.output_size_in_bytes - mem.alias_size_in_bytes},
+        "final_loss": loss,
+    }
+
+
+def format_step(r: dict[str, Any]) -> str:
+    mib = lambda b: f"{b / 2**20:.1f} MiB"  # noqa: E731
+    m = r["memory"]
+    lines = [
+        f"{r['kind']} train step on {r['device']}: batch {r['batch_size']} x {r['num_frames']} frames "
+        f"{r['frame_hw'][0]}x{r['frame_hw'][1]}, accumulation {r['accumulation_steps']}, remat {r['remat']}, "
+        f"compute dtype {r['dtype']}",
+        f"  compile {r['compile_seconds']:.2f} s",
+        f"  step {r['step_seconds_median'] * 1e3:.2f} ms median over {r['timed_steps']} "
+        f"(min {r['step_seconds_min'] * 1e3:.2f}, max {r['step_seconds_max'] * 1e3:.2f}) -> "
+        f"{r['examples_per_second']:.2f} examples/s",
+        f"  model FLOPs/step {flops_lib.format_flops(r['model_flops_per_step'])} -> "
+        f"{r['achieved_flops_per_second'] / 1e12:.4f} TFLOP/s"
+        + (f", MFU {100 * r['mfu']:.1f}% of {r['peak_flops_per_device'] / 1e12:.0f} TFLOP/s per device"
+           if r["mfu"] is not None else " (no known peak for this device: FLOP/s only)"),
+        f"  memory: arguments {mib(m['arguments'])}, temporaries {mib(m['temporaries'])}, outputs "
+        f"{mib(m['outputs'])}, aliased {mib(m['aliased'])}, peak estimate {mib(m['peak_estimate'])}",
+        f"  loss after the timed steps {r['final_loss']:.5f}",
+    ]
+    return "\n".join(lines)
