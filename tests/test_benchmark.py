@@ -141,3 +141,86 @@ def test_peak_table():
     assert step.peak_flops(Dev()) == 197e12
     Dev.platform, Dev.device_kind = "cpu", "cpu"
     assert step.peak_flops(Dev()) is None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Precomputed tokens
+# ----------------------------------------------------------------------------------------------------
+
+
+def tiny_token_config(tmp_path) -> ml_collections.ConfigDict:
+    from deltaworld_jax.data.config import default_data_config
+
+    c = tiny_deltatok_config()
+    c.data = default_data_config()
+    c.data.source = "synthetic"
+    c.data.num_frames = 4
+    c.data.frame_size = 32
+    c.data.synthetic.num_clips = 2
+    c.data.synthetic.duration = 1.2
+    c.data.synthetic.fps = 10.0
+    c.data.synthetic.height = c.data.synthetic.width = 40
+    c.data.token_cache = str(tmp_path / "tokens")
+    return c
+
+
+@pytest.fixture(scope="module")
+def token_cache(tmp_path_factory):
+    from deltaworld_jax.bench import tokens
+    from deltaworld_jax.models.deltatok import DeltaTok, DeltaTokConfig
+    from deltaworld_jax.models.dinov3 import PixelPatchVFM
+
+    tmp = tmp_path_factory.mktemp("tokens")
+    config = tiny_token_config(tmp)
+    vfm = PixelPatchVFM(patch_size=8, num_heads=3)
+    tok = DeltaTok(DeltaTokConfig(hidden_size=192, num_layers=1, num_heads=3, intermediate_size=128,
+                                  layer_scale_init=0.5), rngs=nnx.Rngs(3))
+    summary = tokens.write_token_cache(config, config.data.token_cache, vfm=vfm, tokenizer=tok)
+    return config, vfm, tok, summary
+
+
+def test_index_gap_covers_every_sampled_clip():
+    from deltaworld_jax.bench import tokens
+    from deltaworld_jax.data.sampling import clip_rng, sample_train_frame_indices
+
+    times = np.arange(250) / 25.0
+    gap = tokens.max_index_gap(times, (1 / 25, 1 / 3))
+    assert gap == 10
+    seen = 0
+    for i in range(300):
+        indices, _ = sample_train_frame_indices(times, 8, (1 / 25, 1 / 3), clip_rng(0, i))
+        seen = max(seen, int(np.diff(indices).max()))
+        assert np.diff(indices).min() >= 0
+    assert seen <= gap
+
+
+def test_cached_tokens_equal_tokenizing_the_sampled_frames(token_cache):
+    from deltaworld_jax.bench import tokens
+    from deltaworld_jax.data import pipeline
+    from deltaworld_jax.data.sampling import clip_rng
+
+    config, vfm, tok, summary = token_cache
+    assert summary["num_videos"] == 2 and summary["frames"] == 24
+    cache = tokens.TokenCache(config.data.token_cache)
+    source = pipeline.make_train_source(config.data)
+    transform = tokens.center_square_transform(32)
+    for video in range(2):
+        clip = cache.load_clip(video, 4, config.data.time_stride_range, clip_rng(5, video))
+        frames = np.stack(source.read_frames(video, clip["frame_indices"], transform))[None]
+        feats = vfm(jnp.asarray(frames))
+        black = vfm(jnp.zeros((1, 32, 32, 3), jnp.uint8))
+        expected = tok.tokenize_clip(feats, black, tok.rope((4, 4)))[0]
+        np.testing.assert_allclose(clip["tokens"], np.asarray(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_token_iterator_is_deterministic_and_resumable(token_cache):
+    from deltaworld_jax.bench import tokens
+
+    config, *_ = token_cache
+    config.train.batch_size = 3
+    first = tokens.token_data_fn(config, process_index=0, process_count=1)
+    batches = [next(first) for _ in range(3)]
+    assert batches[0]["tokens"].shape == (3, 4, 192) and batches[0]["timestamps"].shape == (3, 4)
+    resumed = tokens.token_data_fn(config, process_index=0, process_count=1)
+    resumed.set_state({"position": 2})
+    np.testing.assert_array_equal(next(resumed)["tokens"], batches[2]["tokens"])

@@ -1,0 +1,259 @@
+"""Precomputed delta tokens: DeltaWorld trains from tokens alone (batch["tokens"]), without the VFM and the
+tokenizer in the step.
+
+Which tokens. A DeltaWorld training clip (data/sampling.py) picks T frames of a video with random time
+strides in `time_stride_range` (nearest frame to each target time) and needs the tokens of the pairs
+(black, f_i0), (f_i0, f_i1), ..., (f_i{T-2}, f_i{T-1}). So for every frame i of a video the cache holds
+  black[i]      = encode(VFM(black frame), VFM(frame i))
+  pairs[i, k]   = encode(VFM(frame i), VFM(frame i + offsets[k]))   for offsets 0..G,
+where G is the largest index gap the sampler can produce: ceil((max stride + largest frame interval) /
+smallest frame interval) (10 at 25 fps for the recipe's 1/3 s; offset 0 is reachable when the smallest
+stride is shorter than a frame interval). Any clip the sampler can draw is then a lookup, so training
+from the cache samples exactly the clips the frame path samples.
+
+Documented difference: frames are center-cropped to a square and resized to config.data.frame_size
+ONCE (no RandomResizedCrop / flip augmentation, which would need a token per crop).
+
+Cost: one VFM pass per frame plus (G + 2) encoder passes per frame; tokens are stored in the
+tokenizer's compute dtype (bf16 in the recipe: lossless, the encoder's output already is bf16).
+Layout: <output>/index.json and one <output>/video_<i>.npz per video (timestamps, black, pairs, offsets).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from PIL import Image
+
+from deltaworld_jax.bench import model_info
+from deltaworld_jax.models.deltatok import DeltaTok
+
+INDEX = "index.json"
+
+
+def max_index_gap(timestamps: np.ndarray, stride_range: tuple[float, float]) -> int:
+    """The largest gap between consecutive frame indices the random-stride sampler can produce."""
+    dt = np.diff(np.asarray(timestamps, np.float64))
+    dt = dt[dt > 0]
+    if dt.size == 0:
+        return 0
+    return int(math.ceil((stride_range[1] + dt.max()) / dt.min()))
+
+
+def center_square_transform(frame_size: int):
+    """Deterministic frame transform: center crop to a square, bilinear resize to frame_size, uint8 HWC."""
+
+    def transform(frame) -> np.ndarray:
+        image = frame if isinstance(frame, Image.Image) else Image.fromarray(np.asarray(frame))
+        w, h = image.size
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        image = image.crop((left, top, left + side, top + side)).convert("RGB")
+        if side != frame_size:
+            image = image.resize((frame_size, frame_size), Image.BILINEAR)
+        return np.asarray(image, np.uint8)
+
+    return transform
+
+
+class VideoTokenizer:
+    """Jitted VFM features and pair encodes for one (VFM, DeltaTok) pair, in inference mode (no RoPE
+    augmentation, as the frozen tokenizer inside DeltaWorld training)."""
+
+    def __init__(self, vfm, tokenizer: DeltaTok, frame_hw: tuple[int, int], chunk: int = 16):
+        self.chunk = chunk
+        grid = (frame_hw[0] // vfm.patch_size, frame_hw[1] // vfm.patch_size)
+        self.frame_hw = frame_hw
+        self._features = nnx.jit(lambda v, f: v(f))
+        self._encode = nnx.jit(lambda t, x, y: t.encode(x, y, t.rope(grid))[:, 0])
+        self.vfm, self.tokenizer = vfm, tokenizer
+
+    def features(self, frames: np.ndarray) -> jax.Array:
+        """[F, H, W, 3] uint8 -> [F, N, D]."""
+        parts = [self._features(self.vfm, jnp.asarray(frames[i:i + self.chunk]))
+                 for i in range(0, len(frames), self.chunk)]
+        return jnp.concatenate(parts, 0)
+
+    def encode(self, prev: jax.Array, cur: jax.Array) -> np.ndarray:
+        """Delta tokens [P, D] of P pairs (prev [P, N, D] -> cur [P, N, D])."""
+        out = []
+        for i in range(0, prev.shape[0], self.chunk):
+            x, y = prev[i:i + self.chunk], cur[i:i + self.chunk]
+            pad = self.chunk - x.shape[0]  # one compiled shape for every chunk
+            if pad:
+                x = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)])
+                y = jnp.concatenate([y, jnp.zeros((pad,) + y.shape[1:], y.dtype)])
+            out.append(np.asarray(self._encode(self.tokenizer, x, y))[: self.chunk - pad])
+        return np.concatenate(out, 0)
+
+    def video_tokens(self, frames: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(black [F, D], pairs [F, K, D]) of one video's frames; pairs past the last frame are zero."""
+        feats = self.features(frames)
+        black = self.features(np.zeros((1,) + frames.shape[1:], np.uint8))
+        f = feats.shape[0]
+        black_tokens = self.encode(jnp.broadcast_to(black, feats.shape), feats)
+        firsts, seconds, slots = [], [], []
+        for k, offset in enumerate(offsets):
+            idx = np.arange(0, f - int(offset))
+            firsts.append(idx)
+            seconds.append(idx + int(offset))
+            slots.append(np.stack([idx, np.full_like(idx, k)], 1))
+        firsts, seconds, slots = map(np.concatenate, (firsts, seconds, slots))
+        pair_tokens = self.encode(feats[firsts], feats[seconds])
+        pairs = np.zeros((f, len(offsets), pair_tokens.shape[-1]), pair_tokens.dtype)
+        pairs[slots[:, 0], slots[:, 1]] = pair_tokens
+        return black_tokens, pairs
+
+
+def _store(array: np.ndarray) -> np.ndarray:
+    return array.view(np.uint16) if array.dtype == ml_dtypes.bfloat16 else array
+
+
+def _load(array: np.ndarray, dtype: str) -> np.ndarray:
+    return array.view(ml_dtypes.bfloat16) if dtype == "bfloat16" else array
+
+
+def frozen_vfm_and_tokenizer(config):
+    """The VFM and DeltaTok that DeltaWorld training of `config` uses (its task's frozen modules)."""
+    from deltaworld_jax.training import tasks
+
+    frozen = tasks.make_task(config).build_frozen()
+    vfm = model_info.vfm_module([frozen])
+    tokenizer = model_info.first([frozen], DeltaTok)
+    if vfm is None or tokenizer is None:
+        raise ValueError(f"config.model.kind={config.model.kind!r}: its frozen modules hold no VFM + DeltaTok pair")
+    return vfm, tokenizer
+
+
+def write_token_cache(config, output: str, *, num_clips: int | None = None, vfm=None, tokenizer=None,
+                      source=None) -> dict[str, Any]:
+    """Tokenise every video of config.data's training source (or the first `num_clips`) into `output`."""
+    from deltaworld_jax.data import pipeline
+
+    data = config.data
+    source = pipeline.make_train_source(data) if source is None else source
+    if vfm is None or tokenizer is None:
+        vfm, tokenizer = frozen_vfm_and_tokenizer(config)
+    size = int(data.frame_size)
+    stride_range = tuple(float(s) for s in data.time_stride_range)
+    videos = range(len(source) if num_clips is None else min(num_clips, len(source)))
+    worker = VideoTokenizer(vfm, tokenizer, (size, size))
+    transform = center_square_transform(size)
+    os.makedirs(output, exist_ok=True)
+    dtype = None
+    t0 = time.perf_counter()
+    frames_total = pairs_total = 0
+    for video in videos:
+        timestamps = np.asarray(source.frame_timestamps(video), np.float32)
+        frames = np.stack(source.read_frames(video, range(len(timestamps)), transform))
+        offsets = np.arange(0, max_index_gap(timestamps, stride_range) + 1)
+        black, pairs = worker.video_tokens(frames, offsets)
+        dtype = str(black.dtype)
+        np.savez(os.path.join(output, f"video_{video:08d}.npz"), timestamps=timestamps, offsets=offsets,
+                 black=_store(black), pairs=_store(pairs))
+        frames_total += len(frames)
+        pairs_total += len(frames) + int(sum(max(0, len(frames) - o) for o in offsets))
+    seconds = time.perf_counter() - t0
+    index = {"num_videos": len(videos), "dtype": dtype, "frame_size": size, "stride_range": list(stride_range),
+             "width": int(tokenizer.cfg.hidden_size), "source": str(getattr(source, "root", data.source))}
+    with open(os.path.join(output, INDEX), "w") as f:
+        json.dump(index, f, indent=1)
+    return {**index, "output": output, "frames": frames_total, "encoded_pairs": pairs_total, "seconds": seconds,
+            "frames_per_second": frames_total / max(seconds, 1e-9)}
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    return (f"wrote {s['num_videos']} videos ({s['frames']} frames, {s['encoded_pairs']} encoded pairs, "
+            f"{s['dtype']} tokens of width {s['width']}) to {s['output']} in {s['seconds']:.1f} s "
+            f"({s['frames_per_second']:.2f} frames/s)")
+
+
+class TokenCache:
+    """Reads a token cache and assembles the tokens of any clip the training sampler draws."""
+
+    def __init__(self, root: str):
+        with open(os.path.join(root, INDEX)) as f:
+            self.index = json.load(f)
+        self.root = root
+
+    def __len__(self) -> int:
+        return int(self.index["num_videos"])
+
+    def video(self, video: int) -> dict[str, np.ndarray]:
+        with np.load(os.path.join(self.root, f"video_{video:08d}.npz")) as z:
+            dtype = self.index["dtype"]
+            return {"timestamps": z["timestamps"], "offsets": z["offsets"], "black": _load(z["black"], dtype),
+                    "pairs": _load(z["pairs"], dtype)}
+
+    @staticmethod
+    def clip_tokens(entry: dict[str, np.ndarray], indices: np.ndarray) -> np.ndarray:
+        """Tokens [T, D] of the clip made of frames `indices`: (black, f_i0), (f_i0, f_i1), ..."""
+        gaps = np.diff(indices)
+        if np.any(gaps < 0) or np.any(gaps > entry["offsets"][-1]):
+            raise ValueError(f"frame gaps {gaps.tolist()} outside the cached offsets 0..{entry['offsets'][-1]}")
+        rest = entry["pairs"][indices[:-1], gaps]
+        return np.concatenate([entry["black"][indices[:1]], rest], 0)
+
+    def load_clip(self, video: int, num_frames: int, stride_range, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        from deltaworld_jax.data.sampling import sample_train_frame_indices
+
+        entry = self.video(video)
+        indices, times = sample_train_frame_indices(entry["timestamps"], num_frames, stride_range, rng)
+        return {"tokens": self.clip_tokens(entry, indices).astype(np.float32), "timestamps": times,
+                "frame_indices": indices}
+
+
+class TokenIterator:
+    """Process-local batches {"tokens" [B, T, D], "timestamps" [B, T]} from a token cache; deterministic in
+    (seed, step), with get_state / set_state for the trainer's checkpoints."""
+
+    def __init__(self, cache: TokenCache, *, num_frames: int, stride_range, batch_size: int, seed: int,
+                 process_index: int = 0, process_count: int = 1):
+        self.cache, self.num_frames, self.stride_range = cache, num_frames, tuple(stride_range)
+        self.batch_size, self.seed = batch_size, seed
+        self.videos = np.arange(process_index, len(cache), process_count)
+        if self.videos.size == 0:
+            raise ValueError(f"token cache {cache.root} has no videos for process {process_index}")
+        self.position = 0
+
+    def __iter__(self) -> Iterator[dict]:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        from deltaworld_jax.data.sampling import clip_rng
+
+        clips = []
+        for j in range(self.batch_size):
+            rng = clip_rng(self.seed, self.position, j)
+            video = int(self.videos[rng.integers(self.videos.size)])
+            clip = self.cache.load_clip(video, self.num_frames, self.stride_range, rng)
+            clips.append(clip)
+        self.position += 1
+        return {"tokens": np.stack([c["tokens"] for c in clips]),
+                "timestamps": np.stack([c["timestamps"] for c in clips])}
+
+    def get_state(self) -> dict:
+        return {"position": self.position}
+
+    def set_state(self, state: dict) -> None:
+        self.position = int(state["position"])
+
+
+def token_data_fn(config, *, process_index: int, process_count: int) -> TokenIterator:
+    """A trainer `data_fn` for config.data.token_cache (pass it to trainer.run(..., data_fn=...))."""
+    batch = int(config.train.batch_size)
+    if batch % process_count:
+        raise ValueError(f"config.train.batch_size={batch} is not divisible by {process_count} processes")
+    return TokenIterator(TokenCache(config.data.token_cache), num_frames=int(config.data.num_frames),
+                         stride_range=config.data.time_stride_range, batch_size=batch // process_count,
+                         seed=int(config.data.get("seed", config.get("seed", 0))), process_index=process_index,
+                         process_count=process_count)
