@@ -246,4 +246,3 @@ def fill_abstract_model(
         array = jnp.asarray(value, dtype=target_dtype)
         filled.append((path, var.replace(array)))
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
-
