@@ -143,6 +143,15 @@ def flops_report(config, *, xla: bool = True, xla_batch: int = 2) -> dict[str, A
                 sum(flops_lib.predictor_forward(dims.predictor, q * dims.num_candidates, q))
                 + flops_lib.predictor_train(dims.predictor, q, q))
         report["predictor_train_per_clip_released"] = world_train
+        if xla:
+            c = RELEASED_FORECAST
+            counted = xla_forecast(setup, frame_hw, context=c["context"], horizon=c["horizon"], samples=c["samples"])
+            dw, dino = forecast_flops(dims, frame_hw=frame_hw, context=c["context"], horizon=c["horizon"],
+                                      samples=c["samples"], official_eval=False)
+            analytic = flops_lib.total(dw if dims.kind == "deltaworld" else dino)
+            counted.update(analytic=analytic, xla_vs_analytic=flops_lib.relative_difference(counted["xla"], analytic),
+                           jaxpr_vs_analytic=flops_lib.relative_difference(counted["jaxpr_matmul"], analytic))
+            report["xla_forecast_check"] = counted
     return report
 
 
@@ -168,6 +177,12 @@ def format_report(report: dict[str, Any]) -> str:
         if c["xla_while_loops"]:
             lines.append(f"  note: the compiled program has {c['xla_while_loops']} while loop(s); XLA counts a "
                          "loop body once, the traced count multiplies scans by their length")
+    if "xla_forecast_check" in report:
+        c = report["xla_forecast_check"]
+        lines += ["", f"Compiled forecast at the config's frame size (one clip, one crop, forecast only):",
+                  f"  analytic (matmuls)            {f(c['analytic']):>16s}",
+                  f"  traced program (matmuls)      {f(c['jaxpr_matmul']):>16s}   diff {100 * c['jaxpr_vs_analytic']:.2f}%",
+                  f"  XLA cost analysis (all ops)   {f(c['xla']):>16s}   diff {100 * c['xla_vs_analytic']:.2f}%"]
     if "forecast" in report:
         crops = report["crops"]
         lines += ["", f"Forecast cost per clip (context 4, 3 predicted frames, 20 samples; x{crops} square "
@@ -189,3 +204,38 @@ def format_report(report: dict[str, Any]) -> str:
         for name, value in report["predictor_train_per_clip_released"].items():
             lines.append(f"  {name:42s} {f(value):>16s}")
     return "\n".join(lines)
+
+
+def xla_forecast(setup: program.AbstractSetup, frame_hw, *, context: int, horizon: int, samples: int) -> dict:
+    """Compile one forecast of one clip (VFM on the context frames, plus the black frame for DeltaWorld's
+    first token, then the model's own jittable rollout) and count its FLOPs: XLA and the traced matmuls.
+    Forecast-only accounting: the target frames' features are not computed (zeros in their slots)."""
+    from flax import nnx
+    import jax.numpy as jnp
+
+    roots = [setup.trainable_module, setup.frozen_module]
+    world = setup.trainable_module
+    vfm = model_info.vfm_module(roots)
+    tok = model_info.first(roots, DeltaTok)
+    grid = (frame_hw[0] // vfm.patch_size, frame_hw[1] // vfm.patch_size)
+    graphdef, state = nnx.split((world, vfm, tok))
+
+    def forecast(state, frames, timestamps, rng):
+        world_m, vfm_m, tok_m = nnx.merge(graphdef, state)
+        ctx = vfm_m(frames[:, :context])
+        feats = jnp.concatenate([ctx, jnp.zeros((ctx.shape[0], horizon) + ctx.shape[2:], ctx.dtype)], axis=1)
+        if tok_m is not None:
+            black = vfm_m(jnp.zeros_like(frames[:, 0]))
+            preds, _ = world_m.rollout(tok_m, feats, timestamps, grid_hw=grid, ctx_len=context, rng=rng,
+                                       num_samples=samples, black_bnd=black)
+        else:
+            preds, _ = world_m.rollout(feats, timestamps, grid_hw=grid, ctx_len=context, rng=rng)
+        return preds
+
+    t = context + horizon
+    args = (state, jax.ShapeDtypeStruct((1, t, *frame_hw, 3), jnp.uint8), jax.ShapeDtypeStruct((1, t), jnp.float32),
+            jax.ShapeDtypeStruct((2,), jnp.uint32))
+    compiled = jax.jit(forecast).lower(*args).compile()
+    xla, loops = flops_lib.xla_flops(compiled)
+    counted, _ = flops_lib.jaxpr_matmul_flops(forecast, *args)
+    return {"xla": xla, "xla_while_loops": loops, "jaxpr_matmul": counted}

@@ -101,13 +101,12 @@ def memory_report(compiled, hbm_bytes_per_device: float) -> dict[str, float]:
             "total": total, "hbm": hbm_bytes_per_device, "hbm_fraction": total / hbm_bytes_per_device}
 
 
-def state_specs(setup: program.AbstractSetup, limit: int | None = None) -> dict[str, str]:
-    """{parameter path: PartitionSpec} of the train state's parameters, as laid out on the mesh."""
+def state_specs(setup: program.AbstractSetup) -> dict[str, list]:
+    """{parameter path: partition spec as a list (per dim: None, a mesh axis, or a list of axes)} of the
+    train state's parameters, as laid out on the mesh (JSON friendly)."""
     flat = jax.tree_util.tree_flatten_with_path(setup.state_shardings.params)[0]
-    out = {}
-    for path, sharding in flat[:limit] if limit else flat:
-        out["/".join(str(getattr(k, "key", k)) for k in path)] = str(sharding.spec)
-    return out
+    return {"/".join(str(getattr(k, "key", k)) for k in path):
+            [list(d) if isinstance(d, tuple) else d for d in sharding.spec] for path, sharding in flat}
 
 
 def compile_on_topology(config, topology: str, *, num_slices: int = 1, sharding: str | dict = "fsdp",

@@ -1,0 +1,121 @@
+"""`benchmark fit`: the smallest TPU slice (and sharding, remat, per-chip batch) where a stage's train step
+fits in HBM with headroom, from a few ahead-of-time compiles.
+
+Compiles of the full recipe take minutes on a CPU host, so the search does not compile every candidate:
+  1. probe: compile the real step on the smallest slice of the chip at per-chip micro-batches 1 and 2
+     (FSDP, no remat; remat "full" too when batch 1 does not fit). Per-device memory is then
+     mem(m) = state + code + m * activations, with the FSDP-sharded state shrinking as 1/chips;
+  2. predict, for every slice of the chip, the largest power-of-two micro-batch that fits <= 90% HBM
+     and the gradient accumulation that reaches the effective batch 1024;
+  3. verify: compile the pick for the smallest slice that needs NO accumulation (per-chip batch =
+     1024 / chips), and the smallest slice overall, and report the compiled numbers.
+Every row says whether its memory was compiled or predicted.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+from deltaworld_jax.bench import aot, program
+
+HEADROOM = 0.9
+
+
+def _probe(config, topology, sharding, remat, batch, log) -> dict[str, Any]:
+    log(f"compiling {topology} sharding={sharding} remat={remat} per_chip_batch={batch} ...")
+    r = aot.compile_on_topology(config, topology, sharding=sharding, per_chip_batch=batch, remat=remat)
+    log(f"  -> {r['memory']['total'] / aot.GIB:.2f} GiB per device ({100 * r['memory']['hbm_fraction']:.1f}% "
+        f"HBM), compile {r['compile_seconds']:.0f} s")
+    return r
+
+
+def memory_model(r1: dict, r2: dict, chips: int) -> dict[str, float]:
+    """Per-device bytes: code + state * (chips / C) + per_example * m, from compiles at m=1 and m=2."""
+    per_example = max(r2["memory"]["total"] - r1["memory"]["total"], 0.0)
+    code = r1["memory"]["generated_code"]
+    state = r1["memory"]["arguments"]  # params + optimiser state + frozen modules + the batch (small)
+    rest = r1["memory"]["total"] - code - state - per_example
+    return {"code": code, "state": state, "other": max(rest, 0.0), "per_example": per_example,
+            "probe_chips": chips}
+
+
+def predict(model: dict[str, float], chips: int, hbm: float, sharded_state: bool = True) -> tuple[int, float]:
+    """(largest power-of-two micro-batch that fits with headroom, predicted bytes at it) on `chips` chips."""
+    state = model["state"] * (model["probe_chips"] / chips if sharded_state else 1.0)
+    fixed = model["code"] + state + model["other"]
+    limit = HEADROOM * hbm
+    most = program.EFFECTIVE_BATCH // chips
+    if model["per_example"] <= 0:
+        best = most
+    else:
+        best = int((limit - fixed) // model["per_example"])
+    best = min(best, most)
+    if best < 1:
+        return 0, fixed + model["per_example"]
+    best = 2 ** int(math.log2(best))
+    return best, fixed + best * model["per_example"]
+
+
+def smallest_fit(config, chip: str, *, log: Callable[[str], None] = print, verify: bool = True,
+                 probe_sharding: str = "fsdp") -> dict[str, Any]:
+    if chip not in aot.SLICES:
+        raise ValueError(f"chip {chip!r}: expected one of {sorted(aot.SLICES)}")
+    spec = aot.CHIPS[chip]
+    topologies = [f"{chip}:{s}" for s in aot.SLICES[chip]]
+    probe_topology = topologies[0]
+    probe_chips = math.prod(aot.parse_topology(probe_topology)[1])
+    remat = "none"
+    r1 = _probe(config, probe_topology, probe_sharding, remat, 1, log)
+    if not aot.fits(r1, HEADROOM):
+        remat = "full"
+        r1 = _probe(config, probe_topology, probe_sharding, remat, 1, log)
+    r2 = _probe(config, probe_topology, probe_sharding, remat, 2, log)
+    model = memory_model(r1, r2, probe_chips)
+    rows = []
+    for topology in topologies:
+        chips = math.prod(aot.parse_topology(topology)[1])
+        hbm = spec.hbm_gib * aot.GIB * chips / (r1["devices"] / probe_chips * chips)
+        batch, predicted = predict(model, chips, hbm)
+        row = {"topology": topology, "chips": chips, "accelerator_type": aot.accelerator_type(chip, chips),
+               "sharding": probe_sharding, "remat": remat, "per_chip_batch": batch,
+               "accumulation_steps": program.EFFECTIVE_BATCH // (chips * batch) if batch else None,
+               "predicted_bytes": predicted, "hbm_bytes": hbm, "memory_source": "predicted"}
+        if batch:
+            roofline = r1["matmul_flops_per_step"] / r1["effective_batch"] * program.EFFECTIVE_BATCH / chips / (
+                spec.peak_bf16_tflops * 1e12)
+            row["roofline_step_seconds"] = roofline
+            row["roofline_samples_per_second_per_chip"] = program.EFFECTIVE_BATCH / chips / roofline
+        rows.append(row)
+    fitting = [r for r in rows if r["per_chip_batch"]]
+    smallest = fitting[0] if fitting else None
+    no_accumulation = next((r for r in fitting if r["accumulation_steps"] == 1), None)
+    if verify:
+        for row in {id(r): r for r in (smallest, no_accumulation) if r is not None}.values():
+            compiled = _probe(config, row["topology"], probe_sharding, remat, row["per_chip_batch"], log)
+            row.update({"memory_source": "compiled", "compiled_bytes": compiled["memory"]["total"],
+                        "compiled_fraction": compiled["memory"]["hbm_fraction"],
+                        "fits": aot.fits(compiled, HEADROOM), "compile_seconds": compiled["compile_seconds"],
+                        "xla_flops_per_device": compiled["xla_flops_per_device"]})
+    return {"chip": chip, "kind": config.model.kind, "probe": {"topology": probe_topology, "model": model,
+            "remat": remat, "sharding": probe_sharding, "m1": r1["memory"], "m2": r2["memory"],
+            "matmul_flops_per_example": r1["matmul_flops_per_step"] / r1["effective_batch"]},
+            "rows": rows, "smallest": smallest, "smallest_without_accumulation": no_accumulation}
+
+
+def format_fit(result: dict[str, Any]) -> str:
+    g = lambda b: f"{b / aot.GIB:6.2f} GiB"  # noqa: E731
+    p = result["probe"]
+    lines = [f"{result['kind']} on {result['chip']}: probes on {p['topology']} ({p['sharding']}, remat {p['remat']}): "
+             f"per-device state {g(p['model']['state'])}, code {g(p['model']['code'])}, "
+             f"activations {g(p['model']['per_example'])} per example"]
+    for r in result["rows"]:
+        mem = r.get("compiled_bytes", r["predicted_bytes"])
+        lines.append(f"  {r['topology']:10s} {r['accelerator_type']:14s} per-chip batch {r['per_chip_batch']:4d} "
+                     f"accumulation {r['accumulation_steps'] or '-'!s:>4s}  {g(mem)} / {g(r['hbm_bytes'])} "
+                     f"({r['memory_source']})"
+                     + (f"  roofline {r['roofline_step_seconds']:.3f} s/step" if "roofline_step_seconds" in r else ""))
+    for key in ("smallest", "smallest_without_accumulation"):
+        r = result[key]
+        lines.append(f"{key.replace('_', ' ')}: " + (f"{r['topology']} ({r['accelerator_type']})" if r else "none"))
+    return "\n".join(lines)
