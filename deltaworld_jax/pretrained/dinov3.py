@@ -49,21 +49,22 @@ def _is_meta_layout(state: Mapping[str, np.ndarray]) -> bool:
     return any(k.startswith(("blocks.", "patch_embed.")) for k in state)
 
 
-def _put_weight(out: common.MappedParams, ours_module: str, kind: str, value: np.ndarray, source: str) -> None:
-    """A torch weight/bias of a Linear ('linear') or Conv ('conv') or a plain tensor ('plain')."""
+def _put_weight(out: common.MappedParams, module: str, kind: str, value: np.ndarray, source: str) -> None:
+    """Puts checkpoint tensor `source` under our `module`: a torch Linear ("linear") or Conv ("conv") weight
+    becomes a transposed `kernel`; anything else ("keep", and biases) keeps its leaf name."""
     leaf = source.rsplit(".", 1)[-1]
-    if kind == "plain" or leaf == "bias":
-        out.put(f"{ours_module}.{leaf}" if kind != "plain" else ours_module, value, source)
-    elif kind == "linear":
-        out.put(f"{ours_module}.kernel", common.torch_linear_to_kernel(value), source)
+    if kind == "linear" and leaf == "weight":
+        out.put(f"{module}.kernel", common.torch_linear_to_kernel(value), source)
+    elif kind == "conv" and leaf == "weight":
+        out.put(f"{module}.kernel", common.torch_conv_to_kernel(value), source)
     else:
-        out.put(f"{ours_module}.kernel", common.torch_conv_to_kernel(value), source)
+        out.put(f"{module}.{leaf}", value, source)
 
 
 _HF_LAYER_RULES = [  # (regex on the key inside one layer, kind)
-    (re.compile(r"^(norm1|norm2)\.(weight|bias)$"), "plain"),
+    (re.compile(r"^(norm1|norm2)\.(weight|bias)$"), "keep"),
     (re.compile(r"^attention\.(q_proj|k_proj|v_proj|o_proj)\.(weight|bias)$"), "linear"),
-    (re.compile(r"^(layer_scale1|layer_scale2)\.lambda1$"), "plain"),
+    (re.compile(r"^(layer_scale1|layer_scale2)\.lambda1$"), "keep"),
     (re.compile(r"^mlp\.(up_proj|down_proj|gate_proj)\.(weight|bias)$"), "linear"),
 ]
 
@@ -79,8 +80,7 @@ def convert_hf_state(state: Mapping[str, np.ndarray]) -> common.MappedParams:
             index, rest = m.groups()
             for rule, kind in _HF_LAYER_RULES:
                 if rule.match(rest):
-                    module = rest if kind == "plain" else rest.rsplit(".", 1)[0]
-                    _put_weight(out, f"layer.{index}.{module}", kind, value, key)
+                    _put_weight(out, f"layer.{index}.{rest.rsplit('.', 1)[0]}", kind, value, key)
                     break
             else:
                 out.unmapped.append(key)
@@ -97,7 +97,7 @@ def convert_meta_state(state: Mapping[str, np.ndarray]) -> common.MappedParams:
     """Meta's original DINOv3 keys -> our parameter paths. The fused qkv is split into q/k/v; the key
     bias is masked out by DINOv3 (`bias_mask`), so it must be zero after masking and is dropped."""
     out = common.MappedParams()
-    layer_map = {"norm1": ("norm1", "plain"), "norm2": ("norm2", "plain"), "attn.proj": ("attention.o_proj", "linear"),
+    layer_map = {"norm1": ("norm1", "keep"), "norm2": ("norm2", "keep"), "attn.proj": ("attention.o_proj", "linear"),
                  "mlp.fc1": ("mlp.up_proj", "linear"), "mlp.fc2": ("mlp.down_proj", "linear"),
                  # SwiGLU: w3(silu(w1 x) * w2 x)
                  "mlp.w1": ("mlp.gate_proj", "linear"), "mlp.w2": ("mlp.up_proj", "linear"),
