@@ -4,3 +4,4 @@ Each loader builds its model abstractly (nnx.eval_shape) and fills it from the c
 unused or missing key is reported in one error."""
 from deltaworld_jax.pretrained.heads import HEAD_KINDS, load_head  # noqa: F401
 from deltaworld_jax.pretrained.dinov3 import build_vfm, load_dinov3  # noqa: F401
+from deltaworld_jax.pretrained.world import load_deltaworld, load_dinoworld  # noqa: F401

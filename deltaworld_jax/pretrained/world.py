@@ -10,6 +10,7 @@ whose defaults are the released models' values.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping
 
 import numpy as np
@@ -17,6 +18,7 @@ from flax import nnx
 
 from deltaworld_jax.models.deltaworld import DeltaWorld, DeltaWorldConfig
 from deltaworld_jax.models.dinoworld import DINOWorld, DINOWorldConfig
+from deltaworld_jax.pretrained import common
 
 _BLOCK_LINEARS = ("attention.q_proj", "attention.kv_proj", "attention.out_proj", "mlp.up_proj", "mlp.down_proj")
 _BLOCK_VECTORS = ("norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias", "layer_scale1.lambda1",
@@ -59,12 +61,10 @@ def world_state_dict(model: DeltaWorld | DINOWorld) -> dict[str, np.ndarray]:
     return out
 
 
-def _world_tensors(source: str | Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Flat numpy dict of the world model's entries: unwraps a Lightning `state_dict`, strips `network.`,
-    drops the frozen tokenizer/backbone entries."""
-    from deltaworld_jax.pretrained import common
-
-    tensors = common.read_tensors(source) if not isinstance(source, Mapping) else dict(source)
+def _world_tensors(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Flat numpy dict of the world model's entries: reads the file (a Lightning checkpoint's `state_dict`
+    is unwrapped by common.read_state_dict), strips `network.`, drops the frozen tokenizer/backbone entries."""
+    tensors = dict(source) if isinstance(source, Mapping) else common.read_state_dict(source)
     if "state_dict" in tensors and isinstance(tensors["state_dict"], Mapping):
         tensors = dict(tensors["state_dict"])
     out = {}
@@ -90,22 +90,25 @@ def _infer_sizes(tensors: Mapping[str, np.ndarray]) -> dict[str, int]:
                 mlp_ratio=int(intermediate // hidden))
 
 
-def _fill(model: DeltaWorld | DINOWorld, tensors: Mapping[str, np.ndarray], source: str) -> None:
-    mapping = world_key_map(model.cfg.num_layers, not model.cfg.use_bom)
-    renamed = {}
+def _fill(abstract: DeltaWorld | DINOWorld, tensors: Mapping[str, np.ndarray], what: str):
+    """Strict fill through common.fill_abstract_model: every unused, missing or mis-shaped entry in one error."""
+    mapping = world_key_map(abstract.cfg.num_layers, not abstract.cfg.use_bom)
+    params, unmapped = common.MappedParams(), []
     for name, array in tensors.items():
-        if name in mapping:
-            path, transpose = mapping[name]
-            renamed[path] = array.T if transpose else array
-        else:
-            renamed[("<unused>", name)] = array
-    from deltaworld_jax.pretrained import common
+        if name not in mapping:
+            unmapped.append(name)
+            continue
+        path, transpose = mapping[name]
+        params.put(".".join(map(str, path)), common.torch_linear_to_kernel(array) if transpose else array, name)
+    return common.fill_abstract_model(abstract, params, what=what, unmapped_keys=unmapped)
 
-    common.fill_module(model, renamed, source=str(source))
+
+def _describe(source) -> str:
+    return "<in-memory state dict>" if isinstance(source, Mapping) else os.fspath(source)
 
 
 def load_deltaworld(
-    source: str | Mapping[str, Any],
+    source: str | os.PathLike | Mapping[str, Any],
     *,
     tokenizer: Any = None,
     num_heads: int = 12,
@@ -128,12 +131,11 @@ def load_deltaworld(
                          f"{cfg.backbone_hidden_size}")
     kw = {} if dtype is None else {"dtype": dtype}
     model = nnx.eval_shape(lambda: DeltaWorld(cfg, **kw, rngs=nnx.Rngs(0)))
-    _fill(model, tensors, source if isinstance(source, str) else "<mapping>")
-    return model
+    return _fill(model, tensors, f"{type(model).__name__} checkpoint {_describe(source)}")
 
 
 def load_dinoworld(
-    source: str | Mapping[str, Any],
+    source: str | os.PathLike | Mapping[str, Any],
     *,
     vfm: Any = None,
     num_heads: int = 12,
@@ -153,5 +155,4 @@ def load_dinoworld(
                          f"{cfg.backbone_hidden_size}")
     kw = {} if dtype is None else {"dtype": dtype}
     model = nnx.eval_shape(lambda: DINOWorld(cfg, **kw, rngs=nnx.Rngs(0)))
-    _fill(model, tensors, source if isinstance(source, str) else "<mapping>")
-    return model
+    return _fill(model, tensors, f"{type(model).__name__} checkpoint {_describe(source)}")

@@ -1,0 +1,200 @@
+"""DeltaWorld: the training forward against the official semantics (fixed noise), best-of-K against the
+official flattened candidate layout, gradients only through the chosen queries' pass, a few training steps,
+the rollout (S futures sharing the context, each decoded from its own previous prediction)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+import torch.nn.functional as F
+from flax import nnx
+
+from test_predictor import assert_close, make_random, randomize_params, official_state_dict, torch_causal_mask, torch_predictor
+
+from deltaworld_jax.models.deltatok import DeltaTok, DeltaTokConfig
+from deltaworld_jax.models.deltaworld import DeltaWorld, DeltaWorldConfig, best_of_samples, mean_of_samples
+from deltaworld_jax.models.predictor import candidate_queries, noise_queries
+from deltaworld_jax.objectives import smooth_l1
+
+TINY = dict(hidden_size=32, num_layers=2, num_heads=2, backbone_hidden_size=16, rope_axis_sizes=(12,),
+            rope_unrotated_size=4)
+B, T, D = 2, 5, 16
+
+
+def clip(seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = rng.normal(size=(B, T, D)).astype(np.float32)
+    times = np.cumsum(rng.uniform(1 / 25, 1 / 3, size=(B, T)), axis=1).astype(np.float32)
+    return tokens, times - times[:, :1]
+
+
+def torch_forward(model, queries, tokens, times):
+    """The official DeltaWorld._forward_train loss pass, given the queries."""
+    t = tokens.shape[1]
+    return torch_predictor(official_state_dict(model), torch.from_numpy(np.asarray(queries)),
+                           torch.from_numpy(tokens[:, :-1]), torch_causal_mask(np.arange(1, t), np.arange(t - 1)),
+                           [torch.from_numpy(times[:, 1:])], [torch.from_numpy(times[:, :-1])],
+                           num_heads=2, axis_sizes=(12,), unrotated=4)
+
+
+def test_training_forward_matches_official_with_fixed_noise():
+    model = make_random(lambda: DeltaWorld(DeltaWorldConfig(**TINY), rngs=nnx.Rngs(0)))
+    tokens, times = clip()
+    queries = noise_queries(jax.random.key(3), (B, T - 1), 32, 0.5)
+    ours = nnx.jit(lambda m: m.predict_next_tokens(queries, jnp.asarray(tokens), jnp.asarray(times)))(model)
+    ref = torch_forward(model, queries, tokens, times)
+    assert_close(ours, ref.detach().numpy())
+    ref_loss = F.smooth_l1_loss(ref, torch.from_numpy(tokens[:, 1:]), beta=0.1).item()
+    np.testing.assert_allclose(float(jnp.mean(smooth_l1(ours, tokens[:, 1:], 0.1))), ref_loss, rtol=1e-5)
+
+
+def test_best_of_k_matches_official_candidate_layout():
+    """The official _bom_queries: all K candidates of all frames in ONE pass, queries flattened (frame, k),
+    positions repeat_interleave'd, mask q_index = position // 1 + 1; argmin of the per-candidate mean loss."""
+    k = 8
+    cfg = DeltaWorldConfig(**TINY, num_samples_train=k, bom_chunk=4, init_std=0.5)
+    model = make_random(lambda: DeltaWorld(cfg, rngs=nnx.Rngs(1)), seed=1)
+    tokens, times = clip(1)
+    rng = jax.random.key(5)
+    queries, metrics = nnx.jit(lambda m: m.train_queries(jnp.asarray(tokens), jnp.asarray(times), rng))(model)
+
+    cands = np.asarray(candidate_queries(rng, jnp.arange(k), (B, T - 1), 32, 0.5))  # [B, T-1, K, hidden]
+    q_all = torch.from_numpy(cands).flatten(1, 2)
+    pos_q = torch.from_numpy(times[:, 1:]).repeat_interleave(k, 1)
+    q_index = torch.arange(T - 1).repeat_interleave(k) + 1
+    preds = torch_predictor(official_state_dict(model), q_all, torch.from_numpy(tokens[:, :-1]),
+                            torch_causal_mask(q_index.numpy(), np.arange(T - 1)), [pos_q],
+                            [torch.from_numpy(times[:, :-1])], num_heads=2, axis_sizes=(12,), unrotated=4)
+    preds = preds.reshape(B, T - 1, k, 1, D)
+    tgts = torch.from_numpy(tokens[:, 1:]).reshape(B, T - 1, 1, D).unsqueeze(2).expand_as(preds)
+    losses = F.smooth_l1_loss(preds, tgts, reduction="none", beta=0.1).flatten(3).mean(-1)
+    best = losses.argmin(-1).numpy()
+    assert len(np.unique(best)) > 1, "the tiny case should not pick the same candidate everywhere"
+    expected = np.take_along_axis(cands, best[..., None, None], 2)[:, :, 0]
+    np.testing.assert_array_equal(np.asarray(queries), expected)
+    np.testing.assert_allclose(float(metrics["bom_best_loss"]), losses.min(-1).values.mean().item(), rtol=1e-5)
+
+
+def test_gradient_flows_only_through_the_chosen_queries_pass():
+    cfg = DeltaWorldConfig(**TINY, num_samples_train=8, bom_chunk=4)
+    model = make_random(lambda: DeltaWorld(cfg, rngs=nnx.Rngs(2)), seed=2, scale=0.1)
+    tokens, times = jnp.asarray(clip(2)[0]), jnp.asarray(clip(2)[1])
+    rng = jax.random.key(1)
+
+    @nnx.jit
+    def both(m):
+        grads_bom = nnx.grad(lambda m: m.loss(tokens, times, rng)[0])(m)
+        chosen, _ = m.train_queries(tokens, times, rng)
+        direct = lambda m: jnp.mean(smooth_l1(m.predict_next_tokens(chosen, tokens, times), tokens[:, 1:], 0.1))  # noqa: E731
+        return grads_bom, nnx.grad(direct)(m)
+
+    grads_bom, grads_direct = both(model)
+    flat_bom, flat_direct = jax.tree.leaves(grads_bom), jax.tree.leaves(grads_direct)
+    assert len(flat_bom) == len(flat_direct) > 0
+    for a, b in zip(flat_bom, flat_direct):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-8)
+    assert any(float(jnp.abs(g).max()) > 0 for g in flat_bom)
+
+
+def test_loss_decreases_on_a_fixed_batch():
+    cfg = DeltaWorldConfig(**TINY, num_samples_train=4, bom_chunk=None)
+    model = nnx.jit(lambda: DeltaWorld(cfg, rngs=nnx.Rngs(3)))()
+    tokens, times = map(jnp.asarray, clip(3))
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer, rng):
+        (loss, _), grads = nnx.value_and_grad(lambda m: m.loss(tokens, times, rng), has_aux=True)(model)
+        optimizer.update(model, grads)
+        return loss
+
+    losses = [float(step(model, optimizer, jax.random.key(i))) for i in range(10)]
+    assert losses[-1] < 0.85 * losses[0], losses
+
+
+# ------------------------------------------------------------------------------------------------------
+# Rollout
+# ------------------------------------------------------------------------------------------------------
+
+GRID = (2, 3)
+
+
+@pytest.fixture(scope="module")
+def rollout_setup():
+    tok_cfg = DeltaTokConfig(hidden_size=D, num_layers=1, num_heads=2, intermediate_size=32)
+    world_cfg = DeltaWorldConfig(**TINY, num_samples_eval=3)
+
+    def build():  # random weights of a size where the context visibly moves the futures
+        return (randomize_params(DeltaTok(tok_cfg, rngs=nnx.Rngs(0)), seed=0, scale=0.1),
+                randomize_params(DeltaWorld(world_cfg, rngs=nnx.Rngs(1)), seed=1, scale=0.1))
+
+    tok, world = nnx.jit(build)()
+    rng = np.random.default_rng(4)
+    feats = jnp.asarray(rng.normal(size=(B, T, GRID[0] * GRID[1], D)), jnp.float32)
+    times = jnp.asarray(np.tile(np.arange(T, dtype=np.float32) * 0.2, (B, 1)))
+    black = jnp.asarray(rng.normal(size=(1, GRID[0] * GRID[1], D)), jnp.float32)
+    return tok, world, feats, times, black
+
+
+def test_rollout_samples_share_the_context_and_differ(rollout_setup):
+    tok, world, feats, times, black = rollout_setup
+    ctx_len, s = 3, 3
+    run = nnx.jit(lambda w, t, f, r: w.rollout(t, f, times, grid_hw=GRID, ctx_len=ctx_len, rng=r,
+                                               black_bnd=black), static_argnums=())
+    preds, targets = run(world, tok, feats, jax.random.key(0))
+    assert preds.shape == (B, s, T - ctx_len, GRID[0] * GRID[1], D)
+    np.testing.assert_array_equal(np.asarray(targets), np.asarray(feats[:, ctx_len:]))
+    # Different samples, different futures (every pair, every step).
+    for i in range(s):
+        for j in range(i + 1, s):
+            assert not np.allclose(preds[:, i], preds[:, j], atol=1e-4)
+    # The context is shared: changing only the frames after the context (targets) changes nothing.
+    other, _ = run(world, tok, feats.at[:, ctx_len:].set(0.0), jax.random.key(0))
+    np.testing.assert_allclose(np.asarray(other), np.asarray(preds), rtol=1e-6, atol=1e-6)
+    # ...while changing a context frame changes the futures.
+    moved, _ = run(world, tok, feats.at[:, 0].set(feats[:, 1]), jax.random.key(0))
+    assert not np.allclose(moved, preds, atol=1e-4)
+
+
+def test_rollout_follows_the_official_step_loop(rollout_setup):
+    """A Python transcription of the official rollout_step loop (same noise): tokens of the context, then per
+    step: predict, decode from the sample's own previous features (the last context frame's at first),
+    append the token."""
+    tok, world, feats, times, black = rollout_setup
+    ctx_len, s = 2, 3
+    horizon = T - ctx_len
+    rng = jax.random.key(9)
+    preds, _ = nnx.jit(lambda w, t, f: w.rollout(t, f, times, grid_hw=GRID, ctx_len=ctx_len, rng=rng,
+                                                 black_bnd=black, num_samples=s))(world, tok, feats)
+
+    @nnx.jit
+    def reference(world, tok):
+        rope = tok.rope(GRID)
+        kv = jnp.repeat(tok.tokenize_clip(feats[:, :ctx_len], black, rope), s, axis=0)
+        x = jnp.repeat(feats[:, ctx_len - 1], s, axis=0)
+        ts = jnp.repeat(times, s, axis=0)
+        out = []
+        for step, key in enumerate(jax.random.split(rng, horizon)):
+            q = noise_queries(key, (B * s, 1), 32, world.cfg.init_std)
+            z = world.predictor(q, kv, (ts[:, ctx_len + step:ctx_len + step + 1],), (ts[:, :kv.shape[1]],))
+            x = tok.decode(z, x, rope)
+            out.append(x)
+            kv = jnp.concatenate([kv, z], axis=1)
+        return jnp.stack(out, 1).reshape(B, s, horizon, -1, D)
+
+    np.testing.assert_allclose(np.asarray(preds), np.asarray(reference(world, tok)), rtol=1e-5, atol=1e-6)
+
+
+def test_best_and_mean_of_samples():
+    rng = np.random.default_rng(5)
+    rollouts = rng.normal(size=(2, 4, 3, 5, 6)).astype(np.float32)
+    targets = rng.normal(size=(2, 3, 5, 6)).astype(np.float32)
+    rollouts[0, 2, -1] = targets[0, -1] + 0.01  # sample 2 is best for clip 0 (on the last frame only)
+    rollouts[1, 1, :-1] = targets[1, :-1]  # sample 1 is perfect EXCEPT on the last frame: not chosen for that
+    rollouts[1, 3, -1] = targets[1, -1]
+    best, index = best_of_samples(jnp.asarray(rollouts), jnp.asarray(targets))
+    np.testing.assert_array_equal(np.asarray(index), [2, 3])
+    np.testing.assert_array_equal(np.asarray(best), rollouts[[0, 1], [2, 3]])
+    np.testing.assert_allclose(np.asarray(mean_of_samples(jnp.asarray(rollouts))), rollouts.mean(1), rtol=1e-6)
