@@ -157,7 +157,7 @@ class CopyLast:
 
 
 @partial(nnx.jit, static_argnames=("horizon", "grid_hw"))
-def _deltatok_rollout(tokenizer, feats, black, *, horizon, grid_hw):
+def jit_deltatok_rollout(tokenizer, feats, black, *, horizon, grid_hw):
     return tokenizer.rollout(feats, black, horizon, tokenizer.rope(grid_hw, rng=None))
 
 
@@ -173,13 +173,13 @@ class DeltaTokReconstruction:
 
     def __call__(self, clip: ClipFeatures, *, ctx_len: int | None, horizon: int, rng: Array) -> Forecast:
         t = clip.feats.shape[1]
-        preds, targets = _deltatok_rollout(self.tokenizer, clip.feats, clip.black, horizon=horizon,
+        preds, targets = jit_deltatok_rollout(self.tokenizer, clip.feats, clip.black, horizon=horizon,
                                            grid_hw=tuple(clip.grid_hw))
         return Forecast(preds[:, None], targets, clip.feats[:, :t - horizon], 0 if horizon >= t else 1)
 
 
 @partial(nnx.jit, static_argnames=("ctx_len", "grid_hw", "num_samples"))
-def _deltaworld_rollout(world, tokenizer, feats, times, black, rng, *, ctx_len, grid_hw, num_samples):
+def jit_deltaworld_rollout(world, tokenizer, feats, times, black, rng, *, ctx_len, grid_hw, num_samples):
     return world.rollout(tokenizer, feats, times, grid_hw=grid_hw, ctx_len=ctx_len, rng=rng,
                          num_samples=num_samples, black_bnd=black)
 
@@ -196,14 +196,14 @@ class DeltaWorldForecaster:
 
     def __call__(self, clip: ClipFeatures, *, ctx_len: int, horizon: int, rng: Array) -> Forecast:
         feats, times = _window(clip, ctx_len, horizon)
-        rollouts, targets = _deltaworld_rollout(self.world, self.tokenizer, feats, times, clip.black, rng,
+        rollouts, targets = jit_deltaworld_rollout(self.world, self.tokenizer, feats, times, clip.black, rng,
                                                 ctx_len=ctx_len, grid_hw=tuple(clip.grid_hw),
                                                 num_samples=self.num_samples)
         return Forecast(rollouts, targets, feats[:, :ctx_len], ctx_len)
 
 
 @partial(nnx.jit, static_argnames=("ctx_len", "grid_hw", "num_samples"))
-def _dinoworld_rollout(world, feats, times, rng, *, ctx_len, grid_hw, num_samples):
+def jit_dinoworld_rollout(world, feats, times, rng, *, ctx_len, grid_hw, num_samples):
     return world.rollout(feats, times, grid_hw=grid_hw, ctx_len=ctx_len, rng=rng, num_samples=num_samples)
 
 
@@ -218,7 +218,7 @@ class DINOWorldForecaster:
 
     def __call__(self, clip: ClipFeatures, *, ctx_len: int, horizon: int, rng: Array) -> Forecast:
         feats, times = _window(clip, ctx_len, horizon)
-        rollouts, targets = _dinoworld_rollout(self.world, feats, times, rng, ctx_len=ctx_len,
+        rollouts, targets = jit_dinoworld_rollout(self.world, feats, times, rng, ctx_len=ctx_len,
                                                grid_hw=tuple(clip.grid_hw), num_samples=self.num_samples)
         return Forecast(rollouts, targets, feats[:, :ctx_len], ctx_len)
 
@@ -277,7 +277,7 @@ class _Mean:
 
 
 @nnx.jit
-def _features(vfm, frames):
+def vfm_features(vfm, frames):
     return vfm(frames)
 
 
@@ -336,7 +336,7 @@ class Evaluator:
 
     def _black_features(self, hw: tuple[int, int]) -> Array:
         if hw not in self._black:
-            self._black[hw] = _features(self.vfm, jnp.zeros((1, *hw, 3), jnp.uint8))
+            self._black[hw] = vfm_features(self.vfm, jnp.zeros((1, *hw, 3), jnp.uint8))
         return self._black[hw]
 
     def clip_features(self, frames: np.ndarray, timestamps: np.ndarray) -> ClipFeatures:
@@ -344,7 +344,7 @@ class Evaluator:
         p = self.vfm.patch_size
         if hw[0] % p or hw[1] % p:
             raise ValueError(f"frame size {hw} is not a multiple of the VFM patch size {p}")
-        feats = _features(self.vfm, jnp.asarray(frames))
+        feats = vfm_features(self.vfm, jnp.asarray(frames))
         return ClipFeatures(feats, jnp.asarray(timestamps, jnp.float32), (hw[0] // p, hw[1] // p),
                             self._black_features(hw))
 

@@ -1,0 +1,106 @@
+"""The forecast command end-to-end on a tiny generated video with tiny random models saved under the official
+names, and its error cases."""
+
+import os
+
+import av
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+import deltaworld_jax  # noqa: F401
+from deltaworld_jax import forecast
+from deltaworld_jax.models.deltatok import DeltaTok, DeltaTokConfig
+from deltaworld_jax.models.deltaworld import DeltaWorld, DeltaWorldConfig
+from deltaworld_jax.pretrained.world import world_state_dict
+
+
+def _write_video(path, num_frames=15, fps=10, hw=(24, 32)):
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = hw[1], hw[0], "yuv420p"
+        for i in range(num_frames):
+            frame = np.zeros((*hw, 3), np.uint8)
+            frame[:, (2 * i) % hw[1]:(2 * i) % hw[1] + 6] = (255, 128, 0)  # a moving bar
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    from safetensors.numpy import save_file
+
+    folder = tmp_path_factory.mktemp("weights")
+    # Pixel VFM with 4x4 patches: width 48, 3 heads of 16.
+    # Built under one jit: eager initialisation would compile every initialiser op separately.
+    tok = nnx.jit(lambda: DeltaTok(DeltaTokConfig(hidden_size=48, num_layers=1, num_heads=3, intermediate_size=32),
+                                   rngs=nnx.Rngs(0)))()
+    tok_sd = {}
+    for path, value in nnx.to_flat_state(nnx.state(tok, nnx.Param)):
+        # Official names: an nnx.Linear's kernel [in, out] is torch's weight [out, in].
+        names = [str(p) for p in path]
+        array = np.asarray(value.get_value())
+        if names[-1] == "kernel":
+            names[-1], array = "weight", array.T
+        tok_sd[".".join(names)] = np.ascontiguousarray(array)
+    save_file(tok_sd, str(folder / "deltatok.safetensors"))
+    world = nnx.jit(lambda: DeltaWorld(DeltaWorldConfig(hidden_size=32, num_layers=1, num_heads=2,
+                                                        backbone_hidden_size=48, rope_axis_sizes=(12,),
+                                                        rope_unrotated_size=4), rngs=nnx.Rngs(1)))()
+    save_file({k: np.ascontiguousarray(v) for k, v in world_state_dict(world).items()},
+              str(folder / "deltaworld.safetensors"))
+    return {"vfm": "pixel", "tokenizer": str(folder / "deltatok.safetensors"),
+            "world": str(folder / "deltaworld.safetensors")}
+
+
+TINY = ["--patch_size=4", "--world_num_heads=2", "--world_rope_axis_sizes=12", "--world_rope_unrotated_size=4"]
+
+
+def test_forecast_command_end_to_end(tmp_path, weights):
+    from absl import flags
+
+    video = _write_video(tmp_path / "clip.mp4")
+    out = tmp_path / "out"
+    argv = ["forecast", f"--video={video}", "--num_samples=2", "--horizon=3", "--context=4", "--stride=0.2",
+            "--size=16", f"--vfm={weights['vfm']}", f"--tokenizer={weights['tokenizer']}",
+            f"--world={weights['world']}", f"--out={out}", *TINY]
+    flags.FLAGS(argv)  # the absl command line, parsed in this process (a subprocess would recompile everything)
+    try:
+        forecast.main(["forecast"])
+    finally:
+        flags.FLAGS.unparse_flags()
+    with Image.open(out / "forecast.png") as im:
+        assert im.format == "PNG"
+        # rows: truth, best, mean, 2 samples, 16 px cells; 7 columns + the row-name strip
+        assert im.size[1] == 5 * 16 and im.size[0] > 7 * 16
+    with Image.open(out / "forecast.gif") as im:
+        assert im.n_frames == 7
+    with av.open(str(out / "forecast.mp4")) as c:
+        assert len(list(c.decode(video=0))) == 7
+
+
+def test_forecast_without_future_frames_has_no_best(tmp_path, weights):
+    video = _write_video(tmp_path / "short.mp4", num_frames=8)  # 0.0-0.7 s: the 4 context frames only
+    paths = forecast.run(video=video, out=str(tmp_path / "o"), num_samples=2, size=16, patch_size=4,
+                         world_num_heads=2, world_rope_axis_sizes=(12,), **weights)
+    with Image.open(paths["grid"]) as im:
+        assert im.size[1] == 4 * 16  # truth (context only), mean, 2 samples
+
+
+def test_forecast_errors(tmp_path, weights):
+    video = _write_video(tmp_path / "clip.mp4", num_frames=5)
+    common = dict(out=str(tmp_path / "o"), size=16, patch_size=4, world_num_heads=2, world_rope_axis_sizes=(12,))
+    with pytest.raises(forecast.ForecastInputError, match="weights not found"):
+        forecast.run(video=video, vfm="pixel", tokenizer=str(tmp_path / "none.bin"), world=weights["world"], **common)
+    with pytest.raises(forecast.ForecastInputError, match="too short"):
+        forecast.run(video=video, **weights, **common)
+    garbage = tmp_path / "bad.mp4"
+    garbage.write_bytes(b"not a video at all" * 10)
+    with pytest.raises(forecast.ForecastInputError, match="cannot read video"):
+        forecast.run(video=str(garbage), **weights, **common)
+    with pytest.raises(forecast.ForecastInputError, match="video not found"):
+        forecast.run(video=str(tmp_path / "absent.mp4"), **weights, **common)
+    with pytest.raises(forecast.ForecastInputError, match="not a multiple"):
+        forecast.run(video=_write_video(tmp_path / "ok.mp4"), **{**common, "size": 18}, **weights)
