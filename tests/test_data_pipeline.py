@@ -153,3 +153,35 @@ def test_eval_iterator_skips_and_counts_missing_labels(tmp_path):
                 clips.extend(batch["sample_index"][batch["crop_index"] == 0].tolist())
             errors = {k: errors[k] + iterator.errors[k] for k in errors}
         assert len(clips) == 3 and len(set(clips)) == 3 and errors["missing_label"] == 1
+
+
+def test_orbax_grain_checkpoint_handler_round_trip(coloured_videos, tmp_path):
+    import grain
+    from etils import epath
+
+    config = frames_config(coloured_videos)
+    iterator = make_train_iterator(config, seed=4, batch_size_per_process=2)
+    take(iterator, 3)
+    handler = grain.checkpoint.CheckpointHandler()
+    handler.save(epath.Path(tmp_path), args=grain.checkpoint.CheckpointSave(iterator))
+    expected = next(iterator)
+    restored = handler.restore(epath.Path(tmp_path), args=grain.checkpoint.CheckpointRestore(
+        make_train_iterator(config, seed=4, batch_size_per_process=2)))
+    assert np.array_equal(next(restored)["frames"], expected["frames"])
+
+
+def test_place_batch_makes_global_arrays_sharded_over_data_axes():
+    import jax
+    from jax.sharding import Mesh
+
+    from deltaworld_jax.data.placement import place_batch
+
+    devices = np.array(jax.devices()).reshape(-1, 1)
+    mesh = Mesh(devices, ("data", "fsdp"))
+    batch = {"frames": np.zeros((2 * len(devices), 2, 8, 8, 3), np.uint8),
+             "timestamps": np.zeros((2 * len(devices), 2), np.float32)}
+    placed = place_batch(batch, mesh, ("data", "fsdp"))
+    assert placed["frames"].shape == batch["frames"].shape and placed["frames"].dtype == np.uint8
+    assert placed["timestamps"].sharding.spec[0] == ("data", "fsdp")
+    with pytest.raises(ValueError, match="not axes of the mesh"):
+        place_batch(batch, mesh, "batch")

@@ -1,8 +1,8 @@
 """Training and evaluation iterators on Grain.
 
-Training: videos of the source -> this process's shard (every process_count-th video) -> seeded
-shuffle, reshuffled every epoch -> repeated forever -> one clip per element, drawn from a generator
-seeded by (seed, epoch, video, attempt) -> batches of batch_size_per_process (batched BEFORE the
+Training: videos of the source -> this process's shard (every process_count-th video) -> an endless
+stream of positions, each epoch a permutation seeded by (seed, epoch) -> one clip per position, drawn
+from a generator seeded by (seed, epoch, video, attempt) -> batches of batch_size_per_process (batched BEFORE the
 worker split, so worker w builds whole batches w, w+N, ... and the batch stream is identical for any
 worker count) -> Grain worker processes -> `TrainIterator`, whose get_state/set_state (also used by
 Grain's Orbax CheckpointHandler) resume the exact batch stream.
@@ -70,13 +70,24 @@ def make_train_source(data_config):
     raise ValueError(f"unknown config.data.source {kind!r}: expected synthetic, videos, frames or arrayrecord")
 
 
+# First key of every generator the loader draws, so shuffle and clip generators never share a seed.
+_SHUFFLE_KEY, _CLIP_KEY = 1, 2
+
+
 class TrainClipLoader:
-    """(stream position, video) -> one augmented clip; picklable, runs in Grain workers."""
+    """Stream position -> one augmented clip; picklable, runs in Grain workers.
+
+    Position p is item p % len(shard) of epoch p // len(shard); the epoch's order is a permutation
+    seeded by (seed, epoch). (Grain's own index shuffle costs milliseconds per element on sets of a
+    few videos; a cached numpy permutation costs nothing per element at any size.)
+    """
 
     def __init__(self, source, data_config, seed: int, shard: range):
         self.source = source
         self.seed = int(seed)
         self.shard = shard  # this process's videos: replacements for broken ones come from here too
+        self.shuffle = bool(data_config.shuffle)
+        self._orders: dict[int, np.ndarray] = {}
         self.num_frames = data_config.num_frames
         self.stride_range = tuple(data_config.time_stride_range)
         self.out_hw = (data_config.frame_size, data_config.frame_width or data_config.frame_size)
@@ -92,13 +103,31 @@ class TrainClipLoader:
         frames = self.source.read_frames(video, indices, transform)
         return {"frames": np.stack(frames), "timestamps": clip_times}
 
-    def __call__(self, position: int, video: int) -> dict:
-        epoch = position // len(self.shard)
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_orders"] = {}
+        return state
+
+    def video_at(self, position: int) -> tuple[int, int]:
+        """(epoch, video) of a stream position."""
+        epoch, item = divmod(int(position), len(self.shard))
+        if self.shuffle:
+            order = self._orders.get(epoch)
+            if order is None:
+                order = clip_rng(self.seed, _SHUFFLE_KEY, epoch).permutation(len(self.shard))
+                if len(self._orders) >= 2:  # a worker straddles at most two epochs at a time
+                    self._orders.pop(next(iter(self._orders)))
+                self._orders[epoch] = order
+            item = int(order[item])
+        return epoch, self.shard[item]
+
+    def __call__(self, position: int, unused_element=None) -> dict:
+        epoch, video = self.video_at(position)
         errors = np.zeros(len(ERROR_KINDS), np.int32)
         failures = []
         candidate = int(video)
         for attempt in range(self.max_retries + 1):
-            rng = clip_rng(self.seed, epoch, video, attempt)
+            rng = clip_rng(self.seed, _CLIP_KEY, epoch, video, attempt)
             if attempt:
                 candidate = self.shard[int(rng.integers(len(self.shard)))]
             try:
@@ -156,10 +185,7 @@ def make_train_iterator(data_config, *, seed: int, batch_size_per_process: int, 
     shard = range(process_index, len(source), process_count)
     if len(shard) == 0:
         raise ValueError(f"{len(source)} videos cannot feed process {process_index} of {process_count}")
-    videos = grain.MapDataset.range(len(source))[process_index::process_count]
-    if data_config.shuffle:
-        videos = videos.shuffle(seed=int(seed) % 2**32)
-    dataset = (videos.repeat(None)
+    dataset = (grain.MapDataset.range(len(shard)).repeat(None)
                .map_with_index(TrainClipLoader(source, data_config, seed, shard))
                .batch(batch_size_per_process, drop_remainder=True))
     iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=data_config.read_threads,

@@ -26,19 +26,6 @@ from PIL import Image
 from deltaworld_jax.data import arrayrecord
 from deltaworld_jax.data.sources import DATA_EXCEPTIONS, FrameFolderSource, VideoFileSource
 
-_INPUT = flags.DEFINE_string("input", None, "Folder of videos (any depth) or of frame folders.")
-_OUTPUT = flags.DEFINE_string("output", None, "Folder to write the shards to.")
-_INPUT_KIND = flags.DEFINE_enum("input_kind", "videos", ["videos", "frames"], "What --input holds.")
-_NUM_SHARDS = flags.DEFINE_integer("num_shards", 16, "Total number of shards.")
-_SHARD_INDEX = flags.DEFINE_integer("shard_index", -1, "Write only this shard (-1: all unfinished shards).")
-_NUM_WORKERS = flags.DEFINE_integer("num_workers", os.cpu_count() or 1, "Processes when writing all shards.")
-_FPS = flags.DEFINE_float("fps", 25.0, "Frame rate of frame folders (<= 0: times from '<i>_<seconds>' names).")
-_SHORT_SIDE = flags.DEFINE_integer("short_side", 0, "Resize frames so the short side is this (0: keep).")
-_JPEG_QUALITY = flags.DEFINE_integer("jpeg_quality", 90, "JPEG quality of re-encoded frames.")
-_EXCLUDE_LIST = flags.DEFINE_string("exclude_list", "kinetics",
-                                    "'kinetics' (official exclusion list), a file of '<class>/<id>' lines, or ''.")
-
-
 def _resized(image: Image.Image, short_side: int) -> Image.Image:
     if short_side <= 0 or min(image.size) <= short_side:
         return image
@@ -164,22 +151,39 @@ def prepare(input_dir: str, output_dir: str, num_shards: int, num_workers: int =
     return counts
 
 
+def define_flags() -> None:
+    """Command-line flags; defined only when this module is the program, so importing it (as the
+    benchmark and tests do) adds no global flags that could clash with an application's own."""
+    flags.DEFINE_string("input", None, "Folder of videos (any depth) or of frame folders.")
+    flags.DEFINE_string("output", None, "Folder to write the shards to.")
+    flags.DEFINE_enum("input_kind", "videos", ["videos", "frames"], "What --input holds.")
+    flags.DEFINE_integer("num_shards", 16, "Total number of shards.")
+    flags.DEFINE_integer("shard_index", -1, "Write only this shard (-1: all unfinished shards).")
+    flags.DEFINE_integer("num_workers", os.cpu_count() or 1, "Processes when writing all shards.")
+    flags.DEFINE_float("fps", 25.0, "Frame rate of frame folders (<= 0: times from '<i>_<seconds>' names).")
+    flags.DEFINE_integer("short_side", 0, "Resize frames so the short side is this (0: keep).")
+    flags.DEFINE_integer("jpeg_quality", 90, "JPEG quality of re-encoded frames.")
+    flags.DEFINE_string("exclude_list", "kinetics",
+                        "'kinetics' (official exclusion list), a file of '<class>/<id>' lines, or ''.")
+
+
 def main(argv):
     del argv
-    if not _INPUT.value or not _OUTPUT.value:
+    f = flags.FLAGS
+    if not f.input or not f.output:
         raise app.UsageError("--input and --output are required")
-    options = dict(input_kind=_INPUT_KIND.value, fps=_FPS.value, short_side=_SHORT_SIDE.value,
-                   jpeg_quality=_JPEG_QUALITY.value, exclude_list=_EXCLUDE_LIST.value)
-    if _SHARD_INDEX.value >= 0:
-        if _SHARD_INDEX.value >= _NUM_SHARDS.value:
-            raise app.UsageError(f"--shard_index={_SHARD_INDEX.value} must be < --num_shards={_NUM_SHARDS.value}")
-        result = write_shard(_INPUT.value, _OUTPUT.value, num_shards=_NUM_SHARDS.value,
-                             shard_index=_SHARD_INDEX.value, **options)
-        print(f"shard {_SHARD_INDEX.value}: {result}")
+    options = dict(input_kind=f.input_kind, fps=f.fps, short_side=f.short_side, jpeg_quality=f.jpeg_quality,
+                   exclude_list=f.exclude_list)
+    if f.shard_index >= 0:
+        if f.shard_index >= f.num_shards:
+            raise app.UsageError(f"--shard_index={f.shard_index} must be < --num_shards={f.num_shards}")
+        result = write_shard(f.input, f.output, num_shards=f.num_shards, shard_index=f.shard_index, **options)
+        print(f"shard {f.shard_index}: {result}")
         return
-    counts = prepare(_INPUT.value, _OUTPUT.value, _NUM_SHARDS.value, _NUM_WORKERS.value, **options)
-    print(f"{counts['written']} shards written, {counts['skipped']} already finished, output {_OUTPUT.value}")
+    counts = prepare(f.input, f.output, f.num_shards, f.num_workers, **options)
+    print(f"{counts['written']} shards written, {counts['skipped']} already finished, output {f.output}")
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
