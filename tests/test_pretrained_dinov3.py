@@ -166,6 +166,8 @@ def test_unknown_hub_id_offline_fails_cleanly(monkeypatch, tmp_path):
         assert info.value.__cause__ is None and info.value.__suppress_context__  # no chained hub traceback
     with pytest.raises(FileNotFoundError, match="no such file or folder"):
         load_dinov3(str(tmp_path / "missing.pth"))
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        load_dinov3("weights/missing.pth")  # relative, owner/name-shaped, but a file name: not a hub id
 
 
 def test_read_state_dict_formats(hf_folders, tmp_path, monkeypatch):

@@ -155,10 +155,10 @@ def strip_prefix(state: Mapping[str, np.ndarray], prefix: str) -> StateDict:
 
 
 def torch_linear_to_kernel(weight: np.ndarray) -> np.ndarray:
-    """torch nn.Linear weight [out, in] -> our kernel [in, out]."""
+    """torch nn.Linear weight [out, in] -> our kernel [in, out] (a view: the copy happens once, on device)."""
     if weight.ndim != 2:
         raise ValueError(f"a Linear weight must be 2-D, got shape {weight.shape}")
-    return np.ascontiguousarray(weight.T)
+    return weight.T
 
 
 def torch_conv_to_kernel(weight: np.ndarray) -> np.ndarray:
@@ -166,7 +166,7 @@ def torch_conv_to_kernel(weight: np.ndarray) -> np.ndarray:
     if weight.ndim < 3:
         raise ValueError(f"a conv weight must be at least 3-D, got shape {weight.shape}")
     spatial = tuple(range(2, weight.ndim))
-    return np.ascontiguousarray(weight.transpose(spatial + (1, 0)))
+    return weight.transpose(spatial + (1, 0))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ _DROPPED = re.compile(r"^(embeddings\.mask_token|mask_token|rope_embeddings\.inv
 _RELEASED_HEADS = {cfg.hidden_size: cfg.num_heads for cfg in PRESETS.values()}
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_CHECKPOINT_EXTENSIONS = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")  # "dir/w.pth" is a path, not an id
 
 
 class HubDownloadError(OSError):
@@ -201,7 +202,8 @@ def download_from_hub(repo_id: str, *, revision: str | None = None) -> str:
         else:
             why, hint = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", "or pass a local folder"
         raise HubDownloadError(
-            f"cannot load DINOv3 weights {repo_id!r}: {why}; {hint} / .pth / .safetensors file.") from None
+            f"cannot load DINOv3 weights {repo_id!r} (not a local path, so tried as a hub id): {why}; {hint} / "
+            ".pth / .safetensors file.") from None
 
 
 def resolve_source(source: str | os.PathLike, *, revision: str | None = None) -> str:
@@ -209,7 +211,7 @@ def resolve_source(source: str | os.PathLike, *, revision: str | None = None) ->
     path = os.path.expanduser(os.fspath(source))
     if os.path.exists(path):
         return path
-    if _HUB_ID.match(path) and not path.startswith((".", "/")):
+    if _HUB_ID.match(path) and not path.lower().endswith(_CHECKPOINT_EXTENSIONS):
         return download_from_hub(path, revision=revision)
     raise FileNotFoundError(f"DINOv3 weights {path!r}: no such file or folder, and not a hub id (owner/name)")
 
