@@ -39,7 +39,8 @@ def write_mp4(path: str | Path, num_frames: int, height: int = 32, width: int = 
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"g": str(gop), "bf": "0", "crf": "10"} if codec == "libx264" else {"g": str(gop)}
+        stream.options = ({"g": str(gop), "bf": "0", "crf": "10", "sc_threshold": "0"} if codec == "libx264"
+                          else {"g": str(gop), "sc_threshold": "0"})  # no scene-cut keyframes: real GOPs
         stream.codec_context.gop_size = gop
         for n in range(num_frames):
             frame = av.VideoFrame.from_ndarray(numbered_frame(n, height, width, seed), format="rgb24")

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 from test_data_fixtures import (frame_number, make_cityscapes, make_kinetics_tree, make_kitti, make_vspw, write_frames,
@@ -35,6 +36,38 @@ def test_video_source_reads_exact_frames_by_timestamp_across_keyframes(kinetics)
     frames = source.read_frames(index, wanted, IDENTITY)
     assert [frame_number(f) for f in frames] == wanted
     assert frames[0].shape == (32, 32, 3) and frames[0].dtype == np.uint8
+
+
+def test_video_source_decodes_only_from_the_keyframe_before_each_needed_frame(tmp_path, monkeypatch):
+    write_mp4(tmp_path / "c" / "long.mp4", 60, gop=10)
+    source = VideoFileSource(str(tmp_path), exclude_list="")
+    _, keyframes, _ = source._frame_index(0)
+    assert len(keyframes) == 6  # real 10-frame GOPs, so seeking matters
+    decoded = []
+    real_open = av.open
+
+    class CountingContainer:
+        def __init__(self, container):
+            self.container = container
+
+        def __getattr__(self, name):
+            return getattr(self.container, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.container.close()
+
+        def decode(self, *args, **kwargs):
+            for frame in self.container.decode(*args, **kwargs):
+                decoded.append(frame.pts)
+                yield frame
+
+    monkeypatch.setattr(av, "open", lambda *args, **kwargs: CountingContainer(real_open(*args, **kwargs)))
+    frames = source.read_frames(0, [17, 33], IDENTITY)
+    assert [frame_number(f) for f in frames] == [17, 33]
+    assert len(decoded) == (17 - 10 + 1) + (33 - 30 + 1)  # GOP 10..17, then a seek to 30..33
 
 
 @pytest.mark.parametrize("name, kind", [("garbage", "unreadable"), ("empty", "unreadable"), ("short", "too_short"),

@@ -71,7 +71,7 @@ def generate(folder: Path, num_videos: int, seconds: float, height: int, width: 
             stream = container.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=_FPS)
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
             stream.codec_context.gop_size = gop
-            stream.options = {"g": str(gop), "crf": "23", "preset": "veryfast"}
+            stream.options = {"g": str(gop), "crf": "23", "preset": "veryfast", "sc_threshold": "0"}
             for n, frame in enumerate(textured_frames(video, num_frames, height, width)):
                 Image.fromarray(frame).save(frame_dir / f"{n:05d}.jpg", quality=90)
                 for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
