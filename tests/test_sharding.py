@@ -52,7 +52,7 @@ from deltaworld_jax.training import trainer, train_step as step_lib
 out = {}
 config = T.toy_config(**{"model.width": 64})
 batch_np = next(T.toy_data(config, process_index=0, process_count=1))
-inputs, _ = trainer.split_batch(batch_np)
+inputs = batch_np
 
 def layout(shape):
     cfg = T.toy_config(**{"mesh.shape": shape, "model.width": 64})

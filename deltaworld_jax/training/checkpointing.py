@@ -141,6 +141,42 @@ def restore_params(directory: str, abstract_params: Any, shardings: Any, step: i
     return restored[PARAMS]
 
 
+def seed_for_resume(source: str, target: str) -> int | None:
+    """Full resume from ANOTHER run (a cool-down stage continuing a finished one): copy the source's latest
+    complete checkpoint into `target` unless `target` already has checkpoints of its own (then this run
+    resumes those). The copy lands under a temporary name and is renamed, so a half-copied checkpoint is
+    never seen. Returns the seeded step (None if nothing was copied)."""
+    if checkpoint_steps(target):
+        return None
+    steps = checkpoint_steps(source)
+    if not steps:
+        raise FileNotFoundError(f"train.resume_from={source!r} has no complete checkpoint")
+    step = max(steps)
+    target_path = epath.Path(target)
+    if jax.process_index() == 0:
+        target_path.mkdir(parents=True, exist_ok=True)
+        tmp = target_path / f".copy-{step}"
+        if tmp.exists():
+            tmp.rmtree()
+        _copy_tree(epath.Path(source) / str(step), tmp)
+        tmp.rename(target_path / str(step))
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("seed_for_resume")
+    logging.info("Full resume from %s step %d", source, step)
+    return step
+
+
+def _copy_tree(source: epath.Path, target: epath.Path) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    for child in source.iterdir():
+        if child.is_dir():
+            _copy_tree(child, target / child.name)
+        else:
+            child.copy(target / child.name)
+
+
 def checkpoint_steps(directory: str) -> list[int]:
     """Steps of the complete checkpoints in `directory` (empty if none)."""
     directory = epath.Path(directory)

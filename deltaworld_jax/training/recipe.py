@@ -15,7 +15,6 @@ the unfinished one. How a stage starts from the previous one is part of its conf
 
 from __future__ import annotations
 
-import shutil
 from typing import Any, Callable
 
 import ml_collections
@@ -85,33 +84,6 @@ def validate_recipe(config) -> None:
                                      f"{stages}")
 
 
-def prepare_resume(config, workdir: epath.Path) -> None:
-    """Full resume from another run (`train.resume_from`): copy its latest complete checkpoint into this
-    stage's checkpoint dir once, so the trainer resumes it (and this stage then saves on its own)."""
-    from deltaworld_jax.training import checkpointing
-
-    source = config.train.get("resume_from", "")
-    target = workdir / "checkpoints"
-    if not source or checkpointing.checkpoint_steps(str(target)):
-        return
-    steps = checkpointing.checkpoint_steps(source)
-    if not steps:
-        raise FileNotFoundError(f"train.resume_from={source!r} has no complete checkpoint")
-    import jax
-
-    if jax.process_index() == 0:
-        target.mkdir(parents=True, exist_ok=True)
-        tmp = target / f".copy-{max(steps)}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        shutil.copytree(epath.Path(source) / str(max(steps)), tmp)
-        tmp.rename(target / str(max(steps)))  # atomic: a half-copied checkpoint is never seen
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("resume_copy")
-
-
 def run_recipe(config, workdir: str, *, eval_fn: Callable | None = None, data_fn: Callable | None = None,
                only: Any = None) -> dict:
     """Train every stage of `config.stages` in order (or just those in `only`); skip finished ones."""
@@ -131,7 +103,6 @@ def run_recipe(config, workdir: str, *, eval_fn: Callable | None = None, data_fn
             continue
         logging.info("Stage %s: training in %s", name, out)
         trainer.validate_config(stage_config)
-        prepare_resume(stage_config, out)
         summary = trainer.train(stage_config, str(out), eval_fn=eval_fn, data_fn=data_fn)
         results[name] = {"skipped": False, "step": summary["step"], "stopped_by": summary["stopped_by"]}
         if summary["stopped_by"] != "done":

@@ -99,9 +99,12 @@ def validate_config(config, num_devices: int | None = None) -> None:
                              "checkpoint (our run's checkpoints dir, or the official pytorch_model.bin)")
         if not epath.Path(checkpoint).exists():
             raise ValueError(f"config.tokenizer.checkpoint={checkpoint!r} does not exist")
-    init_from = config.train.get("init_from", "")
-    if init_from and not epath.Path(init_from).exists():
-        raise ValueError(f"config.train.init_from={init_from!r} does not exist")
+    for key in ("init_from", "resume_from"):
+        source = config.train.get(key, "")
+        if source and not epath.Path(source).exists():
+            raise ValueError(f"config.train.{key}={source!r} does not exist")
+    if config.train.get("init_from", "") and config.train.get("resume_from", ""):
+        raise ValueError("config.train.init_from (weights only) and resume_from (full state) exclude each other")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -205,9 +208,12 @@ def frozen_modules(setup: Setup) -> Any:
 
 
 def default_data_fn(config, *, process_index: int, process_count: int):
+    """The data engineer's pipeline: this process's shard of every global batch, resumable."""
     from deltaworld_jax import data
 
-    return data.make_train_iterator(config, process_index=process_index, process_count=process_count)
+    return data.make_train_iterator(config.data, seed=int(config.seed),
+                                    batch_size_per_process=int(config.train.batch_size) // process_count,
+                                    process_index=process_index, process_count=process_count)
 
 
 def resolve_eval_fn(config, eval_fn: Callable | None) -> Callable | None:
@@ -222,24 +228,17 @@ def resolve_eval_fn(config, eval_fn: Callable | None) -> Callable | None:
     return getattr(importlib.import_module(module_name), attr)
 
 
-def split_batch(batch: dict) -> tuple[dict, dict]:
-    """(model inputs, counters): per-batch scalars such as `skipped` (inputs the loader could not read)
-    are counters, not model inputs."""
-    inputs, counters = {}, {}
-    for key, value in batch.items():
-        value = np.asarray(value)
-        (counters if value.ndim == 0 else inputs)[key] = value
-    return inputs, counters
-
-
-def place_batch(inputs: dict, mesh) -> dict:
+def place_batch(batch: dict, mesh) -> dict:
     """Process-local numpy batch -> global arrays split over (data, fsdp)."""
-    out = {}
-    for key, local in inputs.items():
-        global_shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
-        out[key] = jax.make_array_from_process_local_data(sharding_lib.batch_sharding(mesh, local.ndim), local,
-                                                          global_shape)
-    return out
+    from deltaworld_jax.data import placement
+
+    return placement.place_batch(batch, mesh, data_axes=sharding_lib.BATCH_AXES)
+
+
+def data_counters(data_iter) -> dict[str, float]:
+    """The loader's running counts of skipped inputs by kind (`TrainIterator.errors`), if it keeps them."""
+    errors = getattr(data_iter, "errors", None) or {}
+    return {f"data/skipped_{kind}": float(count) for kind, count in errors.items()}
 
 
 class _Preemption:
@@ -339,6 +338,8 @@ def train(config, workdir: str, *, eval_fn: Callable | None = None, data_fn: Cal
     log_every = int(config.train.log_every_steps)
 
     setup = build(config)
+    if config.train.get("resume_from", ""):
+        checkpointing.seed_for_resume(config.train.resume_from, str(workdir / "checkpoints"))
     checkpointer = _checkpointer(config, workdir)
     data_iter = data_fn(config, process_index=jax.process_index(), process_count=jax.process_count())
     latest = checkpointer.latest_step()
@@ -363,7 +364,6 @@ def train(config, workdir: str, *, eval_fn: Callable | None = None, data_fn: Cal
     step = int(jax.device_get(state.step))
     start_step = step
     losses: dict[int, float] = {}
-    counters_total: dict[str, float] = {}
     batch_sharding_tree = None
     jitted = None
     last_log_time, last_log_step = time.time(), step
@@ -374,10 +374,7 @@ def train(config, workdir: str, *, eval_fn: Callable | None = None, data_fn: Cal
                 if preemption.reached(step):
                     stopped_by = "preempted"
                     break
-                inputs, counters = split_batch(next(data_iter))
-                for k, v in counters.items():
-                    counters_total[k] = counters_total.get(k, 0.0) + float(v)
-                batch = place_batch(inputs, setup.mesh)
+                batch = place_batch(next(data_iter), setup.mesh)
                 if jitted is None:
                     batch_sharding_tree = jax.tree.map(lambda x: x.sharding, batch)
                     jitted = step_lib.jit_train_step(step_fn, setup.state_shardings, setup.frozen_shardings,
@@ -398,7 +395,7 @@ def train(config, workdir: str, *, eval_fn: Callable | None = None, data_fn: Cal
                     scalars["loss"] = float(np.mean(values["loss"]))
                     scalars["steps_per_second"] = rate
                     scalars["examples_per_second"] = rate * int(config.train.batch_size)
-                    scalars.update({f"data/{k}": v for k, v in counters_total.items()})
+                    scalars.update(data_counters(data_iter))
                     writer.write_scalars(step, scalars)
                 if will_save:
                     checkpointer.save(state, data_iter)
@@ -417,5 +414,5 @@ def train(config, workdir: str, *, eval_fn: Callable | None = None, data_fn: Cal
         checkpointer.close()  # waits for the in-flight save: the last good checkpoint is complete
         writer.flush()
     logging.info("Training stopped at step %d (%s)", step, stopped_by)
-    return {"step": step, "losses": losses, "stopped_by": stopped_by, "counters": counters_total,
+    return {"step": step, "losses": losses, "stopped_by": stopped_by, "counters": data_counters(data_iter),
             "setup": setup, "state": state}

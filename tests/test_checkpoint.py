@@ -1,0 +1,169 @@
+"""Checkpoints: SIGKILL at any moment leaves the latest complete checkpoint restorable; SIGTERM saves and
+exits cleanly; weights-only init vs full resume; retention; what a checkpoint holds; the recipe's stages."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from deltaworld_jax.training import checkpointing, recipe, trainer
+from test_trainer import HERE, JIT_CACHE_ENV, ROOT, toy_config, toy_data
+
+# A training subprocess: toy task, overrides as JSON in argv[2]; prints RESULT {...} at the end. Each batch
+# it consumes touches <workdir>/consumed_<n> so the parent can time its signals.
+TRAIN_SCRIPT = r"""
+import json, os, sys
+import grain
+import test_trainer as T
+from deltaworld_jax.training import trainer
+workdir, overrides = sys.argv[1], json.loads(sys.argv[2])
+config = T.toy_config(**overrides)
+
+class Marking(grain.DatasetIterator):
+    def __init__(self, parent):
+        super().__init__(parent)
+        self.n = 0
+    errors = property(lambda self: self._parent.errors)
+    def __next__(self):
+        batch = next(self._parent)
+        self.n += 1
+        open(os.path.join(workdir, f"consumed_{self.n}"), "w").close()
+        return batch
+    def get_state(self):
+        return self._parent.get_state()
+    def set_state(self, state):
+        self._parent.set_state(state)
+
+def data_fn(config, **kw):
+    return Marking(T.toy_data(config, **kw))
+
+os.makedirs(workdir, exist_ok=True)
+out = trainer.run(config, workdir, data_fn=data_fn)
+print("RESULT" + json.dumps({"step": out["step"], "stopped_by": out["stopped_by"],
+                             "losses": {str(k): v for k, v in out["losses"].items()}}))
+"""
+
+
+def _start(workdir, overrides):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([ROOT, HERE]), **JIT_CACHE_ENV)
+    return subprocess.Popen([sys.executable, "-c", TRAIN_SCRIPT, str(workdir), json.dumps(overrides)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+
+
+def _wait_for(predicate, proc, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"training subprocess ended early ({proc.returncode}):\n{out[-2000:]}\n{err[-4000:]}")
+        time.sleep(0.005)
+    proc.kill()
+    raise AssertionError("timed out waiting for the training subprocess")
+
+
+def test_sigkill_mid_run_resumes_from_latest_complete_checkpoint(tmp_path):
+    """Saves every step (async); killed with SIGKILL as soon as a save is in flight (a *-tmp dir exists)
+    after two complete checkpoints. The restarted run resumes from the latest complete one."""
+    ckpt_dir = tmp_path / "checkpoints"
+    proc = _start(tmp_path, {"train.num_steps": 200, "checkpoint.every_steps": 1, "checkpoint.keep_last": 5,
+                             "train.write_metrics": False})
+
+    def saving_after_two_complete():
+        if not ckpt_dir.exists():
+            return False
+        names = os.listdir(ckpt_dir)
+        return sum(n.isdigit() for n in names) >= 2 and any("tmp" in n for n in names)
+
+    _wait_for(saving_after_two_complete, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    left = sorted(os.listdir(ckpt_dir))
+    complete = checkpointing.checkpoint_steps(str(ckpt_dir))
+    assert complete and all(str(s) in left for s in complete)
+    latest = max(complete)
+    print(f"SIGKILL: left {left}; complete steps {complete}; resuming from {latest}")
+
+    resumed = trainer.run(toy_config(**{"train.num_steps": latest + 2, "checkpoint.every_steps": 1}), str(tmp_path),
+                          data_fn=toy_data)
+    assert sorted(resumed["losses"]) == [latest + 1, latest + 2]
+    assert resumed["step"] == latest + 2
+    assert not [n for n in os.listdir(ckpt_dir) if "tmp" in n]  # the unfinished save was cleaned up
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    proc = _start(tmp_path, {"train.num_steps": 500, "checkpoint.every_steps": 1000, "train.write_metrics": False})
+    _wait_for(lambda: (tmp_path / "consumed_3").exists(), proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-4000:]
+    result = json.loads([l for l in out.splitlines() if l.startswith("RESULT")][-1][len("RESULT"):])
+    assert result["stopped_by"] == "preempted" and 3 <= result["step"] < 500
+    assert checkpointing.checkpoint_steps(str(tmp_path / "checkpoints")) == [result["step"]]
+
+
+def test_weights_only_init_retention_and_contents(tmp_path):
+    source = tmp_path / "a"
+    a = trainer.run(toy_config(**{"train.num_steps": 6, "checkpoint.every_steps": 1, "checkpoint.keep_last": 2,
+                                  "checkpoint.keep_period": 4}), str(source), data_fn=toy_data)
+    # keep-last-2 plus every multiple of 4
+    assert checkpointing.checkpoint_steps(str(source / "checkpoints")) == [4, 5, 6]
+    # Only the trainable module is in a checkpoint: the frozen encoder's `patch_embed` appears nowhere.
+    step_dir = source / "checkpoints" / "6"
+    assert {"data_iter", "params", "train"} <= set(os.listdir(step_dir))
+    blobs = b"".join(open(os.path.join(d, f), "rb").read() for d, _, fs in os.walk(step_dir) for f in fs)
+    assert b"patch_embed" not in blobs and b"up_proj" in blobs
+
+    # Weights-only init: new run, step 0, fresh optimiser. With warm-up the first update has lr 0, so its
+    # parameters after one step are exactly the source's final ones (a restored optimiser state would
+    # have count 6 and move them).
+    b = trainer.run(toy_config(**{"train.num_steps": 1, "train.init_from": str(source / "checkpoints")}),
+                    str(tmp_path / "b"), data_fn=toy_data)
+    assert b["step"] == 1
+    np.testing.assert_array_equal(np.asarray(b["state"].params["head"]["kernel"]),
+                                  np.asarray(a["state"].params["head"]["kernel"]))
+    from deltaworld_jax.training.optimizer import update_count
+    assert int(update_count(b["state"].opt_state)) == 1
+
+
+def _toy_recipe():
+    config = toy_config()
+    config.stages = ["first", "second", "cooldown"]
+    first = toy_config(**{"train.num_steps": 2})
+    second = toy_config(**{"train.num_steps": 2, "train.init_from": "@first", "optim.lr": 1e-3})
+    cooldown = toy_config(**{"train.num_steps": 4, "train.resume_from": "@second", "optim.lr": 1e-4})
+    import ml_collections
+
+    config.stage_configs = ml_collections.ConfigDict({"first": first, "second": second, "cooldown": cooldown})
+    return config
+
+
+def test_recipe_runs_stages_in_order_and_skips_finished_ones(tmp_path):
+    config = _toy_recipe()
+    results = recipe.run_recipe(config, str(tmp_path), data_fn=toy_data)
+    assert results == {"first": {"skipped": False, "step": 2, "stopped_by": "done"},
+                       "second": {"skipped": False, "step": 2, "stopped_by": "done"},
+                       "cooldown": {"skipped": False, "step": 4, "stopped_by": "done"}}
+    # the cool-down resumed the second stage's full state (steps 3-4 only), the second stage started afresh
+    assert checkpointing.checkpoint_steps(str(tmp_path / "cooldown" / "checkpoints"))[-1] == 4
+    again = recipe.run_recipe(config, str(tmp_path), data_fn=toy_data)
+    assert all(r["skipped"] for r in again.values())
+
+
+def test_recipe_rejects_unknown_stage_and_forward_reference():
+    config = _toy_recipe()
+    config.stages = ["first", "nope"]
+    with pytest.raises(ValueError, match="Unknown stage 'nope'"):
+        recipe.validate_recipe(config)
+    config.stages = ["second", "first"]
+    with pytest.raises(ValueError, match="must name an EARLIER stage"):
+        recipe.validate_recipe(config)
