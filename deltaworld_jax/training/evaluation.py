@@ -22,6 +22,7 @@ Metric states are sums (see metrics_eval.py), so results do not depend on batchi
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 from functools import partial
@@ -34,7 +35,7 @@ from flax import nnx
 
 from deltaworld_jax.models.heads import DepthHead, SegHead
 from deltaworld_jax.objectives import log_cosh, smooth_l1
-from deltaworld_jax.training.metrics_eval import MeanIoU, RootMeanSquaredError
+from deltaworld_jax.training.metrics_eval import MeanIoU, RootMeanSquaredError, iou_from_confusion
 
 Array = jax.Array
 
@@ -276,6 +277,16 @@ class _Mean:
         return self.total / self.count if self.count else float("nan")
 
 
+def _place_local(x: np.ndarray) -> Array:
+    """Split a host batch over this host's devices (data parallel; jit follows the sharding) when it divides
+    evenly, else put it on one device. Each host evaluates its own clips; results() sums over hosts."""
+    devices = jax.local_devices()
+    if len(devices) > 1 and x.shape[0] % len(devices) == 0:
+        mesh = jax.sharding.Mesh(np.array(devices), ("batch",))
+        return jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch")))
+    return jnp.asarray(x)
+
+
 @nnx.jit
 def vfm_features(vfm, frames):
     return vfm(frames)
@@ -344,8 +355,8 @@ class Evaluator:
         p = self.vfm.patch_size
         if hw[0] % p or hw[1] % p:
             raise ValueError(f"frame size {hw} is not a multiple of the VFM patch size {p}")
-        feats = vfm_features(self.vfm, jnp.asarray(frames))
-        return ClipFeatures(feats, jnp.asarray(timestamps, jnp.float32), (hw[0] // p, hw[1] // p),
+        feats = vfm_features(self.vfm, _place_local(frames))
+        return ClipFeatures(feats, _place_local(np.asarray(timestamps, np.float32)), (hw[0] // p, hw[1] // p),
                             self._black_features(hw))
 
     def update(self, dataset: str, batch: Mapping[str, Any], rng: Array) -> list[dict]:
@@ -397,18 +408,34 @@ class Evaluator:
             else:
                 metric.update(out[..., 0], jnp.asarray(step_labels, jnp.float32))
 
-    def results(self) -> dict:
-        """{dataset: {model: {"c4_h3": {selection: {"t2": {"loss": .., "miou"|"rmse": ..}, "loss": mean}}}}}.
+    def states(self) -> dict[str, np.ndarray]:
+        """Every accumulator as a float64 vector under a string key (sum-reducible across hosts)."""
+        out = {"|".join(k) + "|loss": np.array([m.total, m.count], np.float64) for k, m in self.losses.items()}
+        for k, m in self.metrics.items():
+            if isinstance(m, MeanIoU):
+                out["|".join(k) + "|miou"] = m.confusion.astype(np.float64).reshape(-1)
+            else:
+                out["|".join(k) + "|rmse"] = np.array([m.sum_squared_error, m.count], np.float64)
+        return out
+
+    def results(self, gather: Callable[[bytes], list[bytes]] | None = None) -> dict:
+        """{dataset: {model: {"c4_h3": {selection: {"t2": {"loss": .., "miou"|"rmse": ..}, "loss": mean}}}}},
+        summed over all hosts (`gather` collects every host's serialised states; default: jax processes).
         mIoU is in percent (as published), RMSE in metres."""
+        states = _sum_over_hosts(self.states(), gather)
         out: dict = {}
-        for (dataset, model, ch, selection, step), mean in sorted(self.losses.items()):
+        for name in sorted(states):
+            *key, kind = name.split("|")
+            dataset, model, ch, selection, step = key
             entry = out.setdefault(dataset, {}).setdefault(model, {}).setdefault(ch, {}).setdefault(selection, {})
-            entry.setdefault(step, {})["loss"] = mean.compute()
-            metric = self.metrics.get((dataset, model, ch, selection, step))
-            if isinstance(metric, MeanIoU):
-                entry[step]["miou"] = 100.0 * metric.compute()
-            elif isinstance(metric, RootMeanSquaredError):
-                entry[step]["rmse"] = metric.compute()
+            value = states[name]
+            if kind == "loss":
+                entry.setdefault(step, {})["loss"] = value[0] / value[1] if value[1] else float("nan")
+            elif kind == "miou":
+                classes = int(round(np.sqrt(value.size)))
+                entry.setdefault(step, {})["miou"] = 100.0 * iou_from_confusion(value.reshape(classes, classes))[0]
+            else:
+                entry.setdefault(step, {})["rmse"] = float(np.sqrt(value[0] / value[1])) if value[1] else float("nan")
         for models in out.values():
             for chs in models.values():
                 for selections in chs.values():
@@ -416,6 +443,36 @@ class Evaluator:
                         steps = [v["loss"] for k, v in entry.items() if k.startswith("t")]
                         entry["loss"] = float(np.mean(steps))
         return out
+
+
+def _serialise(states: dict[str, np.ndarray]) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **states)
+    return buffer.getvalue()
+
+
+def _gather_from_processes(blob: bytes) -> list[bytes]:
+    """Every process's bytes (a collective: all processes must call it)."""
+    if jax.process_count() == 1:
+        return [blob]
+    from jax.experimental import multihost_utils
+
+    sizes = multihost_utils.process_allgather(np.array([len(blob)], np.int32)).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:len(blob)] = np.frombuffer(blob, np.uint8)
+    everyone = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+    return [row[:size].tobytes() for row, size in zip(everyone, sizes)]
+
+
+def _sum_over_hosts(states: dict[str, np.ndarray], gather=None) -> dict[str, np.ndarray]:
+    """Sum of every host's states, key by key (a key some host never saw counts as zero there). States are
+    exchanged as bytes so counts stay exact (no float32 round trip)."""
+    total: dict[str, np.ndarray] = {}
+    for blob in (gather or _gather_from_processes)(_serialise(states)):
+        with np.load(io.BytesIO(blob)) as host:
+            for key in host.files:
+                total[key] = total[key] + host[key] if key in total else host[key].copy()
+    return total
 
 
 def evaluate(forecasters: Iterable[Forecaster], vfm: nnx.Module, eval_data: Mapping[str, Iterable[Mapping]],
@@ -474,3 +531,104 @@ def write_results(results: dict, workdir: str, name: str = "eval_results") -> tu
                      f"| {fmt(row['loss'])} | {fmt(row.get('miou'))} | {fmt(row.get('rmse'))} |")
     md_path.write_text("\n".join(lines) + "\n")
     return os.fspath(json_path), os.fspath(md_path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The trainer's evaluation hook
+# ----------------------------------------------------------------------------------------------------
+
+_HEAD_KINDS = {"vspw": "seg-head-vspw", "cityscapes": "seg-head-cityscapes", "kitti": "depth-head-kitti"}
+
+
+def _get(config: Any, name: str, default: Any) -> Any:
+    value = config.get(name, default) if hasattr(config, "get") else getattr(config, name, default)
+    return default if value is None else value
+
+
+def forecasters_for(kind: str, trainable: nnx.Module, frozen: Any, *, num_samples: int | None = None,
+                    copy_last: bool = True) -> tuple[list[Forecaster], nnx.Module]:
+    """The forecasters of a model family (config.model.kind) and the VFM they read."""
+    if kind == "deltatok":
+        return [DeltaTokReconstruction(trainable)], frozen
+    vfm = frozen["vfm"]
+    if kind == "deltaworld":
+        models = [DeltaWorldForecaster(trainable, frozen["tokenizer"], num_samples or trainable.num_rollout_samples)]
+    elif kind == "dinoworld":
+        models = [DINOWorldForecaster(trainable, num_samples)]
+    else:
+        raise ValueError(f"no evaluation for model kind {kind!r}")
+    return models + ([CopyLast()] if copy_last else []), vfm
+
+
+def load_heads(paths: Mapping[str, str], vfm: nnx.Module) -> dict[str, nnx.Module]:
+    """{dataset or 'rgb': head} from {dataset or 'rgb': weights path} (official head checkpoints)."""
+    from deltaworld_jax.pretrained.heads import load_head
+
+    heads = {}
+    for name, path in dict(paths).items():
+        if not path:
+            continue
+        if name == "rgb":
+            norm = getattr(vfm, "norm", None)
+            if norm is None:
+                raise ValueError("the RGB head decodes DINOv3 features; this VFM has no final norm")
+            heads[name] = load_head(path, "rgb-head-imagenet", norm_weight=np.asarray(norm.weight[...]),
+                                    norm_bias=np.asarray(norm.bias[...]))
+        elif name in _HEAD_KINDS:
+            heads[name] = load_head(path, _HEAD_KINDS[name])
+        else:
+            raise ValueError(f"no head kind for {name!r}; expected one of {sorted(_HEAD_KINDS)} or 'rgb'")
+    return heads
+
+
+def flatten_results(results: dict) -> dict[str, float]:
+    """{'<dataset>/<model>/<c_h>/<selection>/<t or mean>_<metric>': value} for scalar writers."""
+    flat = {}
+    for dataset, models in results.items():
+        for model, chs in models.items():
+            for ch, selections in chs.items():
+                for selection, entry in selections.items():
+                    prefix = f"{dataset}/{model}/{ch}/{selection}"
+                    for step, values in entry.items():
+                        if step == "loss":
+                            flat[f"{prefix}/loss"] = values
+                        else:
+                            flat.update({f"{prefix}/{step}_{k}": v for k, v in values.items()})
+    return flat
+
+
+def eval_hook(config, trainable: nnx.Module, frozen: Any, step: int) -> dict[str, Any]:
+    """The trainer's hook (config.eval.fn = 'deltaworld_jax.training.evaluation:eval_hook'): the official
+    protocol on config.eval.datasets (default ('synthetic',)) with heads config.eval.heads {dataset|'rgb': path};
+    returns flat scalars and, for the first config.eval.num_plots clips (default 1), uint8 pictures. When
+    config.eval.results_dir is set, also writes eval_results_<step>.json/.md there.
+    Other fields: ctx_lens (4,), horizons (1, 3), num_samples (the model's), copy_last (True), max_batches, seed."""
+    from deltaworld_jax.data import make_eval_iterator
+    from deltaworld_jax.training import pictures
+
+    settings_config = config.eval
+    forecasters, vfm = forecasters_for(config.model.kind, trainable, frozen,
+                                       num_samples=_get(settings_config, "num_samples", 0) or None,
+                                       copy_last=bool(_get(settings_config, "copy_last", True)))
+    heads = load_heads(_get(settings_config, "heads", {}), vfm)
+    num_plots = int(_get(settings_config, "num_plots", 1))
+    data = {name: make_eval_iterator(config.data, name, process_index=jax.process_index(),
+                                     process_count=jax.process_count())
+            for name in _get(settings_config, "datasets", ("synthetic",))}
+    images: dict[str, np.ndarray] = {}
+
+    def draw(dataset: str, index: int, outputs: list[dict]) -> None:
+        if index or jax.process_index():
+            return
+        for output in outputs:
+            for clip in range(min(num_plots, output["frames"].shape[0])):
+                prefix = f"{dataset}/{output['model']}/c{output['ctx_len']}_h{output['horizon']}/s{clip}"
+                drawn = pictures.evaluation_pictures(output, head=heads.get(dataset), rgb_head=heads.get("rgb"),
+                                                     index=clip)
+                images.update({f"{prefix}/{k}": v for k, v in drawn.items()})
+
+    results = evaluate(forecasters, vfm, data, heads, settings_config, on_batch=draw if num_plots else None)
+    results_dir = _get(settings_config, "results_dir", "")
+    if results_dir and jax.process_index() == 0:
+        write_results(results, results_dir, name=f"eval_results_{step}")
+    return {**flatten_results(results), **images}
