@@ -100,7 +100,8 @@ def _to_meta_layout(sd: dict[str, np.ndarray], head_dim: int) -> dict[str, np.nd
     out = {"cls_token": sd["embeddings.cls_token"], "storage_tokens": sd["embeddings.register_tokens"],
            "mask_token": sd["embeddings.mask_token"][0], "patch_embed.proj.weight": sd["embeddings.patch_embeddings.weight"],
            "patch_embed.proj.bias": sd["embeddings.patch_embeddings.bias"], "norm.weight": sd["norm.weight"],
-           "norm.bias": sd["norm.bias"], "rope_embed.periods": np.ones(head_dim // 4, np.float32)}
+           "norm.bias": sd["norm.bias"],
+           "rope_embed.periods": (100.0 ** (np.arange(head_dim // 4) * 4 / head_dim)).astype(np.float32)}
     n = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("model.layer."))
     gated = "model.layer.0.mlp.gate_proj.weight" in sd
     mlp_names = {"gate_proj": "w1", "up_proj": "w2", "down_proj": "w3"} if gated else {"up_proj": "fc1", "down_proj": "fc2"}
@@ -131,6 +132,13 @@ def test_meta_original_layout(hf_folders, tmp_path, name):
     model = load_dinov3(path)  # heads from the RoPE periods, the rest from shapes
     assert model.config.use_gated_mlp == (name == "swiglu") and model.num_heads == 4
     _assert_same_params(model, load_dinov3(folder))
+
+    periods = meta["rope_embed.periods"].copy()
+    meta["rope_embed.periods"] = periods * 2  # another RoPE base than rope_theta 100
+    save_file(meta, str(path))
+    with pytest.raises(common.CheckpointMismatchError, match="rope_embed.periods"):
+        load_dinov3(path)
+    meta["rope_embed.periods"] = periods
 
     block0 = "blocks.0.attn.qkv.bias_mask"
     meta[block0] = np.ones_like(meta[block0])  # key bias no longer masked: this model cannot represent it

@@ -216,6 +216,18 @@ def resolve_source(source: str | os.PathLike, *, revision: str | None = None) ->
     raise FileNotFoundError(f"DINOv3 weights {path!r}: no such file or folder, and not a hub id (owner/name)")
 
 
+def _check_rope_periods(state: Mapping[str, np.ndarray], config: DINOv3Config) -> None:
+    """Meta's checkpoints store the RoPE periods, which we recompute from rope_theta: they must agree."""
+    if "rope_embed.periods" not in state:
+        return
+    stored = np.asarray(state["rope_embed.periods"], np.float64)
+    expected = config.rope_theta ** (np.arange(config.head_dim // 4) * 4 / config.head_dim)
+    if stored.shape != expected.shape or not np.allclose(stored, expected, rtol=1e-4):
+        raise common.CheckpointMismatchError(
+            f"rope_embed.periods {stored.shape} does not match rope_theta {config.rope_theta} and head_dim "
+            f"{config.head_dim} (expected theta ** (4 i / head_dim)); pass config= with the right rope_theta")
+
+
 def load_dinov3(
     source: str | os.PathLike,
     *,
@@ -245,6 +257,7 @@ def load_dinov3(
         else:
             config = infer_config(params, state, num_heads=num_heads)
     config = dataclasses.replace(config, attention_impl=attention_impl)
+    _check_rope_periods(state, config)
     del state
     abstract = nnx.eval_shape(lambda: DINOv3(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
     return common.fill_abstract_model(abstract, params, what=f"DINOv3 checkpoint {os.fspath(source)!r}")
