@@ -1,0 +1,131 @@
+"""Import of official DeltaTok weights (released `pytorch_model.bin`, Lightning `.ckpt`, safetensors).
+
+Released checkpoints carry no config, so every size is read off the tensors: the width from `z_embed`, the
+depth from the block indices, the MLP width from `up_proj`, the number of heads from the per-head gate
+(`attn_gate`, out dim = heads) or the QK-norm (head_dim), and use_swiglu / use_qk_norm / use_gated_attn from
+which keys exist. What the tensors cannot tell (use_delta, RoPE settings, heads when neither per-head tensor
+exists) comes from keyword arguments whose defaults are the released model's.
+
+Loading is strict: every checkpoint key that maps to no parameter, every parameter the checkpoint lacks and
+every shape mismatch is reported in ONE error.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from deltaworld_jax.models.deltatok import DeltaTok, DeltaTokConfig
+from deltaworld_jax.pretrained import common
+
+# Prefix of the trained network inside a Lightning checkpoint's state_dict (the LightningModule's
+# `network` attribute) and of the frozen VFM inside the network (never part of DeltaTok's weights).
+LIGHTNING_PREFIX = "network."
+FROZEN_VFM_PREFIX = "backbone."
+
+
+def deltatok_state_dict(raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """DeltaTok's own tensors from a flat checkpoint dict: strips the Lightning `network.` prefix (keeping
+    only the network's keys when it is present, so sibling modules such as task heads are not mistaken for
+    DeltaTok's) and drops the frozen VFM's `backbone.*` tensors."""
+    if any(k.startswith(LIGHTNING_PREFIX) for k in raw):
+        raw = {k[len(LIGHTNING_PREFIX):]: v for k, v in raw.items() if k.startswith(LIGHTNING_PREFIX)}
+    return {k: v for k, v in raw.items() if not k.startswith(FROZEN_VFM_PREFIX)}
+
+
+def infer_config(sd: dict[str, np.ndarray], *, num_heads: int | None = None, heads_source: str = "num_heads",
+                 **overrides: Any) -> DeltaTokConfig:
+    """A DeltaTokConfig whose sizes and switches are read from the tensors of an official state dict."""
+    for key in ("z_embed.weight", "encoder_blocks.0.mlp.up_proj.weight"):
+        if key not in sd:
+            raise ValueError(f"Not a DeltaTok checkpoint: no {key!r} among {len(sd)} keys "
+                             f"(first few: {sorted(sd)[:5]})")
+    hidden = int(sd["z_embed.weight"].shape[-1])
+    depth = {name: 1 + max((int(m.group(1)) for k in sd if (m := re.match(rf"{name}\.(\d+)\.", k))), default=-1)
+             for name in ("encoder_blocks", "decoder_blocks")}
+    if depth["encoder_blocks"] != depth["decoder_blocks"]:
+        raise ValueError(f"encoder has {depth['encoder_blocks']} blocks but decoder has "
+                         f"{depth['decoder_blocks']}; DeltaTok uses one depth for both")
+    block = "encoder_blocks.0."
+    use_gated_attn = f"{block}attention.attn_gate.weight" in sd
+    use_qk_norm = f"{block}attention.q_norm.weight" in sd
+    heads_from_tensors = None
+    if use_gated_attn:
+        heads_from_tensors = int(sd[f"{block}attention.attn_gate.weight"].shape[0])
+    elif use_qk_norm:
+        heads_from_tensors = hidden // int(sd[f"{block}attention.q_norm.weight"].shape[0])
+    if heads_from_tensors is not None and num_heads is not None and num_heads != heads_from_tensors:
+        raise ValueError(f"{heads_source}={num_heads} but the checkpoint's per-head tensors say "
+                         f"{heads_from_tensors} heads")
+    heads = heads_from_tensors or num_heads
+    if heads is None:
+        raise ValueError("This checkpoint has neither attn_gate nor q_norm, so its number of heads cannot be "
+                         "read from the tensors: pass num_heads= (or vfm=, whose num_heads is used)")
+    return DeltaTokConfig(
+        hidden_size=hidden,
+        num_layers=depth["encoder_blocks"],
+        num_heads=heads,
+        intermediate_size=int(sd[f"{block}mlp.up_proj.weight"].shape[0]),
+        use_swiglu=f"{block}mlp.gate_proj.weight" in sd,
+        use_qk_norm=use_qk_norm,
+        use_gated_attn=use_gated_attn,
+        **overrides,
+    )
+
+
+def load_deltatok(
+    source: Any,
+    *,
+    vfm: nnx.Module | None = None,
+    num_heads: int | None = None,
+    use_delta: bool = True,
+    use_rope_aug: bool = True,
+    rope_theta: float = 100.0,
+    rope_rescale: float = 2.0,
+    norm_eps: float = 1e-5,
+    attention_impl: str | None = "xla",
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+) -> DeltaTok:
+    """A DeltaTok filled from official weights.
+
+    source: a `pytorch_model.bin` / `.pth`, a Lightning `.ckpt` (`state_dict` with or without the
+    `network.` prefix; the frozen VFM's `backbone.*` keys are dropped), a `.safetensors` file, a folder
+    holding one of those, or an already-read flat mapping {name: array}. vfm: the frozen VFM the tokenizer
+    runs on; its width is checked against the checkpoint and its num_heads used when the tensors cannot
+    tell."""
+    raw = dict(source) if isinstance(source, Mapping) else common.read_state_dict(source)
+    sd = deltatok_state_dict(raw)
+    heads_source = "num_heads"
+    if vfm is not None:
+        width = int(sd["z_embed.weight"].shape[-1]) if "z_embed.weight" in sd else None
+        if width is not None and int(vfm.hidden_size) != width:
+            raise ValueError(f"The checkpoint's DeltaTok width {width} does not match the VFM's hidden_size "
+                             f"{vfm.hidden_size}")
+        if num_heads is None:  # the official DeltaTok always takes its heads from the VFM
+            num_heads, heads_source = int(vfm.num_heads), "the VFM's num_heads"
+    cfg = infer_config(sd, num_heads=num_heads, heads_source=heads_source, use_delta=use_delta,
+                       use_rope_aug=use_rope_aug, rope_theta=rope_theta, rope_rescale=rope_rescale,
+                       norm_eps=norm_eps, attention_impl=attention_impl)
+    abstract = nnx.eval_shape(lambda: DeltaTok(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+    return common.fill_abstract_model(abstract, to_model_params(abstract, sd), what="DeltaTok checkpoint")
+
+
+def to_model_params(abstract: DeltaTok, sd: Mapping[str, np.ndarray]) -> common.MappedParams:
+    """{our dotted path: array} from official names: every nnx.Linear `kernel` [in, out] is the torch
+    `weight` [out, in] transposed; every other parameter has the official name as is. Keys that name no
+    parameter are kept under their own name, so the strict fill reports them as unused."""
+    linear_weights = {path[: -len("kernel")] + "weight": path
+                      for path in common.model_param_shapes(abstract) if path.endswith(".kernel")}
+    params = common.MappedParams()
+    for key, value in sd.items():
+        if key in linear_weights and np.ndim(value) == 2:
+            params.put(linear_weights[key], common.torch_linear_to_kernel(np.asarray(value)), key)
+        else:
+            params.put(key, np.asarray(value), key)
+    return params
+
