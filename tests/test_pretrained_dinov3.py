@@ -225,11 +225,21 @@ def test_layout_helpers_match_torch():
         common.torch_linear_to_kernel(np.zeros(3))
 
 
-def test_param_dtype_and_compute_dtype(hf_folders):
+def test_param_dtype_compute_dtype_and_placement(hf_folders):
+    device = jax.devices()[-1]
+    placed = []
+
+    def sharding_for(path, variable):
+        placed.append((path, tuple(variable.get_metadata().get("out_sharding") or ())))
+        return jax.sharding.SingleDeviceSharding(device)
+
     model = load_dinov3(hf_folders["registers"][0], dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
-                        attention_impl=None)
+                        attention_impl=None, sharding_for=sharding_for)
     assert all(v.dtype == jnp.bfloat16 for v in _params(model).values())
     assert model.dtype == jnp.bfloat16 and model.config.attention_impl is None
+    assert model.layer[0].mlp.up_proj.kernel.get_value().sharding == jax.sharding.SingleDeviceSharding(device)
+    axes = dict(placed)  # the logical axis names travel with the abstract variables
+    assert axes["layer.0.mlp.up_proj.kernel"] == ("embed", "mlp") and axes["embeddings.cls_token"][-1] == "embed"
 
 
 def test_build_vfm(hf_folders, monkeypatch):

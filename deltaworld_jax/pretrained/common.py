@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -208,13 +209,18 @@ def fill_abstract_model(
     dtype: Any = None,
     what: str = "checkpoint",
     unmapped_keys: Iterable[str] = (),
+    sharding_for: Callable[[str, nnx.Variable], Any] | None = None,
 ) -> nnx.Module:
     """Returns a concrete model: `abstract_model`'s structure (from `nnx.eval_shape`) with every variable
     taken from `params` ({dotted path: array}), cast to the variable's own dtype (or `dtype`).
 
     Strict: raises one CheckpointMismatchError listing all entries of `params` the model does not have,
     all model variables that `params` lacks, all shape mismatches, and `unmapped_keys` (checkpoint keys
-    the caller's renaming did not recognise)."""
+    the caller's renaming did not recognise).
+
+    `sharding_for(path, abstract_variable)` may return a jax Sharding per variable (e.g. from its logical axes
+    and the mesh rules); each array then goes from host memory straight to its shards, never through one
+    device. None (or a None result) puts it on the default device."""
     graphdef, state = nnx.split(abstract_model)
     flat = list(nnx.to_flat_state(state))
     wanted = {path_to_str(p): v for p, v in flat}
@@ -243,6 +249,10 @@ def fill_abstract_model(
         key = path_to_str(path)
         target_dtype = dtype if dtype is not None else var.get_value().dtype
         value = np.asarray(params[key])
-        array = jnp.asarray(value, dtype=target_dtype)
+        sharding = sharding_for(key, var) if sharding_for is not None else None
+        if sharding is not None:
+            array = jax.device_put(value.astype(target_dtype), sharding)
+        else:
+            array = jnp.asarray(value, dtype=target_dtype)
         filled.append((path, var.replace(array)))
     return nnx.merge(graphdef, nnx.from_flat_state(filled))

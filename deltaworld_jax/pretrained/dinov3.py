@@ -238,13 +238,14 @@ def load_dinov3(
     num_heads: int | None = None,
     prefix: str = "",
     revision: str | None = None,
+    sharding_for=None,
 ) -> DINOv3:
     """A DINOv3 with the weights of `source` (HF folder, checkpoint file, or hub id).
 
     The architecture comes from `config`, else the folder's config.json, else the tensors' shapes (see
     `infer_config`). `prefix` is stripped from keys first (e.g. "backbone." for a wrapped model). The model is
     built abstractly and filled, strictly: one CheckpointMismatchError lists every unused, missing or
-    mis-shaped entry."""
+    mis-shaped entry. `sharding_for` places each parameter (see common.fill_abstract_model)."""
     path = resolve_source(source, revision=revision)
     state = common.strip_prefix(common.read_state_dict(path), prefix)
     params = convert_meta_state(state) if _is_meta_layout(state) else convert_hf_state(state)
@@ -260,7 +261,8 @@ def load_dinov3(
     _check_rope_periods(state, config)
     del state
     abstract = nnx.eval_shape(lambda: DINOv3(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
-    return common.fill_abstract_model(abstract, params, what=f"DINOv3 checkpoint {os.fspath(source)!r}")
+    return common.fill_abstract_model(abstract, params, what=f"DINOv3 checkpoint {os.fspath(source)!r}",
+                                      sharding_for=sharding_for)
 
 
 # ----------------------------------------------------------------------------------------------------
