@@ -185,3 +185,18 @@ def test_place_batch_makes_global_arrays_sharded_over_data_axes():
     assert placed["timestamps"].sharding.spec[0] == ("data", "fsdp")
     with pytest.raises(ValueError, match="not axes of the mesh"):
         place_batch(batch, mesh, "batch")
+
+
+def test_synthetic_world_through_the_same_loaders():
+    config = default_data_config()  # the embedded default source
+    config.num_frames, config.frame_size, config.read_threads = 3, 16, 1
+    config.eval.num_synthetic_clips = 2
+    a = take(make_train_iterator(config, seed=0, batch_size_per_process=2), 2)
+    b = take(make_train_iterator(config, seed=0, batch_size_per_process=2), 2)
+    assert a[0]["frames"].shape == (2, 3, 16, 16, 3) and a[0]["timestamps"].shape == (2, 3)
+    assert all(np.array_equal(x["frames"], y["frames"]) for x, y in zip(a, b))
+    assert a[0]["frames"].std() > 0  # shapes on a background, not a blank frame
+    batches = list(make_eval_iterator(config, "synthetic"))
+    assert [int(batch["sample_index"][0]) for batch in batches] == [0, 1]
+    assert batches[0]["frames"].shape == (1, 7, 16, 16, 3)
+    np.testing.assert_allclose(batches[0]["timestamps"][0], np.arange(7) * 0.2, atol=1e-6)

@@ -12,8 +12,8 @@ def default_synthetic_config() -> ml_collections.ConfigDict:
         num_clips=100_000,  # clips in the source (a large N stands for "infinite")
         duration=10.0,  # seconds per clip (as a Kinetics clip)
         fps=25.0,  # frame rate of a clip
-        height=256,  # native render size, before the random crop / resize
-        width=256,
+        height=0,  # native render size, before the random crop / resize; 0 = auto: the output size
+        width=0,  # divided by sqrt(min crop scale), so crops are never upsampled
         max_shapes=6,  # shape slots; appearances fill free slots
         initial_shapes=3,
         event_rate=1.0,  # random events (turn / speed change / appearance) per second, whole world

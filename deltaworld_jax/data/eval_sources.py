@@ -24,6 +24,7 @@ first clips, used for pictures, are diverse); Cityscapes keeps sorted order.
 
 from __future__ import annotations
 
+import abc
 import os
 import random
 from pathlib import Path
@@ -79,7 +80,7 @@ def garg_valid_mask(depth: np.ndarray) -> np.ndarray:
     return mask & (depth > KITTI_MIN_DEPTH) & (depth < KITTI_MAX_DEPTH)
 
 
-class _ClipListSource:
+class _ClipListSource(abc.ABC):
     """Shared loading: self.samples = [(frame_paths, frame_indices, label_data)]; labels per subclass."""
     name = "base"
     fps = 1.0
@@ -90,8 +91,9 @@ class _ClipListSource:
     def describe(self, index: int) -> str:
         return str(self.samples[index][0][-1])
 
+    @abc.abstractmethod
     def _labels(self, label_data, num_frames: int) -> np.ndarray:
-        raise NotImplementedError
+        """Labels [num_frames, Hl, Wl] of one clip."""
 
     def _frames(self, frame_paths) -> np.ndarray:
         frames = [_read_rgb(str(p)) for p in frame_paths]

@@ -19,6 +19,8 @@ square crops as the official evaluation does (see `split_into_square_crops`).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from absl import flags
 
@@ -44,9 +46,18 @@ def _worker_init(worker_index: int, worker_count: int) -> None:
     _ensure_absl_flags_parsed()
 
 
-def world_config(synthetic_config) -> WorldConfig:
+def synthetic_render_size(data_config) -> tuple[int, int]:
+    """Native render size of the synthetic world: as configured, or (0 = auto) just large enough that
+    the smallest random crop is never upsampled to the output frame size."""
+    c = data_config.synthetic
+    out_h, out_w = data_config.frame_size, data_config.frame_width or data_config.frame_size
+    grow = 1.0 / math.sqrt(min(data_config.crop_scale))
+    return (c.height or math.ceil(out_h * grow)), (c.width or math.ceil(out_w * grow))
+
+
+def world_config(synthetic_config, aspect: float) -> WorldConfig:
     c = synthetic_config
-    return WorldConfig(aspect=c.width / c.height, max_shapes=c.max_shapes, initial_shapes=c.initial_shapes,
+    return WorldConfig(aspect=aspect, max_shapes=c.max_shapes, initial_shapes=c.initial_shapes,
                        event_rate=c.event_rate, speed_range=tuple(c.speed_range),
                        radius_range=tuple(c.radius_range), appear_probability=c.appear_probability)
 
@@ -57,7 +68,8 @@ def make_train_source(data_config):
     kind = data_config.source
     if kind == "synthetic":
         c = data_config.synthetic
-        return SyntheticSource(world_config(c), c.seed, c.num_clips, c.duration, c.fps, c.height, c.width)
+        height, width = synthetic_render_size(data_config)
+        return SyntheticSource(world_config(c, width / height), c.seed, c.num_clips, c.duration, c.fps, height, width)
     if not data_config.root:
         raise ValueError(f"config.data.root must name the folder of the {kind!r} source")
     if kind == "videos":
@@ -319,9 +331,14 @@ class EvalIterator:
             clips.append(element)
             if len(clips) == self.batch_size:
                 return self._finish(clips)
+        self.close()  # exhausted: stop the worker processes now rather than at garbage collection
         if clips:
             return self._finish(clips)
         raise StopIteration
+
+    def close(self) -> None:
+        if hasattr(self._elements, "close"):
+            self._elements.close()
 
 
 def make_eval_iterator(data_config, name: str, *, batch_size_per_process: int | None = None,
