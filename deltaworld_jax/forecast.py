@@ -11,10 +11,11 @@ video continues past the context, the true future frames are read too: the pictu
 best sample (lowest smooth-L1 of the last frame to the truth, as the official evaluation picks it).
 
 Weights: --vfm is `pixel` (the parameter-free pixel-patch VFM, --patch_size) or DINOv3 weights (HF folder,
-file or hub id); --tokenizer / --world are DeltaTok / DeltaWorld weights under the official names (the
-released pytorch_model.bin, a Lightning .ckpt, or .safetensors, e.g. exported from our training with
-pretrained.world.world_state_dict). Futures are drawn through the RGB head when --rgb_head is given, as
-pixels with the pixel VFM, and otherwise as a feature PCA fit on the context (and truth).
+file or hub id); --tokenizer / --world are DeltaTok / DeltaWorld weights: the official files (the released
+pytorch_model.bin, a Lightning .ckpt, .safetensors) or one of OUR training runs (its workdir or checkpoints
+folder: the latest step's parameters are read, sizes inferred from them). Futures are drawn through the RGB
+head when --rgb_head is given, as pixels with the pixel VFM, and otherwise as a feature PCA fit on the
+context (and truth).
 
 Writes <out>/forecast.png (rows: frames/truth, best, mean, samples), <out>/forecast.gif and .mp4
 (the context then each future step, all samples side by side).
@@ -108,6 +109,55 @@ def square_resize(frames: np.ndarray, size: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------
 
 
+def read_training_checkpoint(directory: str, kind: str) -> dict[str, np.ndarray] | None:
+    """Our own training run's weights under the OFFICIAL names, or None if `directory` holds no Orbax
+    checkpoint. `directory` is a run's workdir (with checkpoints/) or its checkpoints folder; the latest
+    step's `params` item is read and renamed (Linear kernels transposed back to torch weights), so the
+    official loaders (which infer every size from the tensors) build the model: no config needed."""
+    from etils import epath
+
+    from deltaworld_jax.training.checkpointing import PARAMS, checkpoint_steps
+
+    folder = epath.Path(directory)
+    if (folder / "checkpoints").is_dir():
+        folder = folder / "checkpoints"
+    if not folder.is_dir() or not checkpoint_steps(str(folder)):
+        return None
+    import orbax.checkpoint as ocp
+
+    manager = ocp.CheckpointManager(folder, item_handlers={PARAMS: ocp.StandardCheckpointHandler()},
+                                    options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+    step = manager.latest_step()
+    params = manager.restore(step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore()}))[PARAMS]
+    manager.close()
+    logging.info("read %s weights from %s step %d", kind, folder, step)
+
+    flat: dict[tuple, np.ndarray] = {}
+
+    def walk(tree, path):
+        if isinstance(tree, dict):
+            for key, value in tree.items():
+                walk(value, path + (str(key),))
+        else:
+            flat[path] = np.asarray(tree)
+
+    walk(params, ())
+    if kind == "world":
+        from deltaworld_jax.pretrained.world import world_key_map
+
+        num_layers = 1 + max(int(p[2]) for p in flat if p[:2] == ("predictor", "blocks"))
+        with_q_embed = ("q_embed",) in flat
+        ours = {tuple(str(x) for x in path): (name, transpose)
+                for name, (path, transpose) in world_key_map(num_layers, with_q_embed).items()}
+        missing = sorted(".".join(p) for p in flat if p not in ours)
+        if missing:
+            raise ForecastInputError(f"{directory}: not a DeltaWorld checkpoint (unknown entries {missing[:5]})")
+        return {ours[p][0]: (a.T if ours[p][1] else a) for p, a in flat.items()}
+    # DeltaTok: the official names are our paths, with Linear kernels as transposed weights.
+    return {".".join(p[:-1] + ("weight",)) if p[-1] == "kernel" else ".".join(p): (a.T if p[-1] == "kernel" else a)
+            for p, a in flat.items()}
+
+
 def _need(path: str | None, flag: str) -> str:
     if not path:
         raise ForecastInputError(f"--{flag} is required")
@@ -125,15 +175,18 @@ def load_models(vfm: str, tokenizer: str, world: str, *, patch_size: int = 16, w
     from deltaworld_jax.pretrained.deltatok import load_deltatok
 
     vfm_model = PixelPatchVFM(patch_size=patch_size) if _need(vfm, "vfm") == "pixel" else load_dinov3(vfm)
-    tok = load_deltatok(_need(tokenizer, "tokenizer"), vfm=vfm_model)
-    world_model = load_deltaworld(_need(world, "world"), tokenizer=tok, num_heads=world_num_heads,
+    tok_source = read_training_checkpoint(_need(tokenizer, "tokenizer"), "tokenizer") or tokenizer
+    tok = load_deltatok(tok_source, vfm=vfm_model)
+    world_source = read_training_checkpoint(_need(world, "world"), "world") or world
+    world_model = load_deltaworld(world_source, tokenizer=tok, num_heads=world_num_heads,
                                   rope_axis_sizes=tuple(int(s) for s in world_rope_axis_sizes),
                                   rope_unrotated_size=world_rope_unrotated_size)
     head = None
     if rgb_head:
         if not hasattr(vfm_model, "norm"):
             raise ForecastInputError("--rgb_head decodes DINOv3 features; the pixel VFM needs no RGB head")
-        head = load_head(_need(rgb_head, "rgb_head"), "rgb-head-imagenet", norm_weight=np.asarray(vfm_model.norm.weight[...]),
+        head = load_head(_need(rgb_head, "rgb_head"), "rgb-head-imagenet",
+                         norm_weight=np.asarray(vfm_model.norm.weight[...]),
                          norm_bias=np.asarray(vfm_model.norm.bias[...]), num_heads=rgb_head_num_heads)
     return {"vfm": vfm_model, "tokenizer": tok, "world": world_model, "rgb_head": head}
 
@@ -236,8 +289,10 @@ def run(*, video: str, out: str, vfm: str, tokenizer: str, world: str, num_sampl
     """The whole command; returns the written paths."""
     if context < 1 or horizon < 1 or num_samples < 1 or stride <= 0:
         raise ForecastInputError("--context, --horizon, --num_samples must be >= 1 and --stride > 0")
-    for path, flag in ((vfm, "vfm"), (tokenizer, "tokenizer"), (world, "world")) + ((rgb_head, "rgb_head"),) * bool(rgb_head):
-        _need(path, flag)  # cheap checks first, before reading the video or loading anything
+    # Cheap checks first, before reading the video or loading anything.
+    for path, flag in ((vfm, "vfm"), (tokenizer, "tokenizer"), (world, "world"), (rgb_head, "rgb_head")):
+        if flag != "rgb_head" or rgb_head:
+            _need(path, flag)
     frames, timestamps = read_clip(video, start=start, stride=stride, count=context + horizon, min_count=context)
     models = load_models(vfm, tokenizer, world, patch_size=patch_size, world_num_heads=world_num_heads,
                          world_rope_axis_sizes=world_rope_axis_sizes,

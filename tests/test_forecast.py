@@ -51,8 +51,22 @@ def weights(tmp_path_factory):
                                                         rope_unrotated_size=4), rngs=nnx.Rngs(1)))()
     save_file({k: np.ascontiguousarray(v) for k, v in world_state_dict(world).items()},
               str(folder / "deltaworld.safetensors"))
+    # The same models as our trainer saves them (Orbax, item "params" = the pure dict of nnx.Params).
+    import orbax.checkpoint as ocp
+
+    for name, model in (("tok_run", tok), ("world_run", world)):
+        manager = ocp.CheckpointManager(folder / name / "checkpoints",
+                                        item_handlers={"params": ocp.StandardCheckpointHandler()})
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        manager.save(3, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
+        manager.wait_until_finished()
+        manager.close()
+    MODELS.update(tokenizer=tok, world=world)
     return {"vfm": "pixel", "tokenizer": str(folder / "deltatok.safetensors"),
             "world": str(folder / "deltaworld.safetensors")}
+
+
+MODELS = {}
 
 
 TINY = ["--patch_size=4", "--world_num_heads=2", "--world_rope_axis_sizes=12", "--world_rope_unrotated_size=4"]
@@ -104,3 +118,42 @@ def test_forecast_errors(tmp_path, weights):
         forecast.run(video=str(tmp_path / "absent.mp4"), **weights, **common)
     with pytest.raises(forecast.ForecastInputError, match="not a multiple"):
         forecast.run(video=_write_video(tmp_path / "ok.mp4"), **{**common, "size": 18}, **weights)
+
+
+def _params(module):
+    return {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+
+
+def test_models_load_from_our_training_checkpoints(weights):
+    folder = os.path.dirname(weights["world"])
+    ours = forecast.load_models("pixel", os.path.join(folder, "tok_run"),
+                                os.path.join(folder, "world_run", "checkpoints"), patch_size=4, world_num_heads=2,
+                                world_rope_axis_sizes=(12,))
+    for name in ("tokenizer", "world"):
+        expected, got = _params(MODELS[name]), _params(ours[name])
+        assert expected.keys() == got.keys()
+        for key in expected:
+            np.testing.assert_array_equal(got[key], expected[key])
+
+
+def test_world_model_adapters_in_the_protocol(weights):
+    """DeltaWorld (N samples: best and mean) and DINO-World (deterministic) through evaluate()."""
+    from deltaworld_jax.models.dinov3 import PixelPatchVFM
+    from deltaworld_jax.models.dinoworld import DINOWorld, DINOWorldConfig
+    from deltaworld_jax.training import evaluation as ev
+
+    cfg = DINOWorldConfig(hidden_size=32, num_layers=1, num_heads=2, backbone_hidden_size=48,
+                          rope_axis_sizes=(4, 4, 4), rope_unrotated_size=4, use_bom=False)
+    dino = nnx.jit(lambda: DINOWorld(cfg, rngs=nnx.Rngs(2)))()
+    rng = np.random.default_rng(0)
+    batch = {"frames": rng.integers(0, 255, (1, 7, 16, 16, 3), dtype=np.uint8),
+             "timestamps": np.arange(7, dtype=np.float32)[None] * 0.2}
+    forecasters = [ev.DeltaWorldForecaster(MODELS["world"], MODELS["tokenizer"], num_samples=2),
+                   ev.DINOWorldForecaster(dino)]
+    results = ev.evaluate(forecasters, PixelPatchVFM(patch_size=4), {"synthetic": [batch]}, {},
+                          ev.EvalSettings(horizons=(3,)))["synthetic"]
+    assert set(results["deltaworld"]["c4_h3"]) == {"best", "mean"}
+    assert set(results["dinoworld"]["c4_h3"]) == {"mean"}
+    best, mean = results["deltaworld"]["c4_h3"]["best"], results["deltaworld"]["c4_h3"]["mean"]
+    assert sorted(k for k in best if k != "loss") == ["t0", "t1", "t2"]
+    assert np.isfinite(best["t2"]["loss"]) and np.isfinite(mean["t2"]["loss"])

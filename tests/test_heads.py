@@ -52,7 +52,8 @@ class TorchAttn(tnn.Module):
 class TorchBlock(tnn.Module):
     def __init__(self, d, nh, m):
         super().__init__()
-        self.attention = tnn.ModuleDict({"attention": TorchAttn(d, nh), "output": tnn.ModuleDict({"dense": tnn.Linear(d, d)})})
+        self.attention = tnn.ModuleDict({"attention": TorchAttn(d, nh),
+                                         "output": tnn.ModuleDict({"dense": tnn.Linear(d, d)})})
         self.layernorm_before, self.layernorm_after = tnn.LayerNorm(d, eps=1e-12), tnn.LayerNorm(d, eps=1e-12)
         self.intermediate = tnn.ModuleDict({"dense": tnn.Linear(d, m)})
         self.output = tnn.ModuleDict({"dense": tnn.Linear(m, d)})
@@ -68,7 +69,8 @@ class TorchRGB(tnn.Module):
         self.p, self.nw, self.nb = p, nw, nb
         self.decoder_embed = tnn.Linear(din, d)
         self.trainable_cls_token = tnn.Parameter(torch.randn(1, 1, d))
-        self.decoder_pos_embed = tnn.Parameter(torch.from_numpy(heads.sincos_pos_embed(d, img // p)), requires_grad=False)
+        table = torch.from_numpy(heads.sincos_pos_embed(d, img // p))
+        self.decoder_pos_embed = tnn.Parameter(table, requires_grad=False)
         self.decoder_layers = tnn.ModuleList([TorchBlock(d, nh, m) for _ in range(depth)])
         self.decoder_norm = tnn.LayerNorm(d, eps=1e-12)
         self.decoder_pred = tnn.Linear(d, p * p * 3)
