@@ -11,7 +11,7 @@ import pytest
 from test_data_fixtures import (frame_number, make_cityscapes, make_kinetics_tree, make_kitti, make_vspw, write_frames,
                                 write_mp4)
 
-from deltaworld_jax.data import eval_sources, prepare
+from deltaworld_jax.data import arrayrecord, eval_sources, prepare
 from deltaworld_jax.data.arrayrecord import ArrayRecordSource
 from deltaworld_jax.data.sources import BrokenInput, FrameFolderSource, VideoFileSource, read_exclusion_keys
 
@@ -107,7 +107,7 @@ def test_frame_folder_source(tmp_path):
     np.testing.assert_allclose(official_names.frame_timestamps(0), [0.0, 0.04, 0.12])
 
 
-def test_prepare_parallel_shards_resume_and_arrayrecord_reads(kinetics, tmp_path):
+def test_prepare_parallel_shards_resume_and_arrayrecord_reads(kinetics, tmp_path, monkeypatch):
     output = tmp_path / "prepared"
     counts = prepare.prepare(str(kinetics), str(output), num_shards=3, num_workers=2, exclude_list="")
     assert counts == {"written": 3, "skipped": 0}
@@ -138,6 +138,13 @@ def test_prepare_parallel_shards_resume_and_arrayrecord_reads(kinetics, tmp_path
     assert prepare.write_shard(str(kinetics), str(output), num_shards=3, shard_index=0, exclude_list="") == "skipped"
     assert sorted(output.glob("*.index.npz"))[0].stat().st_mtime_ns == kept_mtime
     assert len(ArrayRecordSource(str(output))) == 4
+    # Reading across shards with at most one open reader (the cap on open files) still finds every frame.
+    monkeypatch.setattr(arrayrecord, "MAX_OPEN_SHARDS", 1)
+    capped = ArrayRecordSource(str(output))
+    for video in range(len(capped)):
+        frames = capped.read_frames(video, [0, 19], lambda image: np.asarray(image.convert("RGB")))
+        assert [frame_number(f) for f in frames] == [0, 19]
+    assert len(capped._readers) == 1
     with pytest.raises(ValueError, match="prepared with 3 shards"):
         prepare.write_shard(str(kinetics), str(output), num_shards=4, shard_index=0, exclude_list="")
 

@@ -34,6 +34,7 @@ FORMAT_VERSION = 1
 SCHEMA_FILE = "dataset.json"
 WRITER_OPTIONS = "group_size:1,uncompressed"  # JPEG is already compressed; 1 record per chunk = random access
 READER_OPTIONS = "readahead_buffer_size:0"
+MAX_OPEN_SHARDS = 64
 
 
 def shard_stem(shard_index: int, num_shards: int) -> str:
@@ -165,6 +166,17 @@ class ArrayRecordSource:
         state["_readers"] = {}  # readers are per process
         return state
 
+    def _reader(self, shard: int) -> ArrayRecordReader:
+        """Open readers per process, at most MAX_OPEN_SHARDS (a run over 1024 shards would otherwise
+        hold 1024 files open in every worker), least recently used closed first."""
+        reader = self._readers.pop(shard, None)
+        if reader is None:
+            if len(self._readers) >= MAX_OPEN_SHARDS:
+                self._readers.pop(next(iter(self._readers))).close()
+            reader = ArrayRecordReader(self.shard_paths[shard], READER_OPTIONS)
+        self._readers[shard] = reader  # (re)inserted last = most recently used
+        return reader
+
     def frame_timestamps(self, index: int) -> np.ndarray:
         count = int(self._counts[index])
         if count < self.min_frames:
@@ -173,11 +185,8 @@ class ArrayRecordSource:
         return self._timestamps[start:start + count]
 
     def read_frames(self, index: int, frame_indices: Sequence[int], transform: FrameTransform) -> list[np.ndarray]:
-        shard = int(self._shard_of[index])
-        if shard not in self._readers:
-            self._readers[shard] = ArrayRecordReader(self.shard_paths[shard], READER_OPTIONS)
         first = int(self._first[index])
-        records = self._readers[shard].read([first + int(i) for i in frame_indices])
+        records = self._reader(int(self._shard_of[index])).read([first + int(i) for i in frame_indices])
         frames = []
         for record in records:
             try:
