@@ -101,7 +101,10 @@ def test_gradient_flows_only_through_the_chosen_queries_pass():
 def test_loss_decreases_on_a_fixed_batch():
     cfg = DeltaWorldConfig(**TINY, num_samples_train=4, bom_chunk=None)
     model = nnx.jit(lambda: DeltaWorld(cfg, rngs=nnx.Rngs(3)))()
-    tokens, times = map(jnp.asarray, clip(3))
+    tokens, times = clip(3)
+    # Learnable structure: a shared offset plus small noise (pure noise has nothing to learn).
+    tokens = jnp.asarray(np.random.default_rng(3).normal(size=D) + 0.3 * tokens, jnp.float32)
+    times = jnp.asarray(times)
     optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
 
     @nnx.jit
@@ -111,7 +114,7 @@ def test_loss_decreases_on_a_fixed_batch():
         return loss
 
     losses = [float(step(model, optimizer, jax.random.key(i))) for i in range(10)]
-    assert losses[-1] < 0.85 * losses[0], losses
+    assert losses[-1] < 0.7 * losses[0], losses
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -198,3 +201,66 @@ def test_best_and_mean_of_samples():
     np.testing.assert_array_equal(np.asarray(index), [2, 3])
     np.testing.assert_array_equal(np.asarray(best), rollouts[[0, 1], [2, 3]])
     np.testing.assert_allclose(np.asarray(mean_of_samples(jnp.asarray(rollouts))), rollouts.mean(1), rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The training task and the memory of the best-of-K search
+# ------------------------------------------------------------------------------------------------------
+
+
+def task_config(**tokenizer):
+    import ml_collections
+
+    model = {k: v for k, v in TINY.items() if k != "backbone_hidden_size"}  # taken from the VFM (48)
+    return ml_collections.ConfigDict(dict(
+        model=dict(kind="deltaworld", **model, num_samples_train=4, bom_chunk=2),
+        vfm=dict(kind="pixel", patch_size=4, num_heads=4),
+        tokenizer=dict(checkpoint="", num_layers=1, intermediate_size=32, **tokenizer)))
+
+
+def test_task_trains_from_frames_or_from_precomputed_tokens():
+    from deltaworld_jax.training.tasks import make_task
+    from deltaworld_jax.training.world_tasks import clip_tokens
+
+    task = make_task(task_config(allow_random=True))
+    world = task.build_trainable(nnx.Rngs(0))
+    frozen = task.build_frozen()
+    assert world.cfg.backbone_hidden_size == 48 and frozen["tokenizer"].cfg.hidden_size == 48
+    frames = jnp.asarray(np.random.default_rng(0).integers(0, 256, size=(2, 3, 8, 8, 3)), jnp.uint8)
+    times = jnp.asarray([[0.0, 0.1, 0.3], [0.0, 0.2, 0.25]], jnp.float32)
+    rng = jax.random.key(0)
+
+    @nnx.jit
+    def losses(world, frozen):
+        from_frames = task.loss(world, frozen, {"frames": frames, "timestamps": times}, rng)[0]
+        tokens = clip_tokens(frozen["vfm"], frozen["tokenizer"], frames)
+        from_tokens = task.loss(world, None, {"tokens": tokens, "timestamps": times}, rng)[0]
+        return from_frames, from_tokens, tokens
+
+    from_frames, from_tokens, tokens = losses(world, frozen)
+    assert tokens.shape == (2, 3, 48) and np.isfinite(float(from_frames))
+    np.testing.assert_allclose(float(from_frames), float(from_tokens), rtol=1e-6)
+
+
+def test_task_without_tokenizer_weights_says_so():
+    from deltaworld_jax.training.tasks import make_task
+
+    with pytest.raises(ValueError, match="checkpoint is empty"):
+        make_task(task_config()).build_frozen()
+
+
+def test_best_of_k_memory_does_not_grow_with_k():
+    """The compiled train step's temp memory with K = 32 candidates in chunks of 4 stays at the K = 4 level
+    (the search keeps no activations for backprop and holds one chunk at a time); without chunking it grows."""
+    tokens, times = map(jnp.asarray, clip(6))
+
+    def temp_bytes(k, chunk):
+        cfg = DeltaWorldConfig(**{**TINY, "num_layers": 1}, num_samples_train=k, bom_chunk=chunk)
+        model = nnx.eval_shape(lambda: DeltaWorld(cfg, rngs=nnx.Rngs(0)))
+        graphdef, state = nnx.split(model)
+        grad = jax.jit(lambda s: jax.grad(lambda s: nnx.merge(graphdef, s).loss(tokens, times, jax.random.key(0))[0])(s))
+        return grad.lower(state).compile().memory_analysis().temp_size_in_bytes
+
+    base, chunked, unchunked = temp_bytes(4, 4), temp_bytes(32, 4), temp_bytes(32, None)
+    assert chunked <= 1.25 * base, (base, chunked)
+    assert unchunked > 2 * base, (base, unchunked)
