@@ -83,7 +83,10 @@ def _infer_sizes(tensors: Mapping[str, np.ndarray]) -> dict[str, int]:
                          f"predictor.blocks.0.attention.kv_proj.weight among {sorted(tensors)[:8]}...")
     backbone_hidden, hidden = tensors["predictor.head.weight"].shape
     depth = 1 + max(int(k.split(".")[2]) for k in tensors if k.startswith("predictor.blocks."))
-    intermediate = tensors["predictor.blocks.0.mlp.up_proj.weight"].shape[0]
+    up = tensors.get("predictor.blocks.0.mlp.up_proj.weight")
+    if up is None:
+        raise ValueError("predictor.blocks.0.mlp.up_proj.weight is missing: the MLP width cannot be inferred")
+    intermediate = up.shape[0]
     if intermediate % hidden:
         raise ValueError(f"MLP width {intermediate} is not a multiple of the width {hidden}")
     return dict(hidden_size=int(hidden), num_layers=int(depth), backbone_hidden_size=int(backbone_hidden),
