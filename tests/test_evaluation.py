@@ -265,3 +265,38 @@ def test_eval_hook_on_synthetic_clips(tmp_path):
     assert out["synthetic/deltatok/c1_h1/mean/t0_loss"] >= 0
     assert out["synthetic/deltatok/c1_h1/s0/feats_mean"].dtype == np.uint8
     assert (tmp_path / "eval_results_7.json").exists() and (tmp_path / "eval_results_7.md").exists()
+
+
+SHARDED_EVAL = """
+import os, sys, json
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["JAX_PLATFORMS"] = "cpu"
+sys.path.insert(0, os.environ["TESTS"])
+import numpy as np, jax
+import test_evaluation as t
+from deltaworld_jax.training import evaluation as ev
+assert jax.local_device_count() == 4
+batch = t._static_batch(b=2, t=3, hw=(8, 12), seed=12)   # 2 wide clips -> 4 crops: one per device
+batch["labels"] = np.random.default_rng(13).integers(0, 5, (2, 3, 6, 9))
+out = ev.evaluate([ev.CopyLast()], t.PixelVFM(), {"vspw": [batch]}, {"vspw": t._seg_head(seed=14)},
+                  ev.EvalSettings(ctx_lens=(2,), horizons=(1,)))
+print(json.dumps(out))
+"""
+
+
+def test_evaluation_split_over_local_devices_matches_one_device():
+    import os
+    import subprocess
+    import sys
+
+    batch = _static_batch(b=2, t=3, hw=(8, 12), seed=12)
+    batch["labels"] = np.random.default_rng(13).integers(0, 5, (2, 3, 6, 9))
+    expected = ev.evaluate([ev.CopyLast()], PixelVFM(), {"vspw": [batch]}, {"vspw": _seg_head(seed=14)},
+                           ev.EvalSettings(ctx_lens=(2,), horizons=(1,)))
+    env = {**os.environ, "TESTS": os.path.dirname(__file__)}
+    done = subprocess.run([sys.executable, "-c", SHARDED_EVAL], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got.keys() == expected.keys()
+    g, e = got["vspw"]["copy_last"]["c2_h1"]["mean"]["t0"], expected["vspw"]["copy_last"]["c2_h1"]["mean"]["t0"]
+    assert g["miou"] == pytest.approx(e["miou"], abs=1e-9) and g["loss"] == pytest.approx(e["loss"], abs=1e-7)
