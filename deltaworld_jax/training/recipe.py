@@ -64,6 +64,12 @@ def resolve_stage_refs(stage_config, workdir: str) -> ml_collections.ConfigDict:
                 value = config[section][key]
                 if isinstance(value, str) and value.startswith(STAGE_REF):
                     config[section][key] = str(stage_dir(workdir, value[1:]) / "checkpoints")
+        # eval.results_dir: "@" is the recipe's workdir, "@<stage>" that stage's folder (where the demo
+        # writes its results table and pictures; the config file cannot know the --workdir flag).
+        results_dir = config.eval.get("results_dir", "") if "eval" in config else ""
+        if isinstance(results_dir, str) and results_dir.startswith(STAGE_REF):
+            name = results_dir[1:]
+            config.eval.results_dir = str(stage_dir(workdir, name) if name else epath.Path(workdir))
     return config
 
 

@@ -284,6 +284,8 @@ def run(config, workdir: str, mode: str = "train", *, eval_fn: Callable | None =
     if mode not in MODES:
         raise ValueError(f"Unknown mode {mode!r}; known: {MODES}")
     maybe_initialize_distributed(config)
+    if mode == "train" and config.get("stages", None):
+        mode = "recipe"  # a config of stages (e.g. configs/demo.py) is a recipe: training it runs its stages
     if mode == "recipe":
         from deltaworld_jax.training import recipe
 
