@@ -141,6 +141,20 @@ def restore_params(directory: str, abstract_params: Any, shardings: Any, step: i
     return restored[PARAMS]
 
 
+def restore_module_params(directory: str, module: Any, step: int | None = None) -> Any:
+    """A built nnx module with its Params replaced by those of a run's checkpoint (e.g. our own DeltaTok
+    run as DeltaWorld's frozen tokenizer); restored onto the default device (the trainer places frozen
+    modules itself). Shapes must match the module's: a mismatch is Orbax's error naming the array."""
+    from flax import nnx
+
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    pure = nnx.to_pure_dict(params)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    restored = restore_params(directory, pure, jax.tree.map(lambda _: device, pure), step=step)
+    nnx.replace_by_pure_dict(params, restored)
+    return nnx.merge(graphdef, params, rest)
+
+
 def seed_for_resume(source: str, target: str) -> int | None:
     """Full resume from ANOTHER run (a cool-down stage continuing a finished one): copy the source's latest
     complete checkpoint into `target` unless `target` already has checkpoints of its own (then this run
