@@ -1,0 +1,125 @@
+"""The embedded demo: DeltaTok, then DeltaWorld, on the synthetic stochastic world, in minutes on a laptop CPU.
+
+    python -m deltaworld_jax.main --config=configs/demo.py --workdir=/tmp/demo
+
+Nothing is downloaded: the frames come from the synthetic world (deltaworld_jax/data/synthetic.py: shapes
+that move, bounce, and at random moments turn, change speed or appear) and the frozen "VFM" is the
+parameter-free pixel-patch one, so features are pixels and predicted features are pictures.
+
+A recipe of two stages, each training in <workdir>/<stage>/ (rerunning resumes / skips finished ones):
+  deltatok    DeltaTok learns to encode the change between two frames into ONE token;
+  deltaworld  DeltaWorld (best-of-K) learns to predict the next delta token, reading the frozen DeltaTok
+              of the first stage. At its last step the demo evaluation (deltaworld_jax/demo.py) scores
+              best-of-N, mean-of-N and copy-last on held-out clips and writes to <workdir>/:
+              demo_results.json / demo_results.md (the metrics table) and demo_futures.png (sampled
+              futures next to the truth).
+
+Config argument (configs/demo.py:<arg>): "" (the full demo, budget 10 minutes on 2 CPU cores) or "quick"
+(the same pipeline with a few steps and a small evaluation: seconds, for tests).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from deltaworld_jax.data import default_data_config
+from deltaworld_jax.training import recipe
+
+FRAME_SIZE = 64
+PATCH_SIZE = 8  # 8x8 = 64 tokens of 3*8*8 = 192 pixel values each
+VFM_WIDTH = 3 * PATCH_SIZE * PATCH_SIZE
+
+# Per setting: steps and batch sizes of both stages, and the size of the evaluation.
+SETTINGS = {
+    "": dict(deltatok_steps=600, deltatok_batch=32, world_steps=600, world_batch=16, eval_clips=64,
+             eval_batch=16, log_every=25),
+    "quick": dict(deltatok_steps=6, deltatok_batch=4, world_steps=6, world_batch=4, eval_clips=8,
+                  eval_batch=4, log_every=2),
+}
+
+
+def _data(num_frames: int, settings: dict) -> ml_collections.ConfigDict:
+    data = default_data_config()
+    data.source = "synthetic"
+    data.num_frames = num_frames
+    data.frame_size = FRAME_SIZE
+    # The world's time step is fixed at the evaluation stride, so the model learns one dynamics (the paper
+    # samples strides from Kinetics' frame rates; the synthetic world gains nothing from it).
+    data.time_stride_range = (0.2, 0.2)
+    data.crop_scale = (1.0, 1.0)
+    data.ratio_jitter = 1.0
+    data.horizontal_flip = True
+    data.num_workers = 0
+    data.read_threads = 1
+    data.read_buffer_size = 2
+    data.synthetic.height = FRAME_SIZE
+    data.synthetic.width = FRAME_SIZE
+    data.synthetic.event_rate = 1.5  # events per second: about one in every 3 predicted frames (0.2 s)
+    data.eval.num_synthetic_clips = settings["eval_clips"]
+    data.eval.batch_size = settings["eval_batch"]
+    data.eval.synthetic_stride_seconds = 0.2
+    return data
+
+
+def _vfm() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(kind="pixel", patch_size=PATCH_SIZE, num_heads=0, dtype="float32"))
+
+
+def _deltatok_fields() -> dict:
+    """DeltaTok sizes (width and heads are the VFM's: 192 wide, 3 heads of 64)."""
+    return dict(num_layers=2, intermediate_size=384, use_delta=True, use_qk_norm=True, use_gated_attn=True,
+                use_swiglu=True, use_rope_aug=True)
+
+
+def _stage_base(settings: dict, steps: int, batch: int, lr: float, warmup: int) -> ml_collections.ConfigDict:
+    c = recipe.base_config()
+    c.model.dtype = "float32"  # CPU: bfloat16 is emulated and slower
+    c.vfm = _vfm()
+    c.optim.lr = lr
+    c.optim.warmup_steps = warmup
+    c.train.batch_size = batch
+    c.train.num_steps = steps
+    c.train.log_every_steps = settings["log_every"]
+    c.checkpoint.every_steps = steps  # the final checkpoint only (each save costs seconds on a laptop)
+    c.checkpoint.keep_last = 1
+    c.checkpoint.async_save = False
+    c.mesh.shape = dict(data=-1, fsdp=1, tensor=1)
+    return c
+
+
+def deltatok_stage(settings: dict) -> ml_collections.ConfigDict:
+    c = _stage_base(settings, settings["deltatok_steps"], settings["deltatok_batch"], lr=1e-3, warmup=50)
+    c.model.kind = "deltatok"
+    c.model.update(_deltatok_fields())
+    c.data = _data(num_frames=2, settings=settings)
+    return c
+
+
+def deltaworld_stage(settings: dict) -> ml_collections.ConfigDict:
+    c = _stage_base(settings, settings["world_steps"], settings["world_batch"], lr=1e-3, warmup=50)
+    c.model.kind = "deltaworld"
+    c.model.update(dict(hidden_size=128, num_layers=2, num_heads=2, backbone_hidden_size=VFM_WIDTH, mlp_ratio=4,
+                        rope_axis_sizes=(60,), rope_unrotated_size=4, use_bom=True, num_samples_train=16,
+                        num_samples_eval=8, bom_chunk=0))
+    c.tokenizer = ml_collections.ConfigDict(dict(checkpoint="@deltatok", dtype="float32", **_deltatok_fields()))
+    c.data = _data(num_frames=8, settings=settings)
+    c.eval = ml_collections.ConfigDict(dict(
+        every_steps=settings["world_steps"],  # once, at the end
+        fn="deltaworld_jax.demo:evaluate_demo",
+        results_dir="@",  # the recipe's workdir
+        ctx_lens=(4,), horizons=(1, 3), num_samples=8, seed=0, max_batches=0,
+        num_pictures=4,  # clips shown in demo_futures.png
+        samples_shown=4,  # sampled futures per clip in the picture
+    ))
+    return c
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    if arg not in SETTINGS:
+        raise ValueError(f"unknown demo setting {arg!r}; expected one of {sorted(SETTINGS)}")
+    settings = SETTINGS[arg]
+    config = ml_collections.ConfigDict()
+    config.stages = ["deltatok", "deltaworld"]
+    config.stage_configs = ml_collections.ConfigDict({"deltatok": deltatok_stage(settings),
+                                                      "deltaworld": deltaworld_stage(settings)})
+    return config
