@@ -5,7 +5,7 @@ stream of positions, each epoch a permutation seeded by (seed, epoch) -> one cli
 from a generator seeded by (seed, epoch, video, attempt) -> batches of batch_size_per_process (batched BEFORE the
 worker split, so worker w builds whole batches w, w+N, ... and the batch stream is identical for any
 worker count) -> Grain worker processes -> `TrainIterator`, whose get_state/set_state (also used by
-Grain's Orbax CheckpointHandler) resume the exact batch stream.
+Grain's Orbax CheckpointHandler) resume the exact batch stream, with any number of workers.
 
 A broken video is replaced by another video of the same shard, chosen by the attempt's generator; the
 failures travel with the clip as counts per kind and are summed into `iterator.errors`, so the counts
@@ -20,6 +20,7 @@ square crops as the official evaluation does (see `split_into_square_crops`).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 from absl import flags
@@ -160,23 +161,42 @@ class TrainClipLoader:
 
 
 class TrainIterator(grain.DatasetIterator):
-    """Batches {frames uint8 [B,T,H,W,3], timestamps float32 [B,T]}; `errors` counts skipped inputs."""
+    """Batches {frames uint8 [B,T,H,W,3], timestamps float32 [B,T]}; `errors` counts skipped inputs.
 
-    def __init__(self, parent: grain.DatasetIterator):
-        super().__init__(parent)
+    Built from `make_train_iterator`, the state is the number of batches delivered (plus the error
+    counts): batch k is a pure function of (config, seed, process, k), so set_state rebuilds the
+    pipeline starting at batch k, and a checkpoint resumes the exact stream under any worker count or
+    thread settings. Wrapping a ready grain iterator instead (`TrainIterator(iterator)`, e.g. a test's
+    toy pipeline whose elements carry "errors") delegates the state to that iterator.
+    """
+
+    def __init__(self, pipeline: grain.DatasetIterator | Callable[[int], grain.DatasetIterator]):
+        self._build = None if isinstance(pipeline, grain.DatasetIterator) else pipeline
+        super().__init__(pipeline if self._build is None else self._build(0))
+        self.batches = 0
         self.errors = {kind: 0 for kind in ERROR_KINDS}
 
     def __next__(self) -> dict:
         batch = next(self._parent)
+        self.batches += 1
         for kind, count in zip(ERROR_KINDS, batch.pop("errors").sum(axis=0)):
             self.errors[kind] += int(count)
         return batch
 
     def get_state(self) -> dict:
-        return {"pipeline": self._parent.get_state(), "errors": dict(self.errors)}
+        state = {"batches": self.batches, "errors": dict(self.errors)}
+        if self._build is None:
+            state["pipeline"] = self._parent.get_state()
+        return state
 
     def set_state(self, state: dict) -> None:
-        self._parent.set_state(state["pipeline"])
+        if self._build is None:
+            self._parent.set_state(state["pipeline"])
+        else:
+            self._parent.close()
+            parent = self._build(int(state["batches"]))
+            self._parents, self._ctx = (parent,), parent._ctx  # pylint: disable=protected-access
+        self.batches = int(state["batches"])
         self.errors = {kind: int(state["errors"].get(kind, 0)) for kind in ERROR_KINDS}
 
 
@@ -197,17 +217,22 @@ def make_train_iterator(data_config, *, seed: int, batch_size_per_process: int, 
     shard = range(process_index, len(source), process_count)
     if len(shard) == 0:
         raise ValueError(f"{len(source)} videos cannot feed process {process_index} of {process_count}")
-    dataset = (grain.MapDataset.range(len(shard)).repeat(None)
+    batches = (grain.MapDataset.range(len(shard)).repeat(None)
                .map_with_index(TrainClipLoader(source, data_config, seed, shard))
                .batch(batch_size_per_process, drop_remainder=True))
-    iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=data_config.read_threads,
-                                                             prefetch_buffer_size=data_config.read_buffer_size))
     workers = data_config.num_workers if num_workers is None else num_workers
-    if workers > 0:
-        iter_dataset = iter_dataset.mp_prefetch(
-            grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=data_config.worker_buffer_size),
-            worker_init_fn=_worker_init)
-    return TrainIterator(iter(iter_dataset))
+    read_options = grain.ReadOptions(num_threads=data_config.read_threads,
+                                     prefetch_buffer_size=data_config.read_buffer_size)
+
+    def build(first_batch: int) -> grain.DatasetIterator:
+        dataset = (batches[first_batch:] if first_batch else batches).to_iter_dataset(read_options)
+        if workers > 0:
+            dataset = dataset.mp_prefetch(
+                grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=data_config.worker_buffer_size),
+                worker_init_fn=_worker_init)
+        return iter(dataset)
+
+    return TrainIterator(build)
 
 
 # ---- evaluation ---------------------------------------------------------------------------------
