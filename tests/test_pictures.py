@@ -121,3 +121,6 @@ def test_evaluation_pictures_sizes():
         assert pictures["feats_best"].shape == (3 * 8, 7 * 8, 3)
         assert pictures[f"{task}_mean"].shape == (4 * 8, 7 * 8, 3)
         assert pictures[f"samples_{task}"].shape[0] == 7 * 8  # frames, truth, best, mean, 3 samples
+        # The prediction row: empty under the 4 context frames, the 3 predicted frames drawn.
+        pred_row = pictures[f"{task}_best"][3 * 8:]
+        assert (pred_row[:, :4 * 8] == 0).all() and pred_row[:, 4 * 8:].any(axis=(0, 2)).reshape(3, 8).any(1).all()

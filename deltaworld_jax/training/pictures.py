@@ -243,25 +243,24 @@ def evaluation_pictures(output: dict, head=None, rgb_head=None, index: int = 0,
         truth_pca, pred_pca = feature_pca(all_truth, np.concatenate([context, pred]), grid_hw=grid_hw)
         pictures[f"feats_{name}"] = grid_image([frames, truth_pca, blanks + pred_pca[num_ctx:]], len(frames))
 
-    def task_images(feats_list):
+    def task_images(feats_list, gt_labels=None):
+        """(ground-truth images or None, one image list per features), depth on ONE shared scale."""
         outs = [_head_outputs(head, f, grid_hw) for f in feats_list]
         if isinstance(head, SegHead):
-            return [[colour_segmentation(o) for o in out.argmax(-1)] for out in outs], "seg"
-        return colour_depths(*[list(o) for o in outs]), "depth"
+            gt = None if gt_labels is None else list(colour_segmentation(gt_labels))
+            return gt, [[colour_segmentation(o) for o in out.argmax(-1)] for out in outs], "seg"
+        sets = colour_depths(*([] if gt_labels is None else [list(gt_labels)]), *[list(o) for o in outs])
+        return (None if gt_labels is None else sets[0]), sets[gt_labels is not None:], "depth"
 
     if head is not None:
-        (oracle, *preds), task = task_images([all_truth, *predictions.values()])
-        if labels is not None:
-            gt = (list(colour_segmentation(labels)) if task == "seg"
-                  else colour_depths(list(labels), [o for o in _head_outputs(head, all_truth, grid_hw)])[0])
-        else:
-            gt = [None] * len(frames)
-        for name, pred_imgs in zip(predictions, preds):
-            pictures[f"{task}_{name}"] = grid_image([frames, gt, oracle, blanks + pred_imgs[num_ctx:]], len(frames))
+        gt, (oracle, *preds), task = task_images([all_truth, *predictions.values()], labels)
+        gt = gt if gt is not None else [None] * len(frames)
+        for name, pred_imgs in zip(predictions, preds):  # predictions cover the future frames only
+            pictures[f"{task}_{name}"] = grid_image([frames, gt, oracle, blanks + pred_imgs], len(frames))
         shown = {"best": predictions.get("best"), "mean": predictions["mean"],
                  **{f"sample {i}": s for i, s in enumerate(samples[:max_samples])}}
         shown = {k: v for k, v in shown.items() if v is not None}
-        imgs, _ = task_images([all_truth, *shown.values()])
+        _, imgs, _ = task_images([all_truth, *shown.values()])
         pictures[f"samples_{task}"] = futures_picture(imgs[0][:num_ctx], imgs[0][num_ctx:], dict(zip(shown, imgs[1:])),
                                                       frames=frames)
 
