@@ -189,3 +189,23 @@ def test_kitti_source_kb_crop_and_garg_mask(tmp_path):
     assert depth[10, 600] == 0 and depth[200, 10] == 0  # outside the Garg crop = invalid
     packaged = eval_sources.KITTISource(str(root))  # the packaged Eigen split: only drive 0002 has depth here
     assert len(packaged) > 0 and all("drive_0002_sync" in str(s[0][0]) for s in packaged.samples)
+
+
+def test_prepare_from_frame_folders_copies_jpegs_and_reencodes_pngs(tmp_path):
+    jpeg_paths = write_frames(tmp_path / "in" / "a", 4, ext=".jpg")
+    write_frames(tmp_path / "in" / "b", 3, ext=".png")
+    (tmp_path / "in" / "c").mkdir()
+    (tmp_path / "in" / "c" / "00000.jpg").write_bytes(b"broken")
+    (tmp_path / "in" / "c" / "00001.jpg").write_bytes(b"broken")
+    write_frames(tmp_path / "in" / "d", 1)  # too short
+    counts = prepare.prepare(str(tmp_path / "in"), str(tmp_path / "out"), num_shards=1, input_kind="frames",
+                             fps=5.0, exclude_list="")
+    assert counts == {"written": 1, "skipped": 0}
+    source = ArrayRecordSource(str(tmp_path / "out"))
+    assert source.names == ["a", "b"]  # the broken and the 1-frame folders are skipped...
+    assert int(np.load(tmp_path / "out" / "frames-00000-of-00001.index.npz")["skipped"]) == 2  # ...and counted
+    np.testing.assert_allclose(source.frame_timestamps(1), np.arange(3) / 5)
+    records = source._reader(0).read([0, 3])
+    assert records[0] == jpeg_paths[0].read_bytes() and records[1] == jpeg_paths[3].read_bytes()  # copied as is
+    frames = source.read_frames(1, [2, 0], lambda image: np.asarray(image.convert("RGB")))
+    assert [frame_number(f) for f in frames] == [2, 0]

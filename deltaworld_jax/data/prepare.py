@@ -24,7 +24,7 @@ from absl import app, flags, logging
 from PIL import Image
 
 from deltaworld_jax.data import arrayrecord
-from deltaworld_jax.data.sources import DATA_EXCEPTIONS, FrameFolderSource, VideoFileSource
+from deltaworld_jax.data.sources import DATA_EXCEPTIONS, BrokenInput, FrameFolderSource, VideoFileSource
 
 def _resized(image: Image.Image, short_side: int) -> Image.Image:
     if short_side <= 0 or min(image.size) <= short_side:
@@ -114,7 +114,7 @@ def write_shard(input_dir: str, output_dir: str, input_kind: str = "videos", num
                 timestamps = source.frame_timestamps(index)
                 jpegs, timestamps, (width, height) = _folder_frames(source.videos[index][1], timestamps,
                                                                    short_side, jpeg_quality)
-        except DATA_EXCEPTIONS as error:  # one broken input never stops a shard
+        except (BrokenInput, *DATA_EXCEPTIONS) as error:  # one broken input never stops a shard
             logging.warning("skipping %s: %s: %s", name, type(error).__name__, error)
             writer.skipped += 1
             continue
