@@ -202,3 +202,15 @@ def test_synthetic_world_through_the_same_loaders():
     assert [int(batch["sample_index"][0]) for batch in batches] == [0, 1]
     assert batches[0]["frames"].shape == (1, 7, 16, 16, 3)
     np.testing.assert_allclose(batches[0]["timestamps"][0], np.arange(7) * 0.2, atol=1e-6)
+
+
+def test_synthetic_eval_frames_are_the_world_rendered_at_eval_size():
+    from deltaworld_jax.data.pipeline import make_eval_source
+
+    config = default_data_config()
+    config.frame_size = 16
+    config.eval.num_synthetic_clips = 1
+    source = make_eval_source(config, "synthetic")
+    clip = source.load(0)
+    truth = source.world.render(source.world.state_at(0, 0.6), 16, 16)
+    assert np.array_equal(clip["frames"][3], truth)

@@ -14,7 +14,6 @@ clips per CPU-second stays meaningful on a machine shared with other work.
 
 from __future__ import annotations
 
-import io
 import os
 import tempfile
 import time

@@ -214,14 +214,16 @@ class KITTISource(_ClipListSource):
 
 
 class SyntheticEvalSource:
-    """Fixed-stride clips of the synthetic world (no labels): clip i starts at t=0 of world clip i,
-    so the scorer can call world.state_at(i, t) and world.sample_futures(...) for ground truth."""
+    """Fixed-stride clips of the synthetic world (no labels): clip i starts at t=0 of world clip i, so
+    the scorer can call world.state_at(i, t) and world.sample_futures(...) for ground truth. Frames are
+    rendered directly at the evaluation size (height x width), not resized."""
     name = "synthetic"
 
-    def __init__(self, source, num_clips: int, num_frames: int, stride_seconds: float):
-        self.source, self.num_clips = source, num_clips
+    def __init__(self, source, num_clips: int, num_frames: int, stride_seconds: float, height: int, width: int):
+        self.source, self.num_clips, self.height, self.width = source, num_clips, height, width
+        self.world = source.world
         self.root = source.root
-        self.indices = [round(i * stride_seconds * source.fps) for i in range(num_frames)]
+        self.times = [round(i * stride_seconds * source.fps) / source.fps for i in range(num_frames)]
 
     def __len__(self) -> int:
         return self.num_clips
@@ -230,6 +232,6 @@ class SyntheticEvalSource:
         return self.source.describe(index)
 
     def load(self, index: int) -> dict:
-        frames = np.stack(self.source.read_frames(index, self.indices, lambda f: f))
-        timestamps = np.asarray(self.indices, np.float32) / self.source.fps
-        return {"frames": frames, "timestamps": timestamps - timestamps[0], "sample_index": np.int32(index)}
+        states = self.world.states_at(index, self.times)
+        frames = np.stack([self.world.render(state, self.height, self.width) for state in states])
+        return {"frames": frames, "timestamps": np.asarray(self.times, np.float32), "sample_index": np.int32(index)}

@@ -2,10 +2,10 @@
 
 Training: videos of the source -> this process's shard (every process_count-th video) -> an endless
 stream of positions, each epoch a permutation seeded by (seed, epoch) -> one clip per position, drawn
-from a generator seeded by (seed, epoch, video, attempt) -> batches of batch_size_per_process (batched BEFORE the
-worker split, so worker w builds whole batches w, w+N, ... and the batch stream is identical for any
-worker count) -> Grain worker processes -> `TrainIterator`, whose get_state/set_state (also used by
-Grain's Orbax CheckpointHandler) resume the exact batch stream, with any number of workers.
+from a generator seeded by (seed, epoch, video, attempt) -> batches of batch_size_per_process, batched
+BEFORE the worker split (worker w builds whole batches w, w+N, ..., so the batch stream is identical
+for any worker count) -> Grain worker processes -> `TrainIterator`, whose get_state/set_state (also
+used by Grain's Orbax CheckpointHandler) resume the exact batch stream, with any number of workers.
 
 A broken video is replaced by another video of the same shard, chosen by the attempt's generator; the
 failures travel with the clip as counts per kind and are summed into `iterator.errors`, so the counts
@@ -28,7 +28,7 @@ from absl import flags
 import grain
 from deltaworld_jax.data import eval_sources
 from deltaworld_jax.data.arrayrecord import ArrayRecordSource
-from deltaworld_jax.data.sampling import (TrainFrameTransform, as_hw, clip_rng, eval_resize_hw,
+from deltaworld_jax.data.sampling import (TrainFrameTransform, clip_rng, eval_resize_hw,
                                           resize_bilinear_like_cv2, sample_train_frame_indices)
 from deltaworld_jax.data.sources import (DATA_EXCEPTIONS, ERROR_KINDS, BrokenInput, FrameFolderSource,
                                          VideoFileSource)
@@ -243,8 +243,11 @@ EVAL_SETS = ("vspw", "cityscapes", "kitti", "synthetic")
 def make_eval_source(data_config, name: str):
     e = data_config.eval
     if name == "synthetic":
-        return eval_sources.SyntheticEvalSource(make_train_source(_synthetic_only(data_config)),
-                                                e.num_synthetic_clips, e.num_frames, e.synthetic_stride_seconds)
+        source = make_train_source(_synthetic_only(data_config))
+        size = e.frame_size if e.frame_size > 0 else data_config.frame_size
+        height, width = eval_resize_hw(source.height, source.width, size, e.max_aspect_ratio)
+        return eval_sources.SyntheticEvalSource(source, e.num_synthetic_clips, e.num_frames,
+                                                e.synthetic_stride_seconds, height, width)
     if name not in EVAL_SETS:
         raise ValueError(f"unknown eval set {name!r}; expected one of {EVAL_SETS}")
     c = e[name]
