@@ -35,9 +35,10 @@ PATCH = 4
 JIT_CACHE_DIR = os.path.join(tempfile.gettempdir(), "deltaworld_jax_test_jit_cache")
 JIT_CACHE_ENV = {"JAX_COMPILATION_CACHE_DIR": JIT_CACHE_DIR, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
                  "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-jax.config.update("jax_compilation_cache_dir", JIT_CACHE_DIR)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+if not os.environ.get("DELTAWORLD_TEST_NO_JIT_CACHE"):  # multi-process workers compile their own
+    jax.config.update("jax_compilation_cache_dir", JIT_CACHE_DIR)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 class ToyEncoder(nnx.Module):

@@ -329,6 +329,20 @@ def _write_eval(writer, step: int, results: dict) -> None:
         writer.write_images(step, {k: v if v.ndim == 4 else v[None] for k, v in images.items()})
 
 
+def _compile_step(step_fn, setup: Setup, state, batch, base_key):
+    """Compile the step ahead of its first call, then wait for every process: compile times differ between
+    hosts, and the first collective (e.g. gloo's context set-up on CPU) must not time out waiting."""
+    batch_shardings = jax.tree.map(lambda x: x.sharding, batch)
+    jitted = step_lib.jit_train_step(step_fn, setup.state_shardings, setup.frozen_shardings, batch_shardings,
+                                     setup.mesh)
+    compiled = jitted.lower(state, setup.frozen_state, batch, base_key).compile()
+    if jax.process_count() > 1:
+        from orbax.checkpoint import multihost
+
+        multihost.sync_global_processes(f"train_step_compiled_{int(jax.device_get(state.step))}")
+    return compiled
+
+
 def train(config, workdir: str, *, eval_fn: Callable | None = None, data_fn: Callable | None = None) -> dict:
     """The training loop. Resumes from the latest checkpoint in `workdir` if any, else initialises (from
     `config.train.init_from`'s weights when set). Returns {'step', 'losses' (host floats by step), ...}."""
@@ -366,7 +380,6 @@ def train(config, workdir: str, *, eval_fn: Callable | None = None, data_fn: Cal
     step = int(jax.device_get(state.step))
     start_step = step
     losses: dict[int, float] = {}
-    batch_sharding_tree = None
     jitted = None
     last_log_time, last_log_step = time.time(), step
     stopped_by = "done" if step >= num_steps else None
@@ -378,9 +391,7 @@ def train(config, workdir: str, *, eval_fn: Callable | None = None, data_fn: Cal
                     break
                 batch = place_batch(next(data_iter), setup.mesh)
                 if jitted is None:
-                    batch_sharding_tree = jax.tree.map(lambda x: x.sharding, batch)
-                    jitted = step_lib.jit_train_step(step_fn, setup.state_shardings, setup.frozen_shardings,
-                                                     batch_sharding_tree, setup.mesh)
+                    jitted = _compile_step(step_fn, setup, state, batch, base_key)
                 state, step_metrics = jitted(state, setup.frozen_state, batch, base_key)
                 step += 1
                 buffer.add(step, step_metrics)
