@@ -24,9 +24,11 @@ Which training source to use:
   Use it for real training runs: a clip reads only its sampled frames' JPEGs, JPEGs decode at reduced
   size when the crop allows (PIL draft mode), and shards split across machines. Fastest by far.
 - "videos": video files read directly with PyAV (e.g. Kinetics `train/<class>/<id>.mp4`); no
-  preparation, but each clip demuxes the file and decodes from the nearest keyframe, so it is several
-  times slower per clip (see benchmarks/data.md). Fine for small sets and for first experiments.
-- "frames": folders of JPEG/PNG frames with a frame rate (or official '<i>_<seconds>.jpg' names).
+  preparation, but each clip decodes forward from the keyframe before each needed frame (the frame
+  index from one demux pass is cached per worker), so it is several times slower per clip (benchmarks/data.md: 18 vs 80-127 clips/s per core at 256 px). Fine for small
+  sets and for first experiments.
+- "frames": folders of JPEG/PNG frames with a frame rate (or official '<i>_<seconds>.jpg' names);
+  every file is listed at start-up, so it suits small sets (or `prepare --input_kind=frames` them).
 Broken inputs (corrupt, truncated, empty or too-short videos, unreadable images, missing labels) are
 skipped and counted, never fatal; a source where nothing can be read is an error naming its path.
 """
