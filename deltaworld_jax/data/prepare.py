@@ -40,29 +40,27 @@ def _jpeg(image: Image.Image, quality: int) -> bytes:
     return buffer.getvalue()
 
 
-def decode_video(path: str) -> tuple[list[Image.Image], np.ndarray]:
-    """Every frame of a video in presentation order and its time (seconds from the first frame)."""
-    frames, pts = [], []
+def _video_frames(path: str, short_side: int, quality: int):
+    """(JPEGs of every frame in presentation order, their times from the first frame, (width, height)).
+
+    Frames are encoded as they decode, so memory holds JPEG bytes, never a whole video of pixels."""
+    encoded, pts, size = [], [], None
     with av.open(path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         for frame in container.decode(stream):
             if frame.pts is None:
                 continue
-            frames.append(frame.to_image())
+            image = _resized(frame.to_image(), short_side)
+            size = size or image.size
+            encoded.append(_jpeg(image, quality))
             pts.append(frame.pts)
         time_base = float(stream.time_base)
+    if len(encoded) < 2:
+        raise ValueError(f"{len(encoded)} decodable frames")
     order = np.argsort(pts, kind="stable")
     pts_sorted = np.asarray(pts, np.int64)[order]
-    return [frames[i] for i in order], (pts_sorted - (pts_sorted[0] if len(pts) else 0)) * time_base
-
-
-def _video_frames(path: str, short_side: int, quality: int):
-    images, timestamps = decode_video(path)
-    if len(images) < 2:
-        raise ValueError(f"{len(images)} decodable frames")
-    images = [_resized(image, short_side) for image in images]
-    return [_jpeg(image, quality) for image in images], timestamps, images[0].size
+    return [encoded[i] for i in order], (pts_sorted - pts_sorted[0]) * time_base, size
 
 
 def _folder_frames(frame_paths: list[str], timestamps: np.ndarray, short_side: int, quality: int):
