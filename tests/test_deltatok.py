@@ -246,7 +246,27 @@ def test_bad_inputs_name_the_problem():
     with pytest.raises(ValueError, match="divisible"):
         DeltaTokConfig(hidden_size=30, num_heads=4)
     with pytest.raises(ValueError, match="T>=2"):
-        deltatok_task.reconstruction_loss(model, _tiny_vfm(), jnp.zeros((1, 1, 16, 16, 3)), None)
+        deltatok_task.reconstruction_loss(model, PixelPatchVFM(8), jnp.zeros((1, 1, 16, 16, 3)), None)
+
+
+def test_bf16_compute_keeps_a_float32_residual_stream_and_outputs():
+    cfg = DeltaTokConfig(hidden_size=HIDDEN, num_layers=1, num_heads=HEADS, intermediate_size=64,
+                         layer_scale_init=0.5)
+    f32, bf16 = DeltaTok(cfg, rngs=nnx.Rngs(0)), DeltaTok(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    assert {x.dtype for x in jax.tree.leaves(nnx.state(bf16, nnx.Param))} == {jnp.dtype(jnp.float32)}
+    feats = jax.random.normal(jax.random.key(1), (2, 2, GRID[0] * GRID[1], HIDDEN))
+    rope = f32.rope(GRID)
+    outs = {}
+    for name, model in (("f32", f32), ("bf16", bf16)):
+        @jax.jit
+        def run(feats):
+            z = model.encode(feats[:, 0], feats[:, 1], rope)
+            return z, model.decode(z, feats[:, 0], rope)
+
+        outs[name] = run(feats)
+    for a, b in zip(outs["bf16"], outs["f32"]):
+        assert a.dtype == jnp.float32  # as the official autocast: float32 LayerNorm output and residual adds
+        assert 0 < _rel_err(a, b) < 2e-2
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ positions of the last block (no final norm) are the predicted features of the ne
 The blocks are transformers' DINOv3ViTLayer as the official code builds them from the ViT-B/16 template
 config: LayerNorm eps 1e-5, q/v/o and MLP biases, no key bias, SwiGLU MLP, QK-LayerNorm over head_dim
 without bias applied AFTER RoPE, a per-head sigmoid output gate from the attention input, LayerScale 1e-5.
+Mixed precision as the official bf16 autocast: matmuls run in `dtype`, while the residual stream, the
+token norm and the outputs stay float32 (under autocast the residual adds and LayerNorms are float32).
 Parameter names mirror the official module names (encoder_blocks.{i}.attention.q_proj, z_embed.weight,
 xy_embed.weight, norm.weight, ...) so importing released weights is a rename plus transposes.
 """
@@ -118,7 +120,9 @@ class DeltaTok(nnx.Module):
                                       rngs=rngs)
         self.encoder_blocks = nnx.List([layers.Block(block_cfg, **kw) for _ in range(cfg.num_layers)])
         self.decoder_blocks = nnx.List([layers.Block(block_cfg, **kw) for _ in range(cfg.num_layers)])
-        self.norm = layers.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, **kw)
+        # float32 output, as the official norm under autocast: the token is what DeltaWorld learns to predict.
+        self.norm = layers.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=jnp.float32,
+                                     param_dtype=param_dtype, rngs=rngs)
 
     # ------------------------------------------------------------------------------------------------
     # RoPE
@@ -147,12 +151,12 @@ class DeltaTok(nnx.Module):
         """The delta token [B, 1, D] that turns `prev_bnd` (x) into `cur_bnd` (y)."""
         self._check_features("cur_bnd", cur_bnd, rope)
         batch = cur_bnd.shape[0]
-        roles = self.xy_embed.weight[...].astype(self.dtype)
-        z = jnp.broadcast_to(self.z_embed.weight[...].astype(self.dtype)[None], (batch, 1, self.cfg.hidden_size))
-        y = cur_bnd.astype(self.dtype) + roles[1]
+        roles = self.xy_embed.weight[...].astype(jnp.float32)
+        z = jnp.broadcast_to(self.z_embed.weight[...].astype(jnp.float32)[None], (batch, 1, self.cfg.hidden_size))
+        y = cur_bnd.astype(jnp.float32) + roles[1]
         if self.cfg.use_delta:
             self._check_features("prev_bnd", prev_bnd, rope)
-            x = prev_bnd.astype(self.dtype) + roles[0]
+            x = prev_bnd.astype(jnp.float32) + roles[0]
             hidden = jnp.concatenate([z, x, y], axis=1)
             # x and y sit on the same patch grid: the table is repeated for the two halves.
             rope = (jnp.concatenate([rope[0], rope[0]], axis=-2), jnp.concatenate([rope[1], rope[1]], axis=-2))
@@ -173,10 +177,10 @@ class DeltaTok(nnx.Module):
             raise ValueError(
                 f"token must be [B, 1, {self.cfg.hidden_size}] with B={prev_bnd.shape[0]}, got {token_b1d.shape}")
         if self.cfg.use_delta:
-            x = prev_bnd.astype(self.dtype)
+            x = prev_bnd.astype(jnp.float32)
         else:
-            x = jnp.broadcast_to(self.xy_embed.weight[...][0].astype(self.dtype), prev_bnd.shape)
-        hidden = jnp.concatenate([token_b1d.astype(self.dtype), x], axis=1)
+            x = jnp.broadcast_to(self.xy_embed.weight[...][0].astype(jnp.float32), prev_bnd.shape)
+        hidden = jnp.concatenate([token_b1d.astype(jnp.float32), x], axis=1)
         for block in self.decoder_blocks:
             hidden = block(hidden, rope)
         return hidden[:, 1:]
@@ -209,9 +213,9 @@ class DeltaTok(nnx.Module):
         if not 1 <= horizon <= t:
             raise ValueError(f"horizon must be in [1, {t}] for a clip of {t} frames, got {horizon}")
         if horizon == t:  # no context frame: start from black
-            x0 = jnp.broadcast_to(black_bnd, (b, n, d)).astype(self.dtype)
+            x0 = jnp.broadcast_to(black_bnd, (b, n, d)).astype(jnp.float32)
         else:
-            x0 = feats_btnd[:, t - horizon - 1].astype(self.dtype)
+            x0 = feats_btnd[:, t - horizon - 1].astype(jnp.float32)
         targets = feats_btnd[:, t - horizon:]
 
         def step(x, y):
