@@ -135,6 +135,7 @@ def test_prepare_parallel_shards_resume_and_arrayrecord_reads(kinetics, tmp_path
                             cwd=Path(__file__).parents[1], timeout=240)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "shard 1: written" in result.stdout
+    assert not list(output.glob(".*tmp*"))  # the interrupted run's temp file is gone
     assert prepare.write_shard(str(kinetics), str(output), num_shards=3, shard_index=0, exclude_list="") == "skipped"
     assert sorted(output.glob("*.index.npz"))[0].stat().st_mtime_ns == kept_mtime
     assert len(ArrayRecordSource(str(output))) == 4

@@ -23,7 +23,7 @@ import math
 from collections.abc import Callable
 
 import numpy as np
-from absl import flags
+from absl import flags, logging
 
 import grain
 from deltaworld_jax.data import eval_sources
@@ -217,6 +217,9 @@ def make_train_iterator(data_config, *, seed: int, batch_size_per_process: int, 
     shard = range(process_index, len(source), process_count)
     if len(shard) == 0:
         raise ValueError(f"{len(source)} videos cannot feed process {process_index} of {process_count}")
+    logging.info("train data: %s source %s, %d videos, process %d of %d reads %d, batches of %d",
+                 data_config.source, getattr(source, "root", ""), len(source), process_index, process_count,
+                 len(shard), batch_size_per_process)
     batches = (grain.MapDataset.range(len(shard)).repeat(None)
                .map_with_index(TrainClipLoader(source, data_config, seed, shard))
                .batch(batch_size_per_process, drop_remainder=True))

@@ -101,6 +101,9 @@ def write_shard(input_dir: str, output_dir: str, input_kind: str = "videos", num
         arrayrecord.write_atomically(schema_path, json.dumps(schema, indent=2).encode())
     if (output / f"{arrayrecord.shard_stem(shard_index, num_shards)}.index.npz").exists():
         return "skipped"
+    stem = arrayrecord.shard_stem(shard_index, num_shards)
+    for stale in output.glob(f".{stem}.*.tmp-*"):  # left by an interrupted run of this shard
+        stale.unlink()
     inputs = list_inputs(input_dir, input_kind, fps, exclude_list)[shard_index::num_shards]
     writer = arrayrecord.ShardWriter(output, shard_index, num_shards)
     for name, handle in inputs:
