@@ -155,6 +155,10 @@ def test_eval_iterator_skips_and_counts_missing_labels(tmp_path):
                 clips.extend(batch["sample_index"][batch["crop_index"] == 0].tolist())
             errors = {k: errors[k] + iterator.errors[k] for k in errors}
         assert len(clips) == 3 and len(set(clips)) == 3 and errors["missing_label"] == 1
+    for mask in (root / "data").rglob("*.png"):
+        mask.unlink()
+    with pytest.raises(RuntimeError, match=f"none of this process's clips in '{root}'"):
+        list(make_eval_iterator(config, "vspw"))
 
 
 def test_orbax_grain_checkpoint_handler_round_trip(coloured_videos, tmp_path):

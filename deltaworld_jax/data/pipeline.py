@@ -340,8 +340,9 @@ def split_into_square_crops(batch: dict) -> dict:
 class EvalIterator:
     """Iterates once over this process's share of an eval set; `errors` counts skipped clips."""
 
-    def __init__(self, name: str, elements, batch_size: int, square_crops: bool):
+    def __init__(self, name: str, elements, batch_size: int, square_crops: bool, root: str = ""):
         self.name, self._elements, self.batch_size, self.square_crops = name, elements, batch_size, square_crops
+        self.root = root
         self.errors = {kind: 0 for kind in ERROR_KINDS}
         self.num_clips = 0
 
@@ -365,6 +366,9 @@ class EvalIterator:
         self.close()  # exhausted: stop the worker processes now rather than at garbage collection
         if clips:
             return self._finish(clips)
+        if self.num_clips == 0 and any(self.errors.values()):
+            raise RuntimeError(f"eval set {self.name}: none of this process's clips in {self.root!r} could be "
+                               f"read (skipped: {self.errors})")
         raise StopIteration
 
     def close(self) -> None:
@@ -396,4 +400,5 @@ def make_eval_iterator(data_config, name: str, *, batch_size_per_process: int | 
     workers = data_config.num_workers if num_workers is None else num_workers
     if workers > 0:
         dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers), worker_init_fn=_worker_init)
-    return EvalIterator(name, iter(dataset), batch_size_per_process or e.batch_size, e.square_crops)
+    return EvalIterator(name, iter(dataset), batch_size_per_process or e.batch_size, e.square_crops,
+                        root=str(getattr(source, "root", "")))
