@@ -42,6 +42,8 @@ _REMAT = flags.DEFINE_string("remat", "", "aot/step: remat policy override (none
 _CHIP = flags.DEFINE_string("chip", "v5e", "fit: chip family (v5e, v5p, v6e, v4).")
 _OUTPUT = flags.DEFINE_string("output", "", "tokens: output folder of the token cache.")
 _NUM_CLIPS = flags.DEFINE_integer("num_clips", 0, "tokens: clips to tokenise (0: the whole source).")
+_STAGE = flags.DEFINE_string("stage", "", "For recipe configs (config.stage_configs, e.g. configs/demo.py): the "
+                             "stage to benchmark.")
 
 COMMANDS = ("flops", "step", "aot", "fit", "tokens")
 
@@ -56,6 +58,11 @@ def _config():
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config is required")
+    if "stage_configs" in config:
+        stages = sorted(config.stage_configs)
+        if _STAGE.value not in stages:
+            raise app.UsageError(f"--config is a recipe of stages {stages}: name one with --stage")
+        config = config.stage_configs[_STAGE.value]
     if _REMAT.value:
         config.model.remat = _REMAT.value
     return config

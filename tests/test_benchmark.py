@@ -62,6 +62,49 @@ def test_deltaworld_predictor_is_far_cheaper_than_dinoworld():
     assert dino / dw > 50  # 20 samples of 1 token vs 1 sample of 1024 tokens against 4-6k keys
 
 
+def tiny_world_config(kind: str = "deltaworld") -> ml_collections.ConfigDict:
+    """A world model (predictor width 128, 1 block) on the pixel VFM; DeltaWorld with K=16 candidates in
+    one pass and a randomly initialised 1-block DeltaTok."""
+    c = tiny_deltatok_config()
+    c.model = ml_collections.ConfigDict(dict(kind=kind, dtype="float32", hidden_size=128, num_layers=1, num_heads=4,
+                                             rope_axis_sizes=(28,) if kind == "deltaworld" else (10, 10, 8)))
+    if kind == "deltaworld":
+        c.model.update(dict(num_samples_train=16, bom_chunk=0))
+        c.tokenizer = ml_collections.ConfigDict(dict(checkpoint="", allow_random=True, num_layers=1,
+                                                     intermediate_size=256))
+    c.data.num_frames = 4
+    return c
+
+
+@pytest.mark.parametrize("kind", ["deltaworld", "dinoworld"])
+def test_world_model_flops_agree_on_real_step_and_forecast(kind):
+    report = analysis.flops_report(tiny_world_config(kind), xla=True, xla_batch=4 if kind == "deltaworld" else 2)
+    for check in (report["xla_check"], report["xla_forecast_check"]):
+        assert check["jaxpr_matmul"] == pytest.approx(check["analytic"], rel=1e-6)
+        assert check["xla_vs_analytic"] < 0.10, check
+    # The trained module is the predictor (+ DINO-World's learned query, hidden_size values).
+    extra = report["params"]["trained (total)"] - report["params"]["predictor"]
+    assert extra == (0 if kind == "deltaworld" else 128)
+    if kind == "deltaworld":
+        assert report["params"]["deltatok decoder"] > 0
+        assert "predictor best-of-K search (fwd)" in report["train_per_example"]
+
+
+def test_dinov3_vfm_flops_agree_with_xla():
+    from deltaworld_jax.bench import model_info
+    from deltaworld_jax.pretrained import build_vfm
+
+    vfm = nnx.eval_shape(lambda: build_vfm(dict(kind="dinov3", preset="vits16", weights="")))
+    graphdef, state = nnx.split(vfm)
+    frames = jax.ShapeDtypeStruct((1, 2, 64, 64, 3), jnp.uint8)
+    fn = lambda state, frames: nnx.merge(graphdef, state)(frames)  # noqa: E731
+    xla, _ = flops_lib.xla_flops(jax.jit(fn).lower(state, frames).compile())
+    traced, _ = flops_lib.jaxpr_matmul_flops(fn, state, frames)
+    analytic = 2 * flops_lib.vfm_frame_forward(model_info.vfm_dims(vfm), (64, 64))
+    assert traced == pytest.approx(analytic, rel=1e-6)
+    assert flops_lib.relative_difference(xla, analytic) < 0.10
+
+
 @pytest.fixture(scope="module")
 def tiny_report():
     return analysis.flops_report(tiny_deltatok_config(), xla=True, xla_batch=8)
@@ -224,3 +267,29 @@ def test_token_iterator_is_deterministic_and_resumable(token_cache):
     resumed = tokens.token_data_fn(config, process_index=0, process_count=1)
     resumed.set_state({"position": 2})
     np.testing.assert_array_equal(next(resumed)["tokens"], batches[2]["tokens"])
+
+
+def test_training_from_cached_tokens_gives_the_frames_loss(token_cache):
+    """The world task's loss on a batch of cached tokens equals its loss on the same clips' frames."""
+    from deltaworld_jax.bench import tokens
+    from deltaworld_jax.data import pipeline
+    from deltaworld_jax.data.sampling import clip_rng
+    from deltaworld_jax.training import tasks, task_modules, world_tasks  # noqa: F401
+
+    config, vfm, tok, _ = token_cache
+    world_cfg = tiny_world_config()
+    world_cfg.data = config.data
+    task = tasks.make_task(world_cfg)
+    model = task.build_trainable(nnx.Rngs(0))
+    frozen = {"vfm": vfm, "tokenizer": tok}
+    cache = tokens.TokenCache(config.data.token_cache)
+    source = pipeline.make_train_source(config.data)
+    transform = tokens.center_square_transform(32)
+    clips = [cache.load_clip(v, 4, config.data.time_stride_range, clip_rng(9, v)) for v in (0, 1)]
+    frames = np.stack([np.stack(source.read_frames(v, c["frame_indices"], transform)) for v, c in zip((0, 1), clips)])
+    times = np.stack([c["timestamps"] for c in clips])
+    rng = jax.random.PRNGKey(4)
+    from_frames, _ = task.loss(model, frozen, {"frames": jnp.asarray(frames), "timestamps": jnp.asarray(times)}, rng)
+    from_tokens, _ = task.loss(model, frozen, {"tokens": jnp.asarray(np.stack([c["tokens"] for c in clips])),
+                                              "timestamps": jnp.asarray(times)}, rng)
+    assert float(from_tokens) == pytest.approx(float(from_frames), rel=1e-5, abs=1e-7)

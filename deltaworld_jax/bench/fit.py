@@ -119,3 +119,44 @@ def format_fit(result: dict[str, Any]) -> str:
         r = result[key]
         lines.append(f"{key.replace('_', ' ')}: " + (f"{r['topology']} ({r['accelerator_type']})" if r else "none"))
     return "\n".join(lines)
+
+
+def model_from_one_compile(r: dict) -> dict[str, float]:
+    """The memory model from ONE compile at per-chip batch m0: temporaries are taken as all per-example
+    (an over-estimate by the gradient buffers, so predictions err on the safe side)."""
+    m = r["memory"]
+    return {"code": m["generated_code"], "state": m["arguments"], "other": m["outputs"] - m["aliased"],
+            "per_example": m["temporaries"] / r["per_chip_batch"], "probe_chips": r["chips"]}
+
+
+def predict_from_compiles(compiled: list[dict], chip: str) -> dict[str, Any]:
+    """Predictions for every slice of `chip` from `aot` results (JSON dicts) of ONE stage: two compiles
+    at different per-chip batches give the linear model, one compile the conservative one."""
+    spec = aot.CHIPS[chip]
+    compiled = sorted(compiled, key=lambda r: r["per_chip_batch"])
+    if len({r["per_chip_batch"] for r in compiled}) >= 2:
+        model = memory_model(compiled[0], compiled[-1], compiled[0]["chips"])
+        model["per_example"] = ((compiled[-1]["memory"]["total"] - compiled[0]["memory"]["total"])
+                                / (compiled[-1]["per_chip_batch"] - compiled[0]["per_chip_batch"]))
+        source = "linear model from compiles at per-chip batches " + ", ".join(str(r["per_chip_batch"]) for r in compiled)
+    else:
+        model = model_from_one_compile(compiled[0])
+        source = f"one compile at per-chip batch {compiled[0]['per_chip_batch']} (temporaries scaled with the batch)"
+    flops_per_example = compiled[0]["matmul_flops_per_step"] / compiled[0]["effective_batch"]
+    rows = []
+    for shape in aot.SLICES[chip]:
+        chips = math.prod(int(d) for d in shape.split("x"))
+        hbm = spec.hbm_gib * aot.GIB
+        batch, predicted = predict(model, chips, hbm)
+        row = {"topology": f"{chip}:{shape}", "chips": chips, "accelerator_type": aot.accelerator_type(chip, chips),
+               "per_chip_batch": batch, "predicted_bytes": predicted, "hbm_bytes": hbm,
+               "accumulation_steps": program.EFFECTIVE_BATCH // (chips * batch) if batch else None}
+        if batch:
+            row["roofline_step_seconds"] = flops_per_example * program.EFFECTIVE_BATCH / chips / (
+                spec.peak_bf16_tflops * 1e12)
+        rows.append(row)
+    fitting = [r for r in rows if r["per_chip_batch"]]
+    return {"chip": chip, "kind": compiled[0]["config_kind"], "sharding": compiled[0]["sharding"],
+            "remat": compiled[0]["remat"], "source": source, "model": model, "rows": rows,
+            "smallest": fitting[0] if fitting else None,
+            "smallest_without_accumulation": next((r for r in fitting if r["accumulation_steps"] == 1), None)}

@@ -133,16 +133,19 @@ def deltatok_train_step(vfm: VFMDims, tok: StackDims, frame_hw, batch: int, clip
 
 
 def deltaworld_train_step(vfm: VFMDims, tok: StackDims, pred: PredictorDims, frame_hw, batch: int,
-                          clip_frames: int = 8, num_candidates: int = 256, from_tokens: bool = False) -> Breakdown:
+                          clip_frames: int = 8, num_candidates: int = 256, from_tokens: bool = False,
+                          black_frames: int | None = None) -> Breakdown:
     """The official DeltaWorld step: VFM on the clip's frames AND one all-black frame per clip, the
     tokenizer's encode of every pair (black, f0), (f0, f1), ..., the best-of-K search (forward only, all
     (T-1)*K candidate queries against the T-1 context tokens), and the chosen queries' pass with gradients.
-    `from_tokens`: the cached-token path (no VFM, no tokenizer)."""
+    `from_tokens`: the cached-token path (no VFM, no tokenizer). `black_frames`: VFM passes of the black
+    frame per step (official: one per clip = batch; our world task computes it once per step = 1)."""
     n = vfm.num_patches(frame_hw)
     q = clip_frames - 1
+    black = batch if black_frames is None else black_frames
     out: Breakdown = {}
     if not from_tokens:
-        out["vfm (fwd, T frames + black)"] = batch * (clip_frames + 1) * vfm_frame_forward(vfm, frame_hw)
+        out["vfm (fwd, T frames + black)"] = (batch * clip_frames + black) * vfm_frame_forward(vfm, frame_hw)
         out["deltatok encode (fwd, T pairs)"] = batch * clip_frames * encode_forward(tok, n)
     out["predictor best-of-K search (fwd)"] = batch * sum(predictor_forward(pred, q * num_candidates, q))
     out["predictor chosen (fwd+bwd)"] = batch * predictor_train(pred, q, q)

@@ -38,8 +38,9 @@ def benchmark_config(config: ml_collections.ConfigDict, *, batch_size: int | Non
     cfg = ml_collections.ConfigDict(config.to_dict())
     if "vfm" in cfg and "weights" in cfg.vfm:
         cfg.vfm.weights = ""
-    if "tokenizer" in cfg and cfg.tokenizer is not None and "checkpoint" in cfg.tokenizer:
+    if "tokenizer" in cfg and cfg.tokenizer is not None:
         cfg.tokenizer.checkpoint = ""
+        cfg.tokenizer.allow_random = True  # world_tasks: a randomly initialised DeltaTok of the same sizes
     if batch_size is not None:
         cfg.train.batch_size = int(batch_size)
     if accumulation_steps is not None:
@@ -67,8 +68,18 @@ class AbstractSetup:
     frozen_module: Any
 
 
+def _register_tasks() -> None:
+    # task_modules registers every family; world_tasks is imported as well in case that line is missing.
+    from deltaworld_jax.training import task_modules  # noqa: F401
+    try:
+        from deltaworld_jax.training import world_tasks  # noqa: F401
+    except ImportError:
+        pass
+
+
 def abstract_setup(config, mesh: Mesh) -> AbstractSetup:
     """As `trainer.build(config, mesh)`, with the frozen modules abstract (nothing is allocated)."""
+    _register_tasks()
     rules = sharding_lib.axis_rules(config.mesh)
     task = remat_lib.apply(tasks.make_task(config), config)
     seed = int(config.get("seed", 0))

@@ -100,7 +100,7 @@ def time_step(config, *, warmup: int = 3, steps: int = 20, mesh=None) -> dict[st
     dims = analysis.model_dims(setup, cfg)
     model_flops = flops_lib.total(analysis.train_step_flops(
         dims, program.frame_hw(cfg), int(cfg.train.batch_size), int(cfg.data.num_frames),
-        bool(cfg.data.get("use_cached_tokens", False))))
+        bool(cfg.data.get("use_cached_tokens", False)), official=False))
     device = mesh.devices.flat[0]
     peak = peak_flops(device)
     num_devices = mesh.devices.size
