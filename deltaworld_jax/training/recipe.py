@@ -11,6 +11,7 @@ the unfinished one. How a stage starts from the previous one is part of its conf
   train.resume_from = "@<stage>" full resume (params, optimiser state, step counter, data iterator) from
                                  it, e.g. the lr cool-downs, whose num_steps continue the count
   tokenizer.checkpoint = "@<stage>"  a DeltaTok stage's checkpoints as DeltaWorld's frozen tokenizer
+  eval.results_dir = "@" / "@<stage>"  the recipe's workdir / that stage's directory
 """
 
 from __future__ import annotations
@@ -73,6 +74,11 @@ def resolve_stage_refs(stage_config, workdir: str) -> ml_collections.ConfigDict:
     return config
 
 
+# Config values that may name an earlier stage ('@<stage>'); validated before any stage runs.
+CHECKPOINT_REFS = (("train", "init_from"), ("train", "resume_from"), ("tokenizer", "checkpoint"))
+DIRECTORY_REFS = (("eval", "results_dir"),)
+
+
 def validate_recipe(config) -> None:
     stages = list(config.get("stages", ()))
     if not stages:
@@ -81,9 +87,9 @@ def validate_recipe(config) -> None:
         if name not in config.stage_configs:
             raise ValueError(f"Unknown stage {name!r} in config.stages; defined: {sorted(config.stage_configs)}")
         stage = config.stage_configs[name]
-        for section, key in (("train", "init_from"), ("train", "resume_from"), ("tokenizer", "checkpoint")):
+        for section, key in CHECKPOINT_REFS + DIRECTORY_REFS:
             value = stage.get(section, {}).get(key, "") if stage.get(section, None) else ""
-            if isinstance(value, str) and value.startswith(STAGE_REF):
+            if isinstance(value, str) and value.startswith(STAGE_REF) and value != STAGE_REF:
                 ref = value[1:]
                 if ref not in stages or stages.index(ref) >= stages.index(name):
                     raise ValueError(f"Stage {name!r}: {section}.{key}={value!r} must name an EARLIER stage of "

@@ -94,11 +94,16 @@ def validate_config(config, num_devices: int | None = None) -> None:
                          f"{optim.warmup_steps}, {optim.weight_decay}, {optim.grad_clip_norm}")
     if kind == "deltaworld":
         checkpoint = config.get("tokenizer", {}).get("checkpoint", "") if config.get("tokenizer", None) else ""
-        if not checkpoint:
+        allow_random = config.tokenizer.get("allow_random", False) if config.get("tokenizer", None) else False
+        if not checkpoint and not allow_random:
             raise ValueError("DeltaWorld needs a trained tokenizer: set config.tokenizer.checkpoint to a DeltaTok "
                              "checkpoint (our run's checkpoints dir, or the official pytorch_model.bin)")
-        if not epath.Path(checkpoint).exists():
+        if checkpoint and not epath.Path(checkpoint).exists():
             raise ValueError(f"config.tokenizer.checkpoint={checkpoint!r} does not exist")
+    required = config.train.get("required_source", "")
+    if required and not config.train.get(required, ""):
+        raise ValueError(f"This stage continues another run: set config.train.{required} to its checkpoints "
+                         f"directory ({'weights only' if required == 'init_from' else 'full resume'})")
     for key in ("init_from", "resume_from"):
         source = config.train.get(key, "")
         if source and not epath.Path(source).exists():
@@ -279,8 +284,8 @@ class _Preemption:
 
 
 def run(config, workdir: str, mode: str = "train", *, eval_fn: Callable | None = None,
-        data_fn: Callable | None = None) -> dict:
-    """Train (or evaluate, or run the whole recipe of stages). Returns a summary dict."""
+        data_fn: Callable | None = None, only_stages: Any = None) -> dict:
+    """Train (or evaluate, or run the whole recipe of stages, or `only_stages` of it). Returns a summary."""
     if mode not in MODES:
         raise ValueError(f"Unknown mode {mode!r}; known: {MODES}")
     maybe_initialize_distributed(config)
@@ -289,7 +294,7 @@ def run(config, workdir: str, mode: str = "train", *, eval_fn: Callable | None =
     if mode == "recipe":
         from deltaworld_jax.training import recipe
 
-        return recipe.run_recipe(config, workdir, eval_fn=eval_fn, data_fn=data_fn)
+        return recipe.run_recipe(config, workdir, eval_fn=eval_fn, data_fn=data_fn, only=only_stages)
     validate_config(config)
     if mode == "eval":
         return evaluate(config, workdir, eval_fn=eval_fn)
