@@ -236,7 +236,11 @@ def decode_features(models: dict[str, Any], result: dict[str, Any]):
     vfm, grid_hw = models["vfm"], result["grid_hw"]
     if models["rgb_head"] is not None:
         head = models["rgb_head"]
-        return lambda f: [pictures.rgb_image(x) for x in np.asarray(head(np.asarray(f, np.float32), grid_hw))], "rgb"
+        def rgb(f):
+            f = np.asarray(f, np.float32)
+            return [pictures.rgb_image(x) for x in np.asarray(pictures.apply_head(head, f.reshape(-1, *grid_hw, f.shape[-1])))]
+
+        return rgb, "rgb"
     if isinstance(vfm, PixelPatchVFM):
         return lambda f: [pictures.frame_image(x) for x in np.asarray(vfm.patches_to_frames(np.asarray(f), grid_hw))], \
             "pixels"

@@ -31,7 +31,9 @@ class PixelVFM(nnx.Module):
         return x
 
 
+@nnx.jit(static_argnums=(0, 1))
 def _seg_head(classes=5, seed=0):
+    # Built under jit: eager initialisation compiles every initialiser separately (slow on a shared CPU).
     head = SegHead(P * P * 3, classes, rngs=nnx.Rngs(seed))
     head.head.kernel[...] = jax.random.normal(jax.random.key(seed), head.head.kernel.shape)
     return head
@@ -111,7 +113,7 @@ def _oracle_labels(head, vfm, frames, label_hw):
 
 def test_copy_last_on_static_video_is_perfect(tmp_path):
     vfm = PixelVFM()
-    seg, depth = _seg_head(), DepthHead(P * P * 3, rngs=nnx.Rngs(1))
+    seg, depth = _seg_head(), nnx.jit(lambda: DepthHead(P * P * 3, rngs=nnx.Rngs(1)))()
     seg_batch, depth_batch = _static_batch(seed=1), _static_batch(seed=2)
     seg_batch["labels"] = _oracle_labels(seg, vfm, seg_batch["frames"], (12, 12))
     seg_batch["labels"][:, :, 0, :] = 255  # ignored pixels are never scored

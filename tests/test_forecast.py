@@ -95,12 +95,38 @@ def test_forecast_command_end_to_end(tmp_path, weights):
         assert len(list(c.decode(video=0))) == 7
 
 
-def test_forecast_without_future_frames_has_no_best(tmp_path, weights):
+def test_forecast_with_dinov3_and_rgb_head_without_future_frames(tmp_path, weights):
+    """A tiny DINOv3 (saved by transformers) and an RGB head under the official names; the video holds only
+    the context, so there is no truth row content and no best sample."""
+    import torch
+    from safetensors.numpy import save_file
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    from deltaworld_jax.models.heads import RGBHead
+
+    torch.manual_seed(0)
+    dinov3_dir = tmp_path / "dinov3"
+    DINOv3ViTModel(DINOv3ViTConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=1, num_attention_heads=3,
+                                   patch_size=4, num_register_tokens=2)).save_pretrained(dinov3_dir)
+    rgb = RGBHead(48, np.ones(48), np.zeros(48), hidden_size=16, depth=1, num_heads=2, mlp_size=16, patch_size=4,
+                  img_size=16, rngs=nnx.Rngs(3))
+    rgb_sd = {}
+    for path, value in nnx.to_flat_state(nnx.state(rgb)):
+        names, array = [str(p) for p in path], np.asarray(value.get_value())
+        if names[0] in ("norm_weight", "norm_bias", "img_mean", "img_std"):
+            continue  # buffers, not in the released checkpoint
+        if names[-1] == "kernel":
+            names[-1], array = "weight", array.T
+        rgb_sd[".".join(names)] = np.ascontiguousarray(array)
+    save_file(rgb_sd, str(tmp_path / "rgb.safetensors"))
     video = _write_video(tmp_path / "short.mp4", num_frames=8)  # 0.0-0.7 s: the 4 context frames only
-    paths = forecast.run(video=video, out=str(tmp_path / "o"), num_samples=2, size=16, patch_size=4,
-                         world_num_heads=2, world_rope_axis_sizes=(12,), **weights)
+    paths = forecast.run(video=video, out=str(tmp_path / "o"), num_samples=2, size=16, vfm=str(dinov3_dir),
+                         tokenizer=weights["tokenizer"], world=weights["world"], world_num_heads=2,
+                         world_rope_axis_sizes=(12,), rgb_head=str(tmp_path / "rgb.safetensors"), rgb_head_num_heads=2)
     with Image.open(paths["grid"]) as im:
         assert im.size[1] == 4 * 16  # truth (context only), mean, 2 samples
+        grid = np.asarray(im)
+    assert grid[16:, -16:].any()  # the decoded last future frame of the mean row is drawn
 
 
 def test_forecast_errors(tmp_path, weights):

@@ -110,9 +110,11 @@ def test_evaluation_pictures_sizes():
 
     evaluator = ev.Evaluator([Samples()], Vfm(), {}, ev.EvalSettings(horizons=(3,)))
     (output,) = evaluator.update("vspw", batch, jax.random.key(0))
-    rgb = RGBHead(48, np.ones(48), np.zeros(48), hidden_size=16, depth=1, num_heads=2, mlp_size=16, patch_size=4,
-                  img_size=8, rngs=nnx.Rngs(0))
-    for head, task in [(SegHead(48, 4, rngs=nnx.Rngs(0)), "seg"), (DepthHead(48, rngs=nnx.Rngs(0)), "depth")]:
+    # Built under jit: eager initialisation compiles every initialiser separately (slow on a shared CPU).
+    rgb = nnx.jit(lambda: RGBHead(48, np.ones(48), np.zeros(48), hidden_size=16, depth=1, num_heads=2, mlp_size=16,
+                                  patch_size=4, img_size=8, rngs=nnx.Rngs(0)))()
+    seg, depth = nnx.jit(lambda: (SegHead(48, 4, rngs=nnx.Rngs(0)), DepthHead(48, rngs=nnx.Rngs(0))))()
+    for head, task in [(seg, "seg"), (depth, "depth")]:
         pictures = pic.evaluation_pictures(output, head=head, rgb_head=rgb, max_samples=3)
         assert set(pictures) == {"feats_mean", "feats_best", f"{task}_mean", f"{task}_best", f"samples_{task}",
                                  "rgb_mean", "rgb_best"}

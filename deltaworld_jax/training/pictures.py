@@ -16,6 +16,7 @@ import os
 from typing import Iterable, Sequence
 
 import numpy as np
+from flax import nnx
 from PIL import Image
 
 # ----------------------------------------------------------------------------------------------------
@@ -211,8 +212,15 @@ def futures_picture(context: Sequence[np.ndarray | None], truth: Sequence[np.nda
 
 
 def _head_outputs(head, feats_tnd: np.ndarray, grid_hw: tuple[int, int]) -> np.ndarray:
+    """A head on features [T, N, D] laid out on the patch grid (one compiled call, not op by op)."""
     feats = np.asarray(feats_tnd, np.float32)
-    return np.asarray(head(feats.reshape(feats.shape[0], *grid_hw, feats.shape[-1])))
+    return np.asarray(apply_head(head, feats.reshape(feats.shape[0], *grid_hw, feats.shape[-1])))
+
+
+@nnx.jit
+def apply_head(head, feats):
+    """head(feats), compiled once per head structure and shape (eager calls would compile op by op)."""
+    return head(feats)
 
 
 def evaluation_pictures(output: dict, head=None, rgb_head=None, index: int = 0,
