@@ -14,6 +14,12 @@ For each dataset, clip (7 frames at a fixed stride), context length c (4) and ho
     scored twice); each crop's prediction is upsampled to a square of the label height and cut to its
     half (`align_to_task_output`), exactly as the official code does, quirks included (aspect >= 2 stretches).
 
+Result keys: results[dataset][model]["c{ctx}_h{horizon}"][selection]["t{step}"] = {"loss", "miou" | "rmse"}
+(the official metric names are c{ctx}_h{horizon}_t{step}_{seg_miou|depth_rmse}{_mean|_best}); the published
+'1 frame' / '3 frames' numbers are t0 of c4_h1 and t2 of c4_h3. One-sample models (DeltaTok, whose official
+keys have no suffix, DINO-World, copy-last) only have 'mean'. Each metric pools ALL clips of a dataset
+(torchmetrics state over the validation epoch), not a mean of per-batch values.
+
 Batches: dicts with `frames` uint8 [B, T, H, W, 3], `timestamps` float32 [B, T] and optionally `labels`
 [B, T, h, w] (integer class ids with 255 = ignore for segmentation; float depth in metres with 0 = invalid).
 Metric states are sums (see metrics_eval.py), so results do not depend on batching or sharding.
