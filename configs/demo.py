@@ -25,16 +25,20 @@ import ml_collections
 from deltaworld_jax.data import default_data_config
 from deltaworld_jax.training import recipe
 
-FRAME_SIZE = 64
-PATCH_SIZE = 8  # 8x8 = 64 tokens of 3*8*8 = 192 pixel values each
+# 32x32 frames in 4x4 patches: 64 tokens of 3*4*4 = 48 pixel values each (the VFM width, so DeltaTok's
+# width too; 3 heads of 16). 64x64 frames in 8x8 patches (64 tokens of width 192) cost ~16x the FLOPs per
+# step and do not train far enough in the 10-minute budget on 2 cores.
+FRAME_SIZE = 32
+PATCH_SIZE = 4
 VFM_WIDTH = 3 * PATCH_SIZE * PATCH_SIZE
 
 # Per setting: steps and batch sizes of both stages, and the size of the evaluation.
 SETTINGS = {
-    "": dict(deltatok_steps=600, deltatok_batch=32, world_steps=600, world_batch=16, eval_clips=64,
-             eval_batch=16, log_every=25),
-    "quick": dict(deltatok_steps=6, deltatok_batch=4, world_steps=6, world_batch=4, eval_clips=8,
-                  eval_batch=4, log_every=2),
+    "": dict(frame_size=FRAME_SIZE, deltatok_steps=500, deltatok_batch=32, world_steps=500, world_batch=16,
+             eval_clips=64, eval_batch=16, log_every=25, num_pictures=4, samples_shown=4),
+    # Same pipeline and models, 2 steps per stage, 8 eval clips: the test's setting.
+    "quick": dict(frame_size=FRAME_SIZE, deltatok_steps=2, deltatok_batch=4, world_steps=2, world_batch=4, eval_clips=8,
+                  eval_batch=8, log_every=1, num_pictures=2, samples_shown=2),
 }
 
 
@@ -42,7 +46,7 @@ def _data(num_frames: int, settings: dict) -> ml_collections.ConfigDict:
     data = default_data_config()
     data.source = "synthetic"
     data.num_frames = num_frames
-    data.frame_size = FRAME_SIZE
+    data.frame_size = settings["frame_size"]
     # The world's time step is fixed at the evaluation stride, so the model learns one dynamics (the paper
     # samples strides from Kinetics' frame rates; the synthetic world gains nothing from it).
     data.time_stride_range = (0.2, 0.2)
@@ -52,8 +56,10 @@ def _data(num_frames: int, settings: dict) -> ml_collections.ConfigDict:
     data.num_workers = 0
     data.read_threads = 1
     data.read_buffer_size = 2
-    data.synthetic.height = FRAME_SIZE
-    data.synthetic.width = FRAME_SIZE
+    data.synthetic.height = settings["frame_size"]
+    data.synthetic.width = settings["frame_size"]
+    data.synthetic.duration = 4.0  # seconds per world clip: training clips span 1.4 s, eval clips 1.2 s
+    data.synthetic.radius_range = (0.12, 0.22)  # 4-7 pixels at 32x32
     data.synthetic.event_rate = 1.5  # events per second: about one in every 3 predicted frames (0.2 s)
     data.eval.num_synthetic_clips = settings["eval_clips"]
     data.eval.batch_size = settings["eval_batch"]
@@ -66,8 +72,8 @@ def _vfm() -> ml_collections.ConfigDict:
 
 
 def _deltatok_fields() -> dict:
-    """DeltaTok sizes (width and heads are the VFM's: 192 wide, 3 heads of 64)."""
-    return dict(num_layers=2, intermediate_size=384, use_delta=True, use_qk_norm=True, use_gated_attn=True,
+    """DeltaTok sizes (width and heads are the VFM's: 48 wide, 3 heads of 16); two blocks per stack."""
+    return dict(num_layers=2, intermediate_size=128, use_delta=True, use_qk_norm=True, use_gated_attn=True,
                 use_swiglu=True, use_rope_aug=True)
 
 
@@ -80,7 +86,9 @@ def _stage_base(settings: dict, steps: int, batch: int, lr: float, warmup: int) 
     c.train.batch_size = batch
     c.train.num_steps = steps
     c.train.log_every_steps = settings["log_every"]
-    c.checkpoint.every_steps = steps  # the final checkpoint only (each save costs seconds on a laptop)
+    # The final checkpoint only (each save costs seconds on a laptop); a reference, so a command-line
+    # override of train.num_steps (--config.stage_configs.<stage>.train.num_steps=N) moves it too.
+    c.checkpoint.every_steps = c.train.get_ref("num_steps")
     c.checkpoint.keep_last = 1
     c.checkpoint.async_save = False
     c.mesh.shape = dict(data=-1, fsdp=1, tensor=1)
@@ -98,18 +106,18 @@ def deltatok_stage(settings: dict) -> ml_collections.ConfigDict:
 def deltaworld_stage(settings: dict) -> ml_collections.ConfigDict:
     c = _stage_base(settings, settings["world_steps"], settings["world_batch"], lr=1e-3, warmup=50)
     c.model.kind = "deltaworld"
-    c.model.update(dict(hidden_size=128, num_layers=2, num_heads=2, backbone_hidden_size=VFM_WIDTH, mlp_ratio=4,
-                        rope_axis_sizes=(60,), rope_unrotated_size=4, use_bom=True, num_samples_train=16,
+    c.model.update(dict(hidden_size=64, num_layers=2, num_heads=2, backbone_hidden_size=VFM_WIDTH, mlp_ratio=4,
+                        rope_axis_sizes=(28,), rope_unrotated_size=4, use_bom=True, num_samples_train=16,
                         num_samples_eval=8, bom_chunk=0))
     c.tokenizer = ml_collections.ConfigDict(dict(checkpoint="@deltatok", dtype="float32", **_deltatok_fields()))
     c.data = _data(num_frames=8, settings=settings)
     c.eval = ml_collections.ConfigDict(dict(
-        every_steps=settings["world_steps"],  # once, at the end
+        every_steps=c.train.get_ref("num_steps"),  # once, at the end
         fn="deltaworld_jax.demo:evaluate_demo",
         results_dir="@",  # the recipe's workdir
         ctx_lens=(4,), horizons=(1, 3), num_samples=8, seed=0, max_batches=0,
-        num_pictures=4,  # clips shown in demo_futures.png
-        samples_shown=4,  # sampled futures per clip in the picture
+        num_pictures=settings["num_pictures"],  # clips shown in demo_futures.png
+        samples_shown=settings["samples_shown"],  # sampled futures per clip in the picture
     ))
     return c
 

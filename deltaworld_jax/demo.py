@@ -51,9 +51,14 @@ def claim_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+DISPLAY_SIZE = 96  # small frames are enlarged (nearest neighbour, pixels stay sharp) to about this size
+
+
 def _pixels(vfm: Any, feats_tnd: np.ndarray, grid_hw: tuple[int, int]) -> list[np.ndarray]:
-    """Pixel-patch features [T, N, D] -> float pictures in [0, 1]."""
+    """Pixel-patch features [T, N, D] -> float pictures in [0, 1], enlarged for display."""
     frames = np.asarray(vfm.patches_to_frames(np.asarray(feats_tnd, np.float32), grid_hw))
+    scale = max(1, DISPLAY_SIZE // max(frames.shape[1:3]))
+    frames = frames.repeat(scale, axis=1).repeat(scale, axis=2)
     return [pictures.frame_image(f) for f in frames]
 
 
@@ -91,7 +96,7 @@ def futures_picture(outputs: list[dict], vfm: Any, num_clips: int, samples_shown
         clip_rows, clip_names = futures_rows(output, vfm, int(clip), samples_shown)
         rows += clip_rows
         names += [f"clip {int(clip)}: {n}" if i == 0 else n for i, n in enumerate(clip_names)]
-    grid = pictures.grid_image(rows, max(len(r) for r in rows), max_cell=96)
+    grid = pictures.grid_image(rows, max(len(r) for r in rows), max_cell=DISPLAY_SIZE)
     return pictures.label_rows(grid, names, grid.shape[0] // len(rows))
 
 
