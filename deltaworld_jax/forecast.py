@@ -48,7 +48,7 @@ _WORLD_UNROTATED = flags.DEFINE_integer("world_rope_unrotated_size", 4, "DeltaWo
 _RGB_HEAD = flags.DEFINE_string("rgb_head", None, "Optional RGB head weights (official rgb head).")
 _RGB_HEADS = flags.DEFINE_integer("rgb_head_num_heads", 16, "RGB head decoder heads.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
-_FPS = flags.DEFINE_float("fps", 4.0, "Frame rate of the animation.")
+_FPS = flags.DEFINE_float("animation_fps", 4.0, "Frame rate of the animation.")
 
 
 class ForecastInputError(ValueError):

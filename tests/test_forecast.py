@@ -80,11 +80,14 @@ def test_forecast_command_end_to_end(tmp_path, weights):
     argv = ["forecast", f"--video={video}", "--num_samples=2", "--horizon=3", "--context=4", "--stride=0.2",
             "--size=16", f"--vfm={weights['vfm']}", f"--tokenizer={weights['tokenizer']}",
             f"--world={weights['world']}", f"--out={out}", *TINY]
+    was_parsed = flags.FLAGS.is_parsed()
     flags.FLAGS(argv)  # the absl command line, parsed in this process (a subprocess would recompile everything)
     try:
         forecast.main(["forecast"])
     finally:
-        flags.FLAGS.unparse_flags()
+        flags.FLAGS.unparse_flags()  # leave the global flags as other tests expect them
+        if was_parsed:
+            flags.FLAGS(["pytest"])
     with Image.open(out / "forecast.png") as im:
         assert im.format == "PNG"
         # rows: truth, best, mean, 2 samples, 16 px cells; 7 columns + the row-name strip
