@@ -7,8 +7,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 from flax import nnx
 
 import deltaworld_jax  # noqa: F401
@@ -43,6 +41,8 @@ def _seg_head(classes=5, seed=0):
 
 
 def _torch_align(t, tgt, overlap, is_wide, second):
+    import torch.nn.functional as F
+
     th, tw = tgt
     if not overlap:
         return F.interpolate(t, (th, tw), mode="bilinear")
@@ -55,6 +55,9 @@ def _torch_align(t, tgt, overlap, is_wide, second):
 
 @pytest.mark.parametrize("hw,label_hw", [((8, 12), (6, 9)), ((12, 8), (9, 7)), ((8, 16), (8, 16)), ((8, 8), (5, 5))])
 def test_crops_and_alignment_match_official(hw, label_hw):
+    import torch  # only here: the sharded-evaluation subprocess imports this file and need not load torch
+    import torch.nn.functional as F
+
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 255, (2, 3, *hw, 3), dtype=np.uint8)
     labels = rng.integers(0, 5, (2, 3, *label_hw))
