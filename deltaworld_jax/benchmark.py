@@ -15,6 +15,9 @@
   python -m deltaworld_jax.benchmark tokens --config=...:stage=deltaworld --output=/path/tokens
       writes DeltaTok delta tokens of a dataset's clips, for DeltaWorld training from tokens alone.
 
+  python -m deltaworld_jax.benchmark table --inputs='benchmarks/results/aot_*.json'
+      the `aot` results as a Markdown table (benchmarks/RESULTS.md).
+
 Every subcommand can write its numbers as JSON (--json_out) for benchmarks/RESULTS.md and the launch scripts.
 """
 
@@ -45,7 +48,9 @@ _NUM_CLIPS = flags.DEFINE_integer("num_clips", 0, "tokens: clips to tokenise (0:
 _STAGE = flags.DEFINE_string("stage", "", "For recipe configs (config.stage_configs, e.g. configs/demo.py): the "
                              "stage to benchmark.")
 
-COMMANDS = ("flops", "step", "aot", "fit", "tokens")
+_INPUTS = flags.DEFINE_string("inputs", "benchmarks/results/aot_*.json", "table: glob of `aot` JSON results.")
+
+COMMANDS = ("flops", "step", "aot", "fit", "tokens", "table")
 
 
 def _write_json(payload) -> None:
@@ -119,10 +124,26 @@ def cmd_tokens() -> None:
     _write_json(summary)
 
 
+def cmd_table() -> None:
+    import glob
+
+    from deltaworld_jax.bench import aot
+
+    paths = sorted(glob.glob(_INPUTS.value))
+    if not paths:
+        raise app.UsageError(f"no files match --inputs={_INPUTS.value}")
+    results = []
+    for path in paths:
+        with open(path) as f:
+            results.append(json.load(f))
+    print(aot.markdown_table(results))
+
+
 def main(argv) -> None:
     if len(argv) != 2 or argv[1] not in COMMANDS:
         raise app.UsageError(f"usage: python -m deltaworld_jax.benchmark {{{'|'.join(COMMANDS)}}} --config=...")
-    {"flops": cmd_flops, "step": cmd_step, "aot": cmd_aot, "fit": cmd_fit, "tokens": cmd_tokens}[argv[1]]()
+    {"flops": cmd_flops, "step": cmd_step, "aot": cmd_aot, "fit": cmd_fit, "tokens": cmd_tokens,
+     "table": cmd_table}[argv[1]]()
     sys.stdout.flush()
 
 
