@@ -11,7 +11,8 @@
       compiles the real step for a TPU slice on this host (needs libtpu): per-chip memory vs HBM, FLOPs,
       per-chip batch and accumulation reaching the effective batch 1024, roofline step time.
   JAX_PLATFORMS=cpu python -m deltaworld_jax.benchmark fit --config=...:stage=deltaworld --chip=v5e
-      the smallest slice (and its sharding, remat, per-chip batch) where the stage fits in <= 90% HBM.
+      the smallest slice (and its sharding, remat, per-chip batch) where the stage fits in <= 90% HBM;
+      with --inputs='results/aot_<stage>_*.json' --chip=v5p: predicted from earlier `aot` compiles.
   python -m deltaworld_jax.benchmark tokens --config=...:stage=deltaworld --output=/path/tokens
       writes DeltaTok delta tokens of a dataset's clips, for DeltaWorld training from tokens alone.
 
@@ -107,6 +108,19 @@ def cmd_aot() -> None:
 def cmd_fit() -> None:
     from deltaworld_jax.bench import aot, fit
 
+    if flags.FLAGS["inputs"].present:  # predictions from earlier `aot` results, no compile
+        import glob
+
+        compiled = []
+        for path in sorted(glob.glob(_INPUTS.value)):
+            with open(path) as f:
+                compiled.append(json.load(f))
+        if not compiled:
+            raise app.UsageError(f"no files match --inputs={_INPUTS.value}")
+        result = fit.predict_from_compiles(compiled, _CHIP.value)
+        print(fit.format_prediction(result))
+        _write_json(result)
+        return
     if not aot.libtpu_available():
         raise app.UsageError("fit needs libtpu (pip install libtpu); run it with JAX_PLATFORMS=cpu")
     result = fit.smallest_fit(_config(), _CHIP.value, log=lambda line: print(line, flush=True))

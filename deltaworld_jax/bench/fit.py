@@ -160,3 +160,20 @@ def predict_from_compiles(compiled: list[dict], chip: str) -> dict[str, Any]:
             "remat": compiled[0]["remat"], "source": source, "model": model, "rows": rows,
             "smallest": fitting[0] if fitting else None,
             "smallest_without_accumulation": next((r for r in fitting if r["accumulation_steps"] == 1), None)}
+
+
+def format_prediction(result: dict[str, Any]) -> str:
+    g = lambda b: f"{b / aot.GIB:6.2f} GiB"  # noqa: E731
+    m = result["model"]
+    lines = [f"{result['kind']} on {result['chip']} ({result['sharding']}, remat {result['remat']}): {result['source']}; "
+             f"per-device arguments {g(m['state'])} at {m['probe_chips']} chips (FSDP-sharded: scaled by chips), "
+             f"code {g(m['code'])}, {g(m['per_example'])} per example"]
+    for r in result["rows"]:
+        lines.append(f"  {r['topology']:10s} {r['accelerator_type']:14s} per-chip batch {r['per_chip_batch']:4d} x "
+                     f"accumulation {r['accumulation_steps'] or '-'!s:>4s}  predicted {g(r['predicted_bytes'])} / "
+                     f"{g(r['hbm_bytes'])}" + (f"  roofline {r['roofline_step_seconds']:.3f} s/step"
+                                               if "roofline_step_seconds" in r else ""))
+    for key in ("smallest", "smallest_without_accumulation"):
+        r = result[key]
+        lines.append(f"{key.replace('_', ' ')}: " + (f"{r['topology']} ({r['accelerator_type']})" if r else "none"))
+    return "\n".join(lines)
