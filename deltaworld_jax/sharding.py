@@ -73,19 +73,28 @@ def num_slices(devices: Sequence[Any]) -> int:
     return len({getattr(d, "slice_index", 0) for d in devices})
 
 
+def device_array(sizes: Sequence[int], devices: Sequence[Any]) -> np.ndarray | None:
+    """The devices laid out as the (data, fsdp, tensor) mesh when they span several TPU slices: `data` is
+    split across slices (only the gradient all-reduce crosses the slow DCN links), the rest stays inside
+    a slice. None on a single slice (jax.make_mesh picks the layout)."""
+    slices = num_slices(devices)
+    if slices == 1:
+        return None
+    if sizes[0] % slices:
+        raise ValueError(f"Devices span {slices} slices: the data axis ({sizes[0]}) must be a multiple of it "
+                         f"(mesh.shape data={sizes[0]}, fsdp={sizes[1]}, tensor={sizes[2]})")
+    ici_shape = (sizes[0] // slices, sizes[1], sizes[2])
+    return mesh_utils.create_hybrid_device_mesh(ici_shape, (slices, 1, 1), devices)
+
+
 def make_mesh(mesh_config, devices: Sequence[Any] | None = None) -> Mesh:
     """The (data, fsdp, tensor) mesh described by `mesh_config.shape` over all (or the given) devices."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = resolve_mesh_shape(dict(mesh_config.shape), len(devices))
     axis_types = (AxisType.Auto,) * len(MESH_AXES)
-    slices = num_slices(devices)
-    if slices > 1:
-        if sizes[0] % slices:
-            raise ValueError(f"Devices span {slices} slices: the data axis ({sizes[0]}) must be a multiple of it")
-        ici_shape = (sizes[0] // slices, sizes[1], sizes[2])
-        dcn_shape = (slices, 1, 1)
-        device_array = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices)
-        return Mesh(device_array, MESH_AXES, axis_types=axis_types)
+    hybrid = device_array(sizes, devices)
+    if hybrid is not None:
+        return Mesh(hybrid, MESH_AXES, axis_types=axis_types)
     return jax.make_mesh(sizes, MESH_AXES, axis_types=axis_types, devices=devices)
 
 

@@ -58,7 +58,7 @@ def _start(workdir, overrides):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
 
 
-def _wait_for(predicate, proc, timeout=240):
+def _wait_for(predicate, proc, timeout=500):
     deadline = time.time() + timeout
     while time.time() < deadline:
         if predicate():
@@ -104,7 +104,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     proc = _start(tmp_path, {"train.num_steps": 500, "checkpoint.every_steps": 1000, "train.write_metrics": False})
     _wait_for(lambda: (tmp_path / "consumed_3").exists(), proc)
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=240)
+    out, err = proc.communicate(timeout=500)
     assert proc.returncode == 0, err[-4000:]
     result = json.loads([l for l in out.splitlines() if l.startswith("RESULT")][-1][len("RESULT"):])
     assert result["stopped_by"] == "preempted" and 3 <= result["step"] < 500

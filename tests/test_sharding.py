@@ -41,6 +41,20 @@ def test_logical_rules_map_names_to_mesh_axes():
         sharding.axis_rules(cfg)
 
 
+def test_multi_slice_puts_the_data_axis_across_slices():
+    from types import SimpleNamespace
+
+    # (platform "cpu": mesh_utils then lays out each slice without physical TPU coordinates)
+    devices = [SimpleNamespace(id=i, slice_index=i // 4, platform="cpu", device_kind="cpu", process_index=i // 4)
+               for i in range(8)]
+    array = sharding.device_array((2, 4, 1), devices)
+    ids = [[d.id for d in row.ravel()] for row in array]
+    assert ids == [[0, 1, 2, 3], [4, 5, 6, 7]]  # data index = slice; fsdp within a slice
+    with pytest.raises(ValueError, match="span 2 slices: the data axis \\(1\\) must be a multiple"):
+        sharding.device_array((1, 8, 1), devices)
+    assert sharding.device_array((8, 1, 1), devices[:4]) is None  # one slice: jax.make_mesh decides
+
+
 EIGHT_DEVICE_CHECKS = r"""
 import json
 import jax, jax.numpy as jnp, numpy as np, optax
@@ -63,71 +77,68 @@ def setup_for(shape, devices):
     mesh = sharding.make_mesh(cfg.mesh, devices)
     return cfg, trainer.build(cfg, mesh)
 
-# 1) every parameter and optimiser leaf is sharded as the rules say (FSDP + TP: fsdp=4, tensor=2)
-cfg, s = setup_for({"data": 1, "fsdp": 4, "tensor": 2}, jax.devices())
-state = trainer.init_state(cfg, s)
-abstract_module = nnx.eval_shape(lambda: s.task.build_trainable(nnx.Rngs(0)))
-flat_vars = {tuple(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(abstract_module, nnx.Param))}
-bad = []
-specs = {}
-for path, leaf in jax.tree_util.tree_leaves_with_path(state.params):
-    key = tuple(str(getattr(k, "key", k)) for k in path)
-    var = flat_vars[key]
-    expected = sharding.logical_to_spec(var.get_metadata().get("out_sharding"), var.shape, s.rules, s.mesh)
-    specs["/".join(key)] = str(leaf.sharding.spec)
-    if leaf.sharding.spec != expected:
-        bad.append(("param", key, str(leaf.sharding.spec), str(expected)))
-adam = [x for x in jax.tree.leaves(state.opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
-        if isinstance(x, optax.ScaleByAdamState)][0]
-for moments in (adam.mu, adam.nu):
-    for (path, m), p in zip(jax.tree_util.tree_leaves_with_path(moments), jax.tree.leaves(state.params)):
-        if m.sharding.spec != p.sharding.spec:
-            bad.append(("moment", str(path), str(m.sharding.spec), str(p.sharding.spec)))
-for leaf in jax.tree.leaves(state.opt_state):
-    if leaf.ndim == 0 and leaf.sharding.spec != jax.sharding.PartitionSpec():
-        bad.append(("scalar", str(leaf.sharding.spec)))
-frozen_specs = {"/".join(str(getattr(k, "key", k)) for k in p): str(v.sharding.spec)
-                for p, v in jax.tree_util.tree_leaves_with_path(s.frozen_state)}
-out["bad"] = bad
-out["specs"] = specs
-out["frozen_specs"] = frozen_specs
-
-# 2) per-device bytes of the train state: replicated (DP over 8) vs FSDP over 8, from the compiled init
-def state_bytes(shape):
-    cfg, s = setup_for(shape, jax.devices())
+def init_compiled(s):
+    # the trainer's sharded init, compiled once: XLA's memory analysis, then the state itself
     fresh = lambda: step_lib.init_train_state(*step_lib.split_trainable(s.task.build_trainable(nnx.Rngs(0)))[1:],
                                               s.tx)
     with jax.set_mesh(s.mesh):
         compiled = jax.jit(fresh, out_shardings=s.state_shardings).lower().compile()
-    return compiled.memory_analysis().output_size_in_bytes
-out["bytes_replicated"] = state_bytes({"data": 8, "fsdp": 1, "tensor": 1})
-out["bytes_fsdp"] = state_bytes({"data": 1, "fsdp": 8, "tensor": 1})
+        return compiled.memory_analysis().output_size_in_bytes, compiled()
 
-# 3) one training step: the same loss (and update) on 1 device, 8 devices DP, 8 devices FSDP
-losses, kernels = {}, {}
+def check_specs(s, state):
+    # every parameter's spec is the rules' spec for its logical axes; Adam moments follow their parameter
+    abstract_module = nnx.eval_shape(lambda: s.task.build_trainable(nnx.Rngs(0)))
+    flat_vars = {tuple(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(abstract_module, nnx.Param))}
+    bad, specs = [], {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state.params):
+        key = tuple(str(getattr(k, "key", k)) for k in path)
+        var = flat_vars[key]
+        expected = sharding.logical_to_spec(var.get_metadata().get("out_sharding"), var.shape, s.rules, s.mesh)
+        specs["/".join(key)] = str(leaf.sharding.spec)
+        if leaf.sharding.spec != expected:
+            bad.append(("param", key, str(leaf.sharding.spec), str(expected)))
+    adam = [x for x in jax.tree.leaves(state.opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+            if isinstance(x, optax.ScaleByAdamState)][0]
+    for moments in (adam.mu, adam.nu):
+        for (path, m), p in zip(jax.tree_util.tree_leaves_with_path(moments), jax.tree.leaves(state.params)):
+            if m.sharding.spec != p.sharding.spec:
+                bad.append(("moment", str(path), str(m.sharding.spec), str(p.sharding.spec)))
+    for leaf in jax.tree.leaves(state.opt_state):
+        if leaf.ndim == 0 and leaf.sharding.spec != jax.sharding.PartitionSpec():
+            bad.append(("scalar", str(leaf.sharding.spec)))
+    frozen = {"/".join(str(getattr(k, "key", k)) for k in p): str(v.sharding.spec)
+              for p, v in jax.tree_util.tree_leaves_with_path(s.frozen_state)}
+    return bad, specs, frozen
+
+losses, kernels, state_bytes = {}, {}, {}
 for name, shape, devices in [("one", {"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1]),
                              ("dp8", {"data": 8, "fsdp": 1, "tensor": 1}, jax.devices()),
-                             ("fsdp8", {"data": 1, "fsdp": 8, "tensor": 1}, jax.devices())]:
+                             ("fsdp8", {"data": 1, "fsdp": 8, "tensor": 1}, jax.devices()),
+                             ("fsdp4_tp2", {"data": 1, "fsdp": 4, "tensor": 2}, jax.devices())]:
     cfg, s = setup_for(shape, devices)
-    state = trainer.init_state(cfg, s)
+    state_bytes[name], state = init_compiled(s)
+    if name == "fsdp4_tp2":  # 1) the layout with every kind of split: specs of all leaves
+        out["bad"], out["specs"], out["frozen_specs"] = check_specs(s, state)
+        continue
+    # 3) one training step: the same loss (and update) on 1 device, 8 devices DP, 8 devices FSDP
     fn = step_lib.make_train_step(s.task, s.graphdef, s.frozen_graphdef, s.tx, mesh=s.mesh, lr_schedule=s.schedule)
     with jax.set_mesh(s.mesh):
         batch = trainer.place_batch(inputs, s.mesh)
         jitted = step_lib.jit_train_step(fn, s.state_shardings, s.frozen_shardings,
                                          jax.tree.map(lambda x: x.sharding, batch), s.mesh)
-        key = jax.random.PRNGKey(1)
-        state, m1 = jitted(state, s.frozen_state, batch, key)
+        state, m1 = jitted(state, s.frozen_state, batch, jax.random.PRNGKey(1))
     losses[name] = [float(m1["loss"]), float(m1["grad_norm/total"])]
     kernels[name] = np.asarray(state.params["head"]["kernel"]).ravel()[:16].tolist()
-out["losses"] = losses
-out["kernels"] = kernels
+# 2) per-device bytes of the train state (compiled init's output): replicated (DP over 8) vs FSDP over 8
+out["bytes_replicated"], out["bytes_fsdp"] = state_bytes["dp8"], state_bytes["fsdp8"]
+out["losses"], out["kernels"] = losses, kernels
 print("RESULT" + json.dumps(out))
 """
 
 
 @pytest.fixture(scope="module")
 def eight_device_results():
-    proc = check(run_python(EIGHT_DEVICE_CHECKS, devices=8))
+    proc = check(run_python(EIGHT_DEVICE_CHECKS, devices=8, timeout=600))
     line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1]
     return json.loads(line[len("RESULT"):])
 

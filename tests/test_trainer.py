@@ -208,7 +208,6 @@ def test_non_finite_loss_stops_with_clear_error_and_keeps_last_checkpoint(tmp_pa
 def test_bad_config_values_fail_before_compile(tmp_path, overrides, message, monkeypatch):
     config = toy_config(**overrides)
     if overrides.get("model.kind") == "deltaworld":
-        tasks._REGISTRY.setdefault("deltaworld", ToyTask)  # the check must not depend on the real task landing
         config.tokenizer = ml_collections.ConfigDict({"checkpoint": ""})
     monkeypatch.setattr(trainer, "build", lambda *a, **k: pytest.fail("built before validating"))
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -219,10 +218,58 @@ def test_gradient_accumulation_matches_full_batch(tmp_path):
     """accumulation 4 over micro-batches of 2 == one batch of 8 (mean of micro-batch gradients), given the
     same randomness; and the effective batch stays config.train.batch_size."""
     base = {"train.num_steps": 2, "train.log_every_steps": 1, "model.noise_free": True}
-    one = trainer.run(toy_config(**base), str(tmp_path / "a"), data_fn=toy_data)
+    calls = []
+
+    def eval_fn(config, trainable, frozen, step):  # the periodic evaluation hook (config.eval.every_steps)
+        calls.append((type(trainable).__name__, type(frozen).__name__, step))
+        return {"score": float(step)}
+
+    one = trainer.run(toy_config(**base, **{"eval.every_steps": 2}), str(tmp_path / "a"), data_fn=toy_data,
+                      eval_fn=eval_fn)
+    assert calls == [("ToyPredictor", "ToyEncoder", 2)]
     acc = trainer.run(toy_config(**base, **{"optim.accumulation_steps": 4}), str(tmp_path / "b"), data_fn=toy_data)
     # The loss of the batch is the mean of its equally sized micro-batch losses (noise off: no rng involved).
     for s in (1, 2):
         np.testing.assert_allclose(acc["losses"][s], one["losses"][s], rtol=1e-5)
     np.testing.assert_allclose(np.asarray(acc["state"].params["head"]["kernel"]),
                                np.asarray(one["state"].params["head"]["kernel"]), rtol=1e-4, atol=1e-6)
+
+
+def _load_config_file(name: str, arg: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"config_{name}", os.path.join(ROOT, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def test_kinetics_stages_are_the_papers_and_bad_values_fail_before_build(tmp_path, monkeypatch):
+    expected = {  # stage: (lr, frame size, frames, final step, weight decay, clip)
+        "deltatok_256": (1e-3, 256, 2, 1_000_000, 0.01, 0.01),
+        "deltatok_512": (1e-4, 512, 2, 500_000, 0.01, 0.01),
+        "deltatok_cooldown1": (1e-5, 512, 2, 550_000, 0.01, 0.01),
+        "deltatok_cooldown2": (1e-6, 512, 2, 600_000, 0.01, 0.01),
+        "deltaworld_512": (1e-4, 512, 8, 300_000, 0.4, 0.0),
+        "deltaworld_cooldown": (1e-5, 512, 8, 305_000, 0.4, 0.0),
+    }
+    for stage, values in expected.items():
+        c = _load_config_file("kinetics", f"stage={stage}")
+        assert (c.optim.lr, c.data.frame_size, c.data.num_frames, c.train.num_steps, c.optim.weight_decay,
+                c.optim.grad_clip_norm) == values, stage
+        assert (c.train.batch_size, c.optim.warmup_steps, c.model.dtype) == (1024, 5000, "bfloat16")
+    full = _load_config_file("kinetics", "recipe=all")
+    recipe.validate_recipe(full)
+    assert full.stage_configs.deltatok_512.train.init_from == "@deltatok_256"  # weights only
+    assert full.stage_configs.deltatok_cooldown1.train.resume_from == "@deltatok_512"  # full resume
+    assert full.stage_configs.deltaworld_512.tokenizer.checkpoint == "@deltatok_cooldown2"
+    with pytest.raises(ValueError, match="Unknown stage 'deltatok_1024'"):
+        _load_config_file("kinetics", "stage=deltatok_1024")
+
+    monkeypatch.setattr(trainer, "build", lambda *a, **k: pytest.fail("built before validating"))
+    with pytest.raises(ValueError, match="set config.train.init_from"):
+        trainer.run(_load_config_file("kinetics", "stage=deltatok_512"), str(tmp_path))
+    with pytest.raises(ValueError, match="DeltaWorld needs a trained tokenizer"):
+        trainer.run(_load_config_file("kinetics", "stage=deltaworld_512"), str(tmp_path))
+    with pytest.raises(ValueError, match="Unknown stage"):
+        _load_config_file("dinoworld_kinetics", "stage=nope")

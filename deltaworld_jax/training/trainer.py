@@ -424,8 +424,8 @@ def train(config, workdir: str, *, eval_fn: Callable | None = None, data_fn: Cal
             else:
                 stopped_by = stopped_by or "done"
         if stopped_by == "preempted" and step > start_step:
-            steps, values = buffer.flush()
-            losses.update({s: float(v) for s, v in zip(steps, values["loss"])})
+            steps, values = buffer.flush()  # raises if a loss went non-finite: then nothing is saved
+            losses.update({s: float(v) for s, v in zip(steps, values.get("loss", ()))})
             checkpointer.save(state, data_iter)
     finally:
         preemption.restore()
