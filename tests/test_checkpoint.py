@@ -123,6 +123,17 @@ def test_weights_only_init_retention_and_contents(tmp_path):
     blobs = b"".join(open(os.path.join(d, f), "rb").read() for d, _, fs in os.walk(step_dir) for f in fs)
     assert b"patch_embed" not in blobs and b"up_proj" in blobs
 
+    # --mode=eval: the hook once, on the latest checkpoint's weights
+    seen = {}
+
+    def eval_fn(config, trainable, frozen, step):
+        seen["kernel"] = np.asarray(trainable.head.kernel[...])
+        return {"score": float(step)}
+
+    evaluated = trainer.run(toy_config(), str(source), mode="eval", eval_fn=eval_fn)
+    assert evaluated["step"] == 6 and evaluated["eval"] == {"score": 6.0}
+    np.testing.assert_array_equal(seen["kernel"], np.asarray(a["state"].params["head"]["kernel"]))
+
     # Weights-only init: new run, step 0, fresh optimiser. With warm-up the first update has lr 0, so its
     # parameters after one step are exactly the source's final ones (a restored optimiser state would
     # have count 6 and move them).
