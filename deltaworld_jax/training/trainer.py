@@ -23,7 +23,6 @@ import time
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from etils import epath
@@ -45,6 +44,8 @@ MODES = ("train", "eval", "recipe")
 def maybe_initialize_distributed(config=None) -> None:
     """jax.distributed.initialize on multi-process runs (config.distributed.* or the JAX_* / cloud env);
     a no-op for a single process. CPU collectives go through gloo so multi-process CPU runs work."""
+    if config is not None and hasattr(config, "get") and config.get("stages", None):
+        config = config.stage_configs[config.stages[0]]  # a recipe: every stage runs on the same processes
     dist = config.get("distributed", None) if config is not None and hasattr(config, "get") else None
     coordinator = (dist.get("coordinator_address", "") if dist else "") or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
     num_processes = int((dist.get("num_processes", 0) if dist else 0) or os.environ.get("JAX_NUM_PROCESSES", 0) or 0)
