@@ -9,16 +9,18 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 usage() {
   cat <<'EOF'
-Usage: launch/gpu_slurm.sh --stage=STAGE --workdir=DIR [flags]
+Usage: launch/gpu_slurm.sh (--stage=STAGE | --recipe=NAME) --workdir=DIR [flags]
 
 Submits launch/slurm_job.sbatch, which runs on every task
-  PYTHON -m deltaworld_jax.main --config=configs/kinetics.py:stage=STAGE --workdir=DIR --mode=MODE
+  PYTHON -m deltaworld_jax.main --config=configs/kinetics.py:stage=STAGE (or :recipe=NAME) --workdir=DIR --mode=MODE
 and jax.distributed.initialize() (called by main.py) configures itself from SLURM's variables.
 Install first on the cluster (shared home or every node): pip install -e ".[gpu]"
 
 Flags:
-  --stage=STAGE           recipe stage; nodes and GPUs per node default to launch/topologies.json [gpu]
-                          (the official recipe's hardware). Required.
+  --stage=STAGE           one stage (configs/kinetics.py:stage=STAGE); nodes and GPUs per node default to
+                          launch/topologies.json [gpu] (the official recipe's hardware).
+  --recipe=NAME           or several stages in order (configs/kinetics.py:recipe=deltatok|deltaworld|all),
+                          on the hardware of the recipe's largest stage. One of --stage / --recipe is required.
   --workdir=DIR           a directory every node sees (shared filesystem or gs://). Required.
   --mode=train|eval|recipe   default train.
   --nodes=N               override the table.
@@ -34,7 +36,7 @@ Flags:
 EOF
 }
 
-STAGE="" WORKDIR="" MODE="train" NODES="" GPUS_PER_NODE="" TASKS_PER_NODE="gpu" PYTHON="python3"
+STAGE="" RECIPE="" WORKDIR="" MODE="train" NODES="" GPUS_PER_NODE="" TASKS_PER_NODE="gpu" PYTHON="python3"
 JOB_NAME=""
 SBATCH_EXTRA=()
 CONFIG_FLAGS=()
@@ -44,6 +46,7 @@ while [[ $# -gt 0 ]]; do
     -h | --help) usage; exit 0 ;;
     --dry-run) DRY_RUN=1; shift ;;
     --stage | --stage=*) flag_value --stage "$@"; STAGE="${REPLY}"; shift "${SHIFT_BY}" ;;
+    --recipe | --recipe=*) flag_value --recipe "$@"; RECIPE="${REPLY}"; shift "${SHIFT_BY}" ;;
     --workdir | --workdir=*) flag_value --workdir "$@"; WORKDIR="${REPLY%/}"; shift "${SHIFT_BY}" ;;
     --mode | --mode=*) flag_value --mode "$@"; MODE="${REPLY}"; shift "${SHIFT_BY}" ;;
     --nodes | --nodes=*) flag_value --nodes "$@"; NODES="${REPLY}"; shift "${SHIFT_BY}" ;;
@@ -58,11 +61,14 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 
-[[ -n "${STAGE}" ]] || die "--stage is required"
+[[ -n "${STAGE}${RECIPE}" ]] || die "--stage or --recipe is required"
+[[ -z "${STAGE}" || -z "${RECIPE}" ]] || die "give --stage or --recipe, not both"
+HW_STAGE="${STAGE}"
+if [[ -n "${RECIPE}" ]]; then HW_STAGE="$(recipe_stage "${RECIPE}")"; fi
 require_shared_workdir "${WORKDIR}" any
 case "${MODE}" in train | eval | recipe) ;; *) die "--mode must be train, eval or recipe (got ${MODE})" ;; esac
-NODES="${NODES:-$(topology_field gpu "${STAGE}" nodes)}"
-GPUS_PER_NODE="${GPUS_PER_NODE:-$(topology_field gpu "${STAGE}" gpus_per_node)}"
+NODES="${NODES:-$(topology_field gpu "${HW_STAGE}" nodes)}"
+GPUS_PER_NODE="${GPUS_PER_NODE:-$(topology_field gpu "${HW_STAGE}" gpus_per_node)}"
 [[ "${NODES}" =~ ^[1-9][0-9]*$ ]] || die "--nodes must be a positive integer (got ${NODES})"
 [[ "${GPUS_PER_NODE}" =~ ^[1-9][0-9]*$ ]] || die "--gpus-per-node must be a positive integer (got ${GPUS_PER_NODE})"
 case "${TASKS_PER_NODE}" in
@@ -71,10 +77,10 @@ case "${TASKS_PER_NODE}" in
   *) die "--tasks-per-node must be gpu or node (got ${TASKS_PER_NODE})" ;;
 esac
 
-MAIN_ARGV=("${PYTHON}" -m deltaworld_jax.main "--config=configs/kinetics.py:stage=${STAGE}"
+MAIN_ARGV=("${PYTHON}" -m deltaworld_jax.main "--config=$(kinetics_config "${STAGE}" "${RECIPE}")"
   "--workdir=${WORKDIR}" "--mode=${MODE}" "${CONFIG_FLAGS[@]}")
 
-run_cmd sbatch --job-name="${JOB_NAME:-deltaworld-${STAGE}}" --nodes="${NODES}" \
+run_cmd sbatch --job-name="${JOB_NAME:-deltaworld-${STAGE:-${RECIPE}}}" --nodes="${NODES}" \
   --ntasks-per-node="${NTASKS_PER_NODE}" --gpus-per-node="${GPUS_PER_NODE}" --chdir="${REPO_ROOT}" \
   "${SBATCH_EXTRA[@]}" "${LAUNCH_DIR}/slurm_job.sbatch" "${MAIN_ARGV[@]}"
 

@@ -77,6 +77,30 @@ if value is not None:
 PY
 }
 
+# The stage whose hardware a recipe (configs/kinetics.py:recipe=NAME) runs on: its largest stage.
+recipe_stage() {
+  python3 - "${TOPOLOGIES_JSON}" "$1" <<'PY'
+import json
+import sys
+
+path, recipe = sys.argv[1:]
+recipes = json.load(open(path))["recipes"]
+if recipe not in recipes:
+    sys.exit(f"error: unknown recipe {recipe!r} in {path}; known: {', '.join(sorted(recipes))}")
+print(recipes[recipe])
+PY
+}
+
+# The --config value for main.py: one stage or a recipe of stages.
+kinetics_config() {
+  local stage="$1" recipe="$2"
+  if [[ -n "${recipe}" ]]; then
+    printf 'configs/kinetics.py:recipe=%s' "${recipe}"
+  else
+    printf 'configs/kinetics.py:stage=%s' "${stage}"
+  fi
+}
+
 # Check a workdir that every host of a multi-host run must see.
 require_shared_workdir() {
   local workdir="$1" kind="$2"

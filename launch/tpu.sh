@@ -29,8 +29,12 @@ Flags:
   --name=NAME               TPU VM / queued-resource name (required).
   --zone=ZONE               e.g. us-east5-a (v5p), us-east1-d (v6e) (required).
   --project=PROJECT         default: gcloud's configured project.
-  --stage=STAGE             recipe stage (configs/kinetics.py:stage=STAGE); picks the TPU type from
-                            launch/topologies.json (required for create and run).
+  --stage=STAGE             one stage (configs/kinetics.py:stage=STAGE), e.g. deltatok_256; picks the TPU
+                            type from launch/topologies.json. Stages that continue another run need its
+                            path: --config-flag=--config.train.init_from=gs://.../checkpoints (see the config).
+  --recipe=NAME             or several stages in order (configs/kinetics.py:recipe=deltatok|deltaworld|all),
+                            each in WORKDIR/<stage>/, on the TPU of the recipe's largest stage.
+                            One of --stage / --recipe is required for create and run.
   --mode=train|eval|recipe  what main.py runs (default train).
   --workdir=gs://BUCKET/DIR checkpoints, metrics and logs; must be on GCS (required for setup and run:
                             setup stages the source tarball under WORKDIR/launch/).
@@ -42,22 +46,28 @@ Flags:
   --spot | --reserved | --guaranteed   capacity (guaranteed: queued resources only).
   --git-url=URL [--git-ref=REF]  clone this repository on the workers instead of copying the checkout.
   --python=3.11             Python version of the workers' virtual environment.
-  --config-flag=FLAG        extra flag for main.py, repeatable, e.g. --config-flag=--config.train.num_steps=10.
+  --config-flag=FLAG        extra flag for main.py, repeatable, e.g. --config-flag=--config.data.root=gs://b/k700
+                            or --config-flag=--stages=deltatok_512 (a recipe's stages to run).
+  --env=NAME=VALUE          environment variable for the run on every worker, repeatable (e.g. HF_TOKEN for
+                            the gated DINOv3 weights; it is visible in the workers' process list).
   --log-worker=N            worker whose log `logs` streams (default 0).
   --dry-run                 print the commands instead of running them.
   -h, --help                this text.
 
 Example (see `--dry-run` for the exact commands):
   launch/tpu.sh up --name=dw-tok --zone=us-east5-a --stage=deltatok_256 --spot \
-      --workdir=gs://my-bucket/deltatok_256
+      --workdir=gs://my-bucket/deltatok_256 --config-flag=--config.data.root=gs://my-bucket/k700
+  launch/tpu.sh up --name=dw-all --zone=us-east5-a --recipe=all --num-slices=2 --reserved \
+      --workdir=gs://my-bucket/kinetics --config-flag=--config.data.root=gs://my-bucket/k700
 EOF
 }
 
 COMMAND=""
-NAME="" ZONE="" PROJECT="" STAGE="" MODE="train" WORKDIR=""
+NAME="" ZONE="" PROJECT="" STAGE="" RECIPE="" HW_STAGE="" MODE="train" WORKDIR=""
 ACCELERATOR_TYPE="" TOPOLOGY="" TPU_TYPE="" VERSION="" NUM_SLICES="" QUEUED=0
 CAPACITY="" GIT_URL="" GIT_REF="" PYTHON_VERSION="3.11" LOG_WORKER=0
 CONFIG_FLAGS=()
+RUN_ENV=()
 
 parse_args() {
   while [[ $# -gt 0 ]]; do
@@ -72,6 +82,11 @@ parse_args() {
       --zone | --zone=*) flag_value --zone "$@"; ZONE="${REPLY}"; shift "${SHIFT_BY}" ;;
       --project | --project=*) flag_value --project "$@"; PROJECT="${REPLY}"; shift "${SHIFT_BY}" ;;
       --stage | --stage=*) flag_value --stage "$@"; STAGE="${REPLY}"; shift "${SHIFT_BY}" ;;
+      --recipe | --recipe=*) flag_value --recipe "$@"; RECIPE="${REPLY}"; shift "${SHIFT_BY}" ;;
+      --env | --env=*)
+        flag_value --env "$@"
+        [[ "${REPLY}" =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "--env takes NAME=VALUE (got ${REPLY})"
+        RUN_ENV+=("${REPLY}"); shift "${SHIFT_BY}" ;;
       --mode | --mode=*) flag_value --mode "$@"; MODE="${REPLY}"; shift "${SHIFT_BY}" ;;
       --workdir | --workdir=*) flag_value --workdir "$@"; WORKDIR="${REPLY%/}"; shift "${SHIFT_BY}" ;;
       --accelerator-type | --accelerator-type=*)
@@ -100,11 +115,14 @@ parse_args() {
     [[ -n "${TOPOLOGY}" && -n "${TPU_TYPE}" ]] || die "--topology and --type go together"
     [[ -z "${ACCELERATOR_TYPE}" ]] || die "give --accelerator-type or --topology/--type, not both"
   fi
-  if [[ -n "${STAGE}" ]]; then
+  [[ -z "${STAGE}" || -z "${RECIPE}" ]] || die "give --stage or --recipe, not both"
+  HW_STAGE="${STAGE}"
+  if [[ -n "${RECIPE}" ]]; then HW_STAGE="$(recipe_stage "${RECIPE}")"; fi
+  if [[ -n "${HW_STAGE}" ]]; then
     # Validates the stage name even where the table's values are overridden.
     local table_type table_slices
-    table_type="$(topology_field tpu "${STAGE}" accelerator_type)"
-    table_slices="$(topology_field tpu "${STAGE}" num_slices)"
+    table_type="$(topology_field tpu "${HW_STAGE}" accelerator_type)"
+    table_slices="$(topology_field tpu "${HW_STAGE}" num_slices)"
     if [[ -z "${ACCELERATOR_TYPE}" && -z "${TOPOLOGY}" ]]; then ACCELERATOR_TYPE="${table_type}"; fi
     if [[ -z "${NUM_SLICES}" ]]; then NUM_SLICES="${table_slices:-1}"; fi
   fi
@@ -123,7 +141,7 @@ runtime_version() {
     return
   fi
   local family="${TPU_TYPE:-${ACCELERATOR_TYPE%-*}}"
-  [[ -n "${family}" ]] || die "no TPU type: give --stage, --accelerator-type or --topology/--type"
+  [[ -n "${family}" ]] || die "no TPU type: give --stage, --recipe, --accelerator-type or --topology/--type"
   python3 - "${TOPOLOGIES_JSON}" "${family}" <<'PY'
 import json
 import sys
@@ -146,7 +164,7 @@ shape_flags() {
   if [[ -n "${TOPOLOGY}" ]]; then
     SHAPE_FLAGS=(--topology="${TOPOLOGY}" --type="${TPU_TYPE}")
   else
-    [[ -n "${ACCELERATOR_TYPE}" ]] || die "no TPU type: give --stage, --accelerator-type or --topology/--type"
+    [[ -n "${ACCELERATOR_TYPE}" ]] || die "no TPU type: give --stage, --recipe, --accelerator-type or --topology/--type"
     SHAPE_FLAGS=(--accelerator-type="${ACCELERATOR_TYPE}")
   fi
 }
@@ -244,17 +262,19 @@ cmd_setup() {
 
 # The main command every worker runs: the same argv everywhere; the worker's rank comes from the TPU.
 main_command() {
-  local config="configs/kinetics.py"
-  if [[ -n "${STAGE}" ]]; then config+=":stage=${STAGE}"; fi
-  MAIN_ARGV=("${REMOTE_VENV}/bin/python" -m deltaworld_jax.main "--config=${config}" "--workdir=${WORKDIR}"
+  MAIN_ARGV=("${REMOTE_VENV}/bin/python" -m deltaworld_jax.main "--config=$(kinetics_config "${STAGE}" "${RECIPE}")" "--workdir=${WORKDIR}"
     "--mode=${MODE}" "${CONFIG_FLAGS[@]}")
 }
 
 cmd_run() {
   require_shared_workdir "${WORKDIR}" gcs
-  [[ -n "${STAGE}" ]] || die "--stage is required for run (configs/kinetics.py:stage=STAGE)"
+  [[ -n "${STAGE}${RECIPE}" ]] || die "--stage or --recipe is required for run"
   main_command
-  local main_line="" word
+  local main_line="" word assignment
+  if [[ ${#RUN_ENV[@]} -gt 0 ]]; then main_line="env "; fi
+  for assignment in "${RUN_ENV[@]}"; do
+    main_line+="${assignment%%=*}=$(shell_quote "${assignment#*=}") "
+  done
   for word in "${MAIN_ARGV[@]}"; do
     # $HOME stays unquoted so the worker's shell expands it.
     if [[ "${word}" == "${REMOTE_VENV}/bin/python" ]]; then main_line+="${word} "; else main_line+="$(shell_quote "${word}") "; fi

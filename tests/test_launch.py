@@ -82,19 +82,22 @@ def test_tpu_single_slice_up():
 
 
 def test_tpu_multislice_queued_resource():
-    out = tpu("create", "--name=dw-ms", "--zone=us-east5-a", "--stage=deltaworld", "--num-slices=2",
+    out = tpu("create", "--name=dw-ms", "--zone=us-east5-a", "--stage=deltaworld_512", "--num-slices=2",
               "--reserved").stdout
     create = _find(_commands(out), "gcloud", "compute", "tpus", "queued-resources", "create")[0]
     assert _flag(create, "--node-count") == "2" and _flag(create, "--node-prefix") == "dw-ms"
-    assert _flag(create, "--accelerator-type") == TOPOLOGIES["tpu"]["deltaworld"]["accelerator_type"]
+    assert _flag(create, "--accelerator-type") == TOPOLOGIES["tpu"]["deltaworld_512"]["accelerator_type"]
     assert _flag(create, "--runtime-version") == "v2-alpha-tpuv5" and "--reserved" in create
     _find(_commands(out), "gcloud", "compute", "tpus", "queued-resources", "describe")
 
-    out = tpu("run", "--name=dw-ms", "--zone=us-east5-a", "--stage=deltaworld", "--num-slices=2",
-              "--mode=recipe", "--workdir=gs://b/w").stdout
+    out = tpu("run", "--name=dw-ms", "--zone=us-east5-a", "--recipe=all", "--num-slices=2", "--mode=recipe",
+              "--workdir=gs://b/w", "--env=HF_TOKEN=secret value").stdout
     ssh = _find(_commands(out), "gcloud", "compute", "tpus", "queued-resources", "ssh")[0]
     assert _flag(ssh, "--node") == "all" and _flag(ssh, "--worker") == "all"
-    assert "--mode=recipe" in _flag(ssh, "--command")
+    main = shlex.split(_flag(ssh, "--command").split("setsid nohup ", 1)[1].split(" > ", 1)[0])
+    assert main[:2] == ["env", "HF_TOKEN=secret value"]
+    assert main[3:] == ["-m", "deltaworld_jax.main", "--config=configs/kinetics.py:recipe=all", "--workdir=gs://b/w",
+                        "--mode=recipe"]
     out = tpu("delete", "--name=dw-ms", "--zone=us-east5-a", "--num-slices=2").stdout
     _find(_commands(out), "gcloud", "compute", "tpus", "queued-resources", "delete")
 
@@ -120,6 +123,9 @@ def test_tpu_overrides_and_git_source():
     (["create", "--zone=z", f"--stage={STAGE}"], "--name is required"),
     (["run", "--name=x", "--zone=z", f"--stage={STAGE}", "--workdir=gs://b", "--mode=fit"], "--mode must be"),
     (["create", "--name=x", "--zone=z", "--accelerator-type=v9-8"], "no default runtime version"),
+    (["create", "--name=x", "--zone=z", "--recipe=nope"], "known: all, deltatok, deltaworld"),
+    (["create", "--name=x", "--zone=z", "--recipe=all", f"--stage={STAGE}"], "not both"),
+    (["run", "--name=x", "--zone=z", "--recipe=all", "--workdir=gs://b", "--env=1BAD=x"], "NAME=VALUE"),
 ])
 def test_tpu_rejects_bad_input(args, message):
     result = tpu(*args, check=False)
@@ -127,15 +133,15 @@ def test_tpu_rejects_bad_input(args, message):
 
 
 def test_gpu_slurm_dry_run():
-    stage = TOPOLOGIES["gpu"]["deltaworld"]
-    out = _run(["bash", str(LAUNCH / "gpu_slurm.sh"), "--stage=deltaworld", "--workdir=/shared/dw",
+    stage = TOPOLOGIES["gpu"]["deltaworld_512"]
+    out = _run(["bash", str(LAUNCH / "gpu_slurm.sh"), "--stage=deltaworld_512", "--workdir=/shared/dw",
                 "--partition=gpu", "--dry-run"]).stdout
     sbatch, srun = _commands(out)
     assert sbatch[0] == "sbatch" and sbatch[-7].endswith("launch/slurm_job.sbatch")
     assert _flag(sbatch, "--nodes") == str(stage["nodes"])
     assert _flag(sbatch, "--ntasks-per-node") == _flag(sbatch, "--gpus-per-node") == str(stage["gpus_per_node"])
     assert _flag(sbatch, "--partition") == "gpu" and _flag(sbatch, "--chdir") == str(REPO)
-    main = ["-m", "deltaworld_jax.main", "--config=configs/kinetics.py:stage=deltaworld", "--workdir=/shared/dw",
+    main = ["-m", "deltaworld_jax.main", "--config=configs/kinetics.py:stage=deltaworld_512", "--workdir=/shared/dw",
             "--mode=train"]
     assert sbatch[-6:] == srun[-6:] == ["python3", *main]
     assert srun[:3] == ["srun", "--kill-on-bad-exit=1", "--gpu-bind=none"]
@@ -145,6 +151,12 @@ def test_gpu_slurm_dry_run():
     sbatch, srun = _commands(out)
     assert _flag(sbatch, "--nodes") == "3" and _flag(sbatch, "--ntasks-per-node") == "1"
     assert _flag(srun, "--export") == "ALL,JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7"
+
+    out = _run(["bash", str(LAUNCH / "gpu_slurm.sh"), "--recipe=deltatok", "--workdir=/shared/tok", "--dry-run"]).stdout
+    sbatch, srun = _commands(out)
+    recipe_stage = TOPOLOGIES["recipes"]["deltatok"]
+    assert _flag(sbatch, "--nodes") == str(TOPOLOGIES["gpu"][recipe_stage]["nodes"])
+    assert "--config=configs/kinetics.py:recipe=deltatok" in srun
 
 
 def test_slurm_job_rejects_uneven_tasks_and_missing_allocation():
@@ -175,7 +187,7 @@ def test_gcloud_accepts_every_printed_command():
         pytest.skip("gcloud is not installed")
     base = ["--name=dw", "--zone=us-east5-a", "--project=my-project", "--workdir=gs://b/w"]
     printed = tpu("up", f"--stage={STAGE}", "--spot", *base).stdout
-    printed += tpu("up", "--stage=deltaworld", "--num-slices=2", "--reserved", *base).stdout
+    printed += tpu("up", "--stage=deltaworld_512", "--num-slices=2", "--reserved", *base).stdout
     printed += tpu("stop", *base).stdout + tpu("delete", *base).stdout
     printed += tpu("delete", "--num-slices=2", *base).stdout
     # One command of each shape whose flags are not trivial (gcloud takes seconds to start).
@@ -209,19 +221,23 @@ def test_topology_table_is_consistent():
         assert row["nodes"] * row["gpus_per_node"] * row["per_gpu_batch"] == 1024, stage
 
 
-def test_every_table_stage_is_a_kinetics_config_stage():
-    from ml_collections import config_flags  # noqa: F401  (the way main.py loads configs)
+def test_table_matches_the_kinetics_config():
+    """Every stage of configs/kinetics.py has a row (and nothing else does), each row's batch is the config's,
+    and each recipe runs on the hardware of one of its own stages."""
     import importlib.util
 
-    path = REPO / "configs" / "kinetics.py"
-    if not path.exists():
-        pytest.xfail("configs/kinetics.py (the trainer engineer's) has not landed yet")
-    spec = importlib.util.spec_from_file_location("kinetics_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    for stage in TOPOLOGIES["tpu"]:
-        config = module.get_config(f"stage={stage}")
-        assert int(config.train.batch_size) == 1024, stage
+    spec = importlib.util.spec_from_file_location("kinetics_config", REPO / "configs" / "kinetics.py")
+    kinetics = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kinetics)
+    assert set(TOPOLOGIES["tpu"]) == set(kinetics.STAGES)
+    for stage in kinetics.STAGES:
+        assert int(kinetics.get_config(f"stage={stage}").train.batch_size) == 1024, stage
+    assert set(TOPOLOGIES["recipes"]) == set(kinetics.RECIPES)
+    for recipe, stage in TOPOLOGIES["recipes"].items():
+        config = kinetics.get_config(f"recipe={recipe}")
+        assert stage in config.stages
+        chips = {s: TOPOLOGIES["tpu"][s]["chips"] for s in config.stages}
+        assert chips[stage] == max(chips.values()), recipe
 
 
 def _free_port() -> int:
