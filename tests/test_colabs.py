@@ -25,7 +25,7 @@ def _execute(name: str, tmp_path: pathlib.Path, env: dict[str, str]) -> nbformat
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the kernel inherits this process's environment
     try:
-        client = NotebookClient(notebook, timeout=300, kernel_name="python3",
+        client = NotebookClient(notebook, timeout=900, kernel_name="python3",
                                 resources={"metadata": {"path": str(tmp_path)}})
         client.execute()
     finally:
