@@ -1,37 +1,40 @@
 #!/usr/bin/env bash
 # Ahead-of-time compiles of every recipe stage for TPU slices (minutes to tens of minutes each on a CPU
-# host), one after the other, in the background-friendly way: every result lands in
-# benchmarks/results/aot_<stage>_<topology>_b<per-chip batch>.{json,log}; benchmarks/RESULTS.md quotes them.
+# host), one after the other; every result lands in benchmarks/results/aot_<stage>_<topology>_b<batch>.json
+# (+ .log). Then `python -m deltaworld_jax.benchmark fit --inputs='benchmarks/results/aot_<stage>_*.json'
+# --chip=v5p` predicts every slice from them, and `benchmark table` renders them for RESULTS.md.
 #
-#   TPU_PYTHON=/path/to/python-with-libtpu benchmarks/run_aot.sh [CONFIG] [STAGES...]
+#   TPU_PYTHON=/path/to/python-with-libtpu benchmarks/run_aot.sh [CONFIG_SPEC...]
 #
-# CONFIG defaults to configs/kinetics.py (stage via ':stage=NAME'). Needs libtpu in TPU_PYTHON; no TPU.
+# CONFIG_SPEC: e.g. configs/kinetics.py:stage=deltaworld_512 (default: the four stage kinds of the recipe).
+# Needs libtpu in TPU_PYTHON (pip install libtpu==0.0.42.1); no TPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TPU_PYTHON="${TPU_PYTHON:-python}"
-CONFIG="${1:-configs/kinetics.py}"
-shift || true
-STAGES=("$@")
-if [[ ${#STAGES[@]} -eq 0 ]]; then
-  STAGES=(deltatok_256 deltatok_512 deltaworld dinoworld)
+SPECS=("$@")
+if [[ ${#SPECS[@]} -eq 0 ]]; then
+  SPECS=(configs/kinetics.py:stage=deltatok_256 configs/kinetics.py:stage=deltatok_512
+         configs/kinetics.py:stage=deltaworld_512 configs/dinoworld_kinetics.py:stage=dinoworld_512)
 fi
 OUT=benchmarks/results
 mkdir -p "${OUT}"
 export JAX_PLATFORMS=cpu ALLOW_MULTIPLE_LIBTPU_LOAD=1
 
-compile() {  # stage topology per_chip_batch [extra flags...]
-  local stage="$1" topology="$2" batch="$3"
+compile() {  # config_spec topology per_chip_batch [extra flags...]
+  local spec="$1" topology="$2" batch="$3"
   shift 3
+  local stage="${spec##*=}"
   local name="aot_${stage}_${topology//:/_}_b${batch}"
   echo "$(date -u +%H:%M:%S) ${name}"
-  "${TPU_PYTHON}" -m deltaworld_jax.benchmark aot --config="${CONFIG}:stage=${stage}" --topology="${topology}" \
+  "${TPU_PYTHON}" -m deltaworld_jax.benchmark aot --config="${spec}" --topology="${topology}" \
     --per_chip_batch="${batch}" --json_out="${OUT}/${name}.json" "$@" > "${OUT}/${name}.log" 2>&1 \
     || echo "  failed: see ${OUT}/${name}.log"
 }
 
-for stage in "${STAGES[@]}"; do
-  # Two per-chip batches on the smallest v5e slice give the per-example memory (benchmark fit's model).
-  compile "${stage}" v5e:2x2 1 --sharding=fsdp
-  compile "${stage}" v5e:2x2 2 --sharding=fsdp
-  compile "${stage}" v5p:2x2x1 8 --sharding=fsdp
+for spec in "${SPECS[@]}"; do
+  # Two per-chip batches on the smallest v5e slice give the per-example memory (benchmark fit's model),
+  # one larger batch on the smallest v5p slice checks it on the other chip.
+  compile "${spec}" v5e:2x2 1 --sharding=fsdp
+  compile "${spec}" v5e:2x2 2 --sharding=fsdp
+  compile "${spec}" v5p:2x2x1 8 --sharding=fsdp
 done
