@@ -77,6 +77,19 @@ if value is not None:
 PY
 }
 
+# Extra main.py flags for a stage or a recipe on its table hardware (`config_flags` in
+# launch/topologies.json), one per line: `table_config_flags tpu STAGE` or `table_config_flags recipes NAME`.
+table_config_flags() {
+  python3 - "${TOPOLOGIES_JSON}" "$1" "$2" <<'PY'
+import json
+import sys
+
+path, section, name = sys.argv[1:]
+for flag in json.load(open(path))[section][name].get("config_flags", []):
+    print(flag)
+PY
+}
+
 # The stage whose hardware a recipe (configs/kinetics.py:recipe=NAME) runs on: its largest stage.
 recipe_stage() {
   python3 - "${TOPOLOGIES_JSON}" "$1" <<'PY'
@@ -87,7 +100,7 @@ path, recipe = sys.argv[1:]
 recipes = json.load(open(path))["recipes"]
 if recipe not in recipes:
     sys.exit(f"error: unknown recipe {recipe!r} in {path}; known: {', '.join(sorted(recipes))}")
-print(recipes[recipe])
+print(recipes[recipe]["hardware"])
 PY
 }
 

@@ -262,8 +262,13 @@ cmd_setup() {
 
 # The main command every worker runs: the same argv everywhere; the worker's rank comes from the TPU.
 main_command() {
+  # The table's flags for a stage (e.g. gradient accumulation to fit the chips' memory) come before the
+  # user's, so a --config-flag can override them.
+  local table_flags=()
+  if [[ -n "${STAGE}" ]]; then mapfile -t table_flags < <(table_config_flags tpu "${STAGE}"); fi
+  if [[ -n "${RECIPE}" ]]; then mapfile -t table_flags < <(table_config_flags recipes "${RECIPE}"); fi
   MAIN_ARGV=("${REMOTE_VENV}/bin/python" -m deltaworld_jax.main "--config=$(kinetics_config "${STAGE}" "${RECIPE}")" "--workdir=${WORKDIR}"
-    "--mode=${MODE}" "${CONFIG_FLAGS[@]}")
+    "--mode=${MODE}" "${table_flags[@]}" "${CONFIG_FLAGS[@]}")
 }
 
 cmd_run() {

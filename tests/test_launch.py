@@ -76,7 +76,8 @@ def test_tpu_single_slice_up():
     assert "gs://bucket/runs/tok/launch/source.tar.gz" in _flag(setup, "--command")
     main = shlex.split(_flag(run, "--command").split("setsid nohup ", 1)[1].split(" > ", 1)[0])
     assert main[1:] == ["-m", "deltaworld_jax.main", f"--config=configs/kinetics.py:stage={STAGE}",
-                        "--workdir=gs://bucket/runs/tok", "--mode=train", "--config.train.num_steps=10"]
+                        "--workdir=gs://bucket/runs/tok", "--mode=train", *stage.get("config_flags", []),
+                        "--config.train.num_steps=10"]  # the user's flags last: they win
     logs = _find(commands, "gcloud", "compute", "tpus", "tpu-vm", "ssh")[2]
     assert _flag(logs, "--worker") == "0" and "tail" in _flag(logs, "--command")
 
@@ -97,7 +98,7 @@ def test_tpu_multislice_queued_resource():
     main = shlex.split(_flag(ssh, "--command").split("setsid nohup ", 1)[1].split(" > ", 1)[0])
     assert main[:2] == ["env", "HF_TOKEN=secret value"]
     assert main[3:] == ["-m", "deltaworld_jax.main", "--config=configs/kinetics.py:recipe=all", "--workdir=gs://b/w",
-                        "--mode=recipe"]
+                        "--mode=recipe", *TOPOLOGIES["recipes"]["all"]["config_flags"]]
     out = tpu("delete", "--name=dw-ms", "--zone=us-east5-a", "--num-slices=2").stdout
     _find(_commands(out), "gcloud", "compute", "tpus", "queued-resources", "delete")
 
@@ -154,7 +155,7 @@ def test_gpu_slurm_dry_run():
 
     out = _run(["bash", str(LAUNCH / "gpu_slurm.sh"), "--recipe=deltatok", "--workdir=/shared/tok", "--dry-run"]).stdout
     sbatch, srun = _commands(out)
-    recipe_stage = TOPOLOGIES["recipes"]["deltatok"]
+    recipe_stage = TOPOLOGIES["recipes"]["deltatok"]["hardware"]
     assert _flag(sbatch, "--nodes") == str(TOPOLOGIES["gpu"][recipe_stage]["nodes"])
     assert "--config=configs/kinetics.py:recipe=deltatok" in srun
 
@@ -216,7 +217,9 @@ def test_topology_table_is_consistent():
         family, cores = row["accelerator_type"].split("-")
         assert family in TOPOLOGIES["runtime_versions"], stage
         assert int(cores) == 2 * row["chips"] and row["hosts"] == row["chips"] // 4, stage
-        assert row["chips"] * row["num_slices"] * row["per_chip_batch"] == 1024, stage
+        accumulation = row.get("accumulation_steps", 1)
+        assert row["chips"] * row["num_slices"] * row["per_chip_batch"] * accumulation == 1024, stage
+        assert (accumulation > 1) == (f"--config.optim.accumulation_steps={accumulation}" in row.get("config_flags", []))
     for stage, row in TOPOLOGIES["gpu"].items():
         assert row["nodes"] * row["gpus_per_node"] * row["per_gpu_batch"] == 1024, stage
 
@@ -233,11 +236,16 @@ def test_table_matches_the_kinetics_config():
     for stage in kinetics.STAGES:
         assert int(kinetics.get_config(f"stage={stage}").train.batch_size) == 1024, stage
     assert set(TOPOLOGIES["recipes"]) == set(kinetics.RECIPES)
-    for recipe, stage in TOPOLOGIES["recipes"].items():
+    for recipe, row in TOPOLOGIES["recipes"].items():
         config = kinetics.get_config(f"recipe={recipe}")
-        assert stage in config.stages
+        assert row["hardware"] in config.stages
         chips = {s: TOPOLOGIES["tpu"][s]["chips"] for s in config.stages}
-        assert chips[stage] == max(chips.values()), recipe
+        assert chips[row["hardware"]] == max(chips.values()), recipe
+        # A stage that needs flags on this hardware gets them, addressed to its place in the recipe.
+        for stage in config.stages:
+            if TOPOLOGIES["tpu"][stage]["chips"] == chips[row["hardware"]]:
+                for flag in TOPOLOGIES["tpu"][stage].get("config_flags", []):
+                    assert flag.replace("--config.", f"--config.stage_configs.{stage}.") in row["config_flags"]
 
 
 def _free_port() -> int:
