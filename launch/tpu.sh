@@ -57,8 +57,9 @@ Flags:
 Example (see `--dry-run` for the exact commands):
   launch/tpu.sh up --name=dw-tok --zone=us-east5-a --stage=deltatok_256 --spot \
       --workdir=gs://my-bucket/deltatok_256 --config-flag=--config.data.root=gs://my-bucket/k700
-  launch/tpu.sh up --name=dw-all --zone=us-east5-a --recipe=all --num-slices=2 --reserved \
-      --workdir=gs://my-bucket/kinetics --config-flag=--config.data.root=gs://my-bucket/k700
+  launch/tpu.sh up --name=dw-world --zone=us-east5-a --stage=deltaworld_512 --num-slices=2 --reserved \
+      --workdir=gs://my-bucket/world --config-flag=--config.data.root=gs://my-bucket/k700 \
+      --config-flag=--config.tokenizer.checkpoint=/path/to/deltatok-kinetics/pytorch_model.bin
 EOF
 }
 
