@@ -73,7 +73,7 @@ def _vfm() -> ml_collections.ConfigDict:
 
 def _deltatok_fields() -> dict:
     """DeltaTok sizes (width and heads are the VFM's: 48 wide, 3 heads of 16); two blocks per stack."""
-    return dict(num_layers=2, intermediate_size=128, use_delta=True, use_qk_norm=True, use_gated_attn=True,
+    return dict(num_layers=2, intermediate_size=128, layer_scale_init=1e-5, use_delta=True, use_qk_norm=True, use_gated_attn=True,
                 use_swiglu=True, use_rope_aug=True)
 
 
@@ -108,7 +108,7 @@ def deltaworld_stage(settings: dict) -> ml_collections.ConfigDict:
     c.model.kind = "deltaworld"
     c.model.update(dict(hidden_size=64, num_layers=2, num_heads=2, backbone_hidden_size=VFM_WIDTH, mlp_ratio=4,
                         rope_axis_sizes=(28,), rope_unrotated_size=4, use_bom=True, num_samples_train=16,
-                        num_samples_eval=8, bom_chunk=0))
+                        num_samples_eval=8, bom_chunk=0, layer_scale_init=1e-5))
     c.tokenizer = ml_collections.ConfigDict(dict(checkpoint="@deltatok", dtype="float32", **_deltatok_fields()))
     c.data = _data(num_frames=8, settings=settings)
     c.eval = ml_collections.ConfigDict(dict(
