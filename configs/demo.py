@@ -99,6 +99,7 @@ def deltatok_stage(settings: dict) -> ml_collections.ConfigDict:
     c = _stage_base(settings, settings["deltatok_steps"], settings["deltatok_batch"], lr=1e-3, warmup=50)
     c.model.kind = "deltatok"
     c.model.update(_deltatok_fields())
+    c.model.loss_fn = "log_cosh"  # the official criterion (objectives.LOSSES)
     c.data = _data(num_frames=2, settings=settings)
     return c
 
