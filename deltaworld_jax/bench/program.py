@@ -69,12 +69,8 @@ class AbstractSetup:
 
 
 def _register_tasks() -> None:
-    # task_modules registers every family; world_tasks is imported as well in case that line is missing.
+    # task_modules registers every model family (deltatok, deltaworld, dinoworld).
     from deltaworld_jax.training import task_modules  # noqa: F401
-    try:
-        from deltaworld_jax.training import world_tasks  # noqa: F401
-    except ImportError:
-        pass
 
 
 def abstract_setup(config, mesh: Mesh) -> AbstractSetup:

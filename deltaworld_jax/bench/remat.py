@@ -31,14 +31,9 @@ POLICIES = {
 
 
 def _block_types() -> tuple[type, ...]:
-    types: list[type] = [layers.Block]
-    try:
-        from deltaworld_jax.models.predictor import PredictorBlock
+    from deltaworld_jax.models.predictor import PredictorBlock
 
-        types.append(PredictorBlock)
-    except ImportError:
-        pass
-    return tuple(types)
+    return (layers.Block, PredictorBlock)
 
 
 @functools.lru_cache(maxsize=None)
