@@ -203,7 +203,7 @@ def forecast_features(models: dict[str, Any], frames: np.ndarray, timestamps: np
     import jax
     import jax.numpy as jnp
 
-    from deltaworld_jax.training.evaluation import jit_deltaworld_rollout, select_samples, Forecast, world_criterion
+    from deltaworld_jax.training.forecasters import jit_deltaworld_rollout, select_samples, Forecast, world_criterion
     from deltaworld_jax.training.evaluation import vfm_features
 
     vfm = models["vfm"]

@@ -12,6 +12,7 @@ from flax import nnx
 import deltaworld_jax  # noqa: F401
 from deltaworld_jax.models.heads import DepthHead, SegHead
 from deltaworld_jax.training import evaluation as ev
+from deltaworld_jax.training import forecasters
 
 P = 4  # patch size of the tiny pixel VFM
 
@@ -146,7 +147,7 @@ class RecordingForecaster:
         self.num_samples, self.calls = num_samples, []
 
     def __call__(self, clip, *, ctx_len, horizon, rng):
-        feats, times = ev._window(clip, ctx_len, horizon)
+        feats, times = forecasters._window(clip, ctx_len, horizon)
         self.calls.append((ctx_len, horizon, np.asarray(times[0])))
         targets = feats[:, ctx_len:]
         offsets = jnp.arange(self.num_samples, dtype=jnp.float32)[None, :, None, None, None] * 0.1
@@ -193,7 +194,7 @@ def test_wide_static_video_copy_last_equals_truth():
         name = "truth"
 
         def __call__(self, clip, *, ctx_len, horizon, rng):
-            feats, _ = ev._window(clip, ctx_len, horizon)
+            feats, _ = forecasters._window(clip, ctx_len, horizon)
             return ev.Forecast(feats[:, None, ctx_len:], feats[:, ctx_len:], feats[:, :ctx_len], ctx_len)
 
     results = ev.evaluate([ev.CopyLast(), Truth()], vfm, {"cityscapes": [batch]}, {"cityscapes": seg})

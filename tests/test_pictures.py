@@ -11,6 +11,7 @@ from PIL import Image
 import deltaworld_jax  # noqa: F401
 from deltaworld_jax.models.heads import DepthHead, RGBHead, SegHead
 from deltaworld_jax.training import evaluation as ev
+from deltaworld_jax.training import forecasters
 from deltaworld_jax.training import pictures as pic
 
 
@@ -104,7 +105,7 @@ def test_evaluation_pictures_sizes():
         name, criterion = "fake", staticmethod(ev.world_criterion)
 
         def __call__(self, clip, *, ctx_len, horizon, rng):
-            feats, _ = ev._window(clip, ctx_len, horizon)
+            feats, _ = forecasters._window(clip, ctx_len, horizon)
             noise = jax.random.normal(jax.random.key(0), (1, 5, horizon, *feats.shape[2:])) * 0.1
             return ev.Forecast(feats[:, None, ctx_len:] + noise, feats[:, ctx_len:], feats[:, :ctx_len], ctx_len)
 
