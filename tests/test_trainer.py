@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tempfile
 import textwrap
 
 import grain
@@ -30,15 +29,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 PATCH = 4
 
-# Many short runs compile the same tiny step: share compiled executables between runs, test processes
-# and subprocesses through JAX's persistent cache (it cuts a trainer run from ~8 s to ~2 s of CPU).
-JIT_CACHE_DIR = os.path.join(tempfile.gettempdir(), "deltaworld_jax_test_jit_cache")
-JIT_CACHE_ENV = {"JAX_COMPILATION_CACHE_DIR": JIT_CACHE_DIR, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-                 "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-if not os.environ.get("DELTAWORLD_TEST_NO_JIT_CACHE"):  # multi-process workers compile their own
-    jax.config.update("jax_compilation_cache_dir", JIT_CACHE_DIR)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+# The persistent compilation cache is configured in conftest.py; subprocesses that want it take JIT_CACHE_ENV.
+from conftest import JIT_CACHE_ENV  # noqa: E402,F401
 
 
 class ToyEncoder(nnx.Module):
