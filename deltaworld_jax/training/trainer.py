@@ -16,6 +16,7 @@ Data: `data_fn(config, process_index=, process_count=) -> iterator of process-lo
 from __future__ import annotations
 
 import dataclasses
+import glob
 import importlib
 import os
 import signal
@@ -50,6 +51,9 @@ def maybe_initialize_distributed(config=None) -> None:
     coordinator = (dist.get("coordinator_address", "") if dist else "") or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
     num_processes = int((dist.get("num_processes", 0) if dist else 0) or os.environ.get("JAX_NUM_PROCESSES", 0) or 0)
     on_cloud = any(k in os.environ for k in ("TPU_WORKER_HOSTNAMES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"))
+    # Cloud TPU VMs (tpu-vm create / queued resources) set none of those: JAX finds the workers through the
+    # metadata server. Their TPU chips show up as /dev/accel* (v4, v5e) or /dev/vfio/<n> (v5p, v6e).
+    on_cloud = on_cloud or bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
     if jax.distributed.is_initialized() if hasattr(jax.distributed, "is_initialized") else False:
         return
     if not coordinator and num_processes <= 1 and not on_cloud:
