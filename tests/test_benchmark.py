@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from deltaworld_jax.bench import analysis, flops as flops_lib, remat as remat_lib
+from deltaworld_jax.bench import analysis, flops as flops_lib
+from deltaworld_jax.training import remat as remat_lib
 from deltaworld_jax.models import layers
 from deltaworld_jax.training import recipe
 

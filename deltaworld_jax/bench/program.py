@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from deltaworld_jax import sharding as sharding_lib
-from deltaworld_jax.bench import remat as remat_lib
+from deltaworld_jax.training import remat as remat_lib
 from deltaworld_jax.training import optimizer as optimizer_lib
 from deltaworld_jax.training import tasks
 from deltaworld_jax.training import train_step as step_lib
