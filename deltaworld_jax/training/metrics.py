@@ -25,10 +25,10 @@ class NullWriter:
         del step, texts
 
     def flush(self):
-        pass
+        """Nothing is buffered."""
 
     def close(self):
-        pass
+        """Nothing to release."""
 
 
 def create_writer(workdir: str, enabled: bool = True):

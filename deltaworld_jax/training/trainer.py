@@ -272,11 +272,9 @@ class _Preemption:
     def reached(self, step: int) -> bool:
         if jax.process_count() > 1:
             try:
-                if multihost_utils.reached_preemption_sync_point(step):
-                    return True
-            except RuntimeError:
-                pass
-            return False
+                return bool(multihost_utils.reached_preemption_sync_point(step))
+            except RuntimeError:  # no preemption service (e.g. CPU multi-process runs): nobody is preempting
+                return False
         return self.requested
 
     def restore(self):
