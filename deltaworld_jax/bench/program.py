@@ -15,13 +15,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 from flax import nnx
 from jax.sharding import Mesh
 
 from deltaworld_jax import sharding as sharding_lib
 from deltaworld_jax.training import remat as remat_lib
-from deltaworld_jax.training import optimizer as optimizer_lib
 from deltaworld_jax.training import tasks
 from deltaworld_jax.training import train_step as step_lib
 
@@ -79,34 +77,17 @@ def abstract_setup(config, mesh: Mesh) -> AbstractSetup:
     rules = sharding_lib.axis_rules(config.mesh)
     task = remat_lib.apply(tasks.make_task(config), config)
     seed = int(config.get("seed", 0))
-    repl = sharding_lib.replicated(mesh)
     # Abstract builds happen OUTSIDE the mesh context: under a mesh, nnx.eval_shape would read the
     # logical axis names (embed, vocab, ...) as mesh axes and fail.
     abstract_module = nnx.eval_shape(lambda: task.build_trainable(nnx.Rngs(seed)))
     frozen_module = nnx.eval_shape(task.build_frozen)
-    # No mesh context either: everything below is abstract or explicit NamedShardings, and a concrete
-    # op under a compile-only (topology) mesh would fail.
-    graphdef, abstract_params, abstract_extra = nnx.split(abstract_module, nnx.Param, ...)
-    param_shardings = sharding_lib.pure_shardings(abstract_params, mesh, rules)
-    extra_shardings = sharding_lib.pure_shardings(abstract_extra, mesh, rules)
-    tx = optimizer_lib.make_optimizer(config.optim, optimizer_lib.weight_decay_mask(abstract_module))
-    schedule = optimizer_lib.learning_rate_schedule(config.optim.lr, config.optim.warmup_steps)
-    abstract_state = jax.eval_shape(lambda: step_lib.init_train_state(
-        nnx.to_pure_dict(abstract_params), nnx.to_pure_dict(abstract_extra), tx))
-    # As trainer.optax_shardings (not imported: the trainer pulls in TensorFlow through clu, 10+ s):
-    # moments follow their parameter, counters are replicated.
-    opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_state.opt_state, param_shardings,
-                                          transform_non_params=lambda _: repl)
-    state_shardings = step_lib.TrainState(step=repl, params=param_shardings, opt_state=opt_shardings,
-                                          extra=extra_shardings)
-    if frozen_module is None:
-        frozen_graphdef, abstract_frozen, frozen_shardings = None, {}, {}
-    else:
-        frozen_graphdef, frozen_vars = nnx.split(frozen_module)
-        frozen_shardings = sharding_lib.pure_shardings(frozen_vars, mesh, rules)
-        abstract_frozen = nnx.to_pure_dict(frozen_vars)
-    return AbstractSetup(mesh, task, graphdef, abstract_state, state_shardings, tx, schedule, frozen_graphdef,
-                         abstract_frozen, frozen_shardings, abstract_module, frozen_module)
+    # The trainer's own layout (train_step.train_state_layout), with no mesh context either: everything is
+    # abstract or explicit NamedShardings, and a concrete op under a compile-only (topology) mesh would fail.
+    layout = step_lib.train_state_layout(config, abstract_module, mesh, rules)
+    frozen_graphdef, abstract_frozen, frozen_shardings = step_lib.split_frozen(frozen_module, mesh, rules)
+    return AbstractSetup(mesh, task, layout.graphdef, layout.abstract_state, layout.state_shardings, layout.tx,
+                         layout.schedule, frozen_graphdef, abstract_frozen, frozen_shardings, abstract_module,
+                         frozen_module)
 
 
 def batch_shapes(config, global_batch: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:

@@ -12,6 +12,7 @@ resumed at step s draws exactly the randomness of the uninterrupted run.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import flax.struct
@@ -140,3 +141,47 @@ def jit_train_step(step_fn: Callable, state_shardings: Any, frozen_shardings: An
 
 def init_train_state(params: dict, extra: dict, tx: optax.GradientTransformation) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), extra=extra)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The layout of a train state (abstract shapes + shardings): shared by the trainer and the AOT benchmarks
+# ----------------------------------------------------------------------------------------------------
+
+
+def optax_shardings(tx, abstract_opt_state, param_shardings, replicated):
+    """Shardings of the optimiser state: moments follow their parameter, counters are replicated."""
+    return optax.tree_map_params(tx, lambda _, s: s, abstract_opt_state, param_shardings,
+                                 transform_non_params=lambda _: replicated)
+
+
+@dataclasses.dataclass
+class StateLayout:
+    graphdef: Any  # of the trainable module
+    abstract_state: TrainState  # ShapeDtypeStructs
+    state_shardings: TrainState
+    tx: optax.GradientTransformation
+    schedule: Callable
+
+
+def train_state_layout(config, abstract_module: nnx.Module, mesh: Mesh, rules) -> StateLayout:
+    """Abstract train state of `abstract_module` (from nnx.eval_shape), its shardings under `rules`, and the
+    optimiser of `config.optim` (weight decay only on the module's Linear/Conv kernels). Allocates nothing."""
+    repl = sharding_lib.replicated(mesh)
+    graphdef, abstract_params, abstract_extra = nnx.split(abstract_module, nnx.Param, ...)
+    param_shardings = sharding_lib.pure_shardings(abstract_params, mesh, rules)
+    extra_shardings = sharding_lib.pure_shardings(abstract_extra, mesh, rules)
+    tx = optimizer_lib.make_optimizer(config.optim, optimizer_lib.weight_decay_mask(abstract_module))
+    schedule = optimizer_lib.learning_rate_schedule(config.optim.lr, config.optim.warmup_steps)
+    abstract_state = jax.eval_shape(
+        lambda: init_train_state(nnx.to_pure_dict(abstract_params), nnx.to_pure_dict(abstract_extra), tx))
+    opt_shardings = optax_shardings(tx, abstract_state.opt_state, param_shardings, repl)
+    state_shardings = TrainState(step=repl, params=param_shardings, opt_state=opt_shardings, extra=extra_shardings)
+    return StateLayout(graphdef, abstract_state, state_shardings, tx, schedule)
+
+
+def split_frozen(frozen_module, mesh: Mesh, rules):
+    """(graphdef, pure dict of its variables, their shardings) of the frozen modules; ({}, {}) parts for None."""
+    if frozen_module is None:
+        return None, {}, {}
+    graphdef, variables = nnx.split(frozen_module)
+    return graphdef, nnx.to_pure_dict(variables), sharding_lib.pure_shardings(variables, mesh, rules)

@@ -31,7 +31,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from deltaworld_jax import sharding as sharding_lib
-from deltaworld_jax.training import checkpointing, metrics as metrics_lib, optimizer as optimizer_lib
+from deltaworld_jax.training import checkpointing, metrics as metrics_lib
 from deltaworld_jax.training import remat as remat_lib, tasks, train_step as step_lib
 
 MODES = ("train", "eval", "recipe")
@@ -147,40 +147,15 @@ def build(config, mesh=None) -> Setup:
     # config.model.remat (none | full | dots_saveable | ...) puts the trainable blocks under nnx.remat.
     task = remat_lib.apply(tasks.make_task(config), config)
     seed = int(config.seed)
-    repl = sharding_lib.replicated(mesh)
     # Abstract shapes outside the mesh context: shardings come from OUR rules (sharding.py), not from
     # Flax's eager per-variable sharding.
     abstract_module = nnx.eval_shape(lambda: task.build_trainable(nnx.Rngs(seed)))
     with jax.set_mesh(mesh):
-        graphdef, abstract_params, abstract_extra = nnx.split(abstract_module, nnx.Param, ...)
-        param_shardings = sharding_lib.pure_shardings(abstract_params, mesh, rules)
-        extra_shardings = sharding_lib.pure_shardings(abstract_extra, mesh, rules)
-        decay_mask = optimizer_lib.weight_decay_mask(abstract_module)
-        tx = optimizer_lib.make_optimizer(config.optim, decay_mask)
-        schedule = optimizer_lib.learning_rate_schedule(config.optim.lr, config.optim.warmup_steps)
-        abstract_state = jax.eval_shape(
-            lambda: step_lib.init_train_state(nnx.to_pure_dict(abstract_params), nnx.to_pure_dict(abstract_extra), tx))
-        opt_shardings = optax_shardings(tx, abstract_state.opt_state, param_shardings, repl)
-        state_shardings = step_lib.TrainState(step=repl, params=param_shardings, opt_state=opt_shardings,
-                                              extra=extra_shardings)
-        frozen = task.build_frozen()
-        if frozen is None:
-            frozen_graphdef, frozen_host, frozen_shardings = None, {}, {}
-        else:
-            frozen_graphdef, frozen_vars = nnx.split(frozen)
-            frozen_shardings = sharding_lib.pure_shardings(frozen_vars, mesh, rules)
-            frozen_host = nnx.to_pure_dict(frozen_vars)
+        layout = step_lib.train_state_layout(config, abstract_module, mesh, rules)
+        frozen_graphdef, frozen_host, frozen_shardings = step_lib.split_frozen(task.build_frozen(), mesh, rules)
         frozen_state = jax.device_put(frozen_host, frozen_shardings)
-    return Setup(mesh, rules, task, graphdef, abstract_state, state_shardings, tx, schedule, frozen_graphdef,
-                 frozen_state, frozen_shardings)
-
-
-def optax_shardings(tx, abstract_opt_state, param_shardings, replicated):
-    """Shardings of the optimiser state: moments follow their parameter, counters are replicated."""
-    import optax
-
-    return optax.tree_map_params(tx, lambda _, s: s, abstract_opt_state, param_shardings,
-                                 transform_non_params=lambda _: replicated)
+    return Setup(mesh, rules, task, layout.graphdef, layout.abstract_state, layout.state_shardings, layout.tx,
+                 layout.schedule, frozen_graphdef, frozen_state, frozen_shardings)
 
 
 def init_state(config, setup: Setup, params: Any = None) -> step_lib.TrainState:
