@@ -129,7 +129,7 @@ def cmd_fit() -> None:
 
 
 def cmd_tokens() -> None:
-    from deltaworld_jax.bench import tokens
+    from deltaworld_jax.data import token_cache as tokens
 
     if not _OUTPUT.value:
         raise app.UsageError("tokens needs --output")

@@ -210,7 +210,7 @@ def tiny_token_config(tmp_path) -> ml_collections.ConfigDict:
 
 @pytest.fixture(scope="module")
 def token_cache(tmp_path_factory):
-    from deltaworld_jax.bench import tokens
+    from deltaworld_jax.data import token_cache as tokens
     from deltaworld_jax.models.deltatok import DeltaTok, DeltaTokConfig
     from deltaworld_jax.models.dinov3 import PixelPatchVFM
 
@@ -224,7 +224,7 @@ def token_cache(tmp_path_factory):
 
 
 def test_index_gap_covers_every_sampled_clip():
-    from deltaworld_jax.bench import tokens
+    from deltaworld_jax.data import token_cache as tokens
     from deltaworld_jax.data.sampling import clip_rng, sample_train_frame_indices
 
     times = np.arange(250) / 25.0
@@ -239,7 +239,7 @@ def test_index_gap_covers_every_sampled_clip():
 
 
 def test_cached_tokens_equal_tokenizing_the_sampled_frames(token_cache):
-    from deltaworld_jax.bench import tokens
+    from deltaworld_jax.data import token_cache as tokens
     from deltaworld_jax.data import pipeline
     from deltaworld_jax.data.sampling import clip_rng
 
@@ -257,7 +257,7 @@ def test_cached_tokens_equal_tokenizing_the_sampled_frames(token_cache):
 
 
 def test_token_iterator_is_deterministic_and_resumable(token_cache):
-    from deltaworld_jax.bench import tokens
+    from deltaworld_jax.data import token_cache as tokens
 
     config, *_ = token_cache
     config.train.batch_size = 3
@@ -271,7 +271,7 @@ def test_token_iterator_is_deterministic_and_resumable(token_cache):
 
 def test_training_from_cached_tokens_gives_the_frames_loss(token_cache):
     """The world task's loss on a batch of cached tokens equals its loss on the same clips' frames."""
-    from deltaworld_jax.bench import tokens
+    from deltaworld_jax.data import token_cache as tokens
     from deltaworld_jax.data import pipeline
     from deltaworld_jax.data.sampling import clip_rng
     from deltaworld_jax.training import tasks, task_modules, world_tasks  # noqa: F401
@@ -294,3 +294,40 @@ def test_training_from_cached_tokens_gives_the_frames_loss(token_cache):
     from_tokens = loss(model, frozen, {"tokens": jnp.asarray(np.stack([c["tokens"] for c in clips])),
                                        "timestamps": jnp.asarray(times)})
     assert float(from_tokens) == pytest.approx(float(from_frames), rel=1e-5, abs=1e-7)
+
+
+def test_trainer_reads_the_token_cache_when_the_config_names_one(token_cache, tmp_path):
+    from deltaworld_jax.data import token_cache as tokens
+    from deltaworld_jax.training import trainer
+
+    config, *_ = token_cache
+    world = tiny_world_config()
+    world.data = config.data
+    world.train.batch_size = 2
+    data_iter = trainer.default_data_fn(world, process_index=0, process_count=1)
+    assert isinstance(data_iter, tokens.TokenIterator)
+    assert next(data_iter)["tokens"].shape == (2, 4, 192)
+    # The trainer's checkpoints store the iterator with Grain's Orbax handler: it must round-trip there.
+    import grain
+    from etils import epath
+
+    expected = next(data_iter)["tokens"]
+    handler = grain.checkpoint.CheckpointHandler()
+    (tmp_path / "it").mkdir()
+    data_iter.position -= 1
+    handler.save(epath.Path(tmp_path / "it"), item=data_iter)
+    restored = handler.restore(epath.Path(tmp_path / "it"),
+                               item=trainer.default_data_fn(world, process_index=0, process_count=1))
+    np.testing.assert_array_equal(next(restored)["tokens"], expected)
+
+    config.model.kind = "deltatok"  # the tokenizer itself cannot train from its own tokens
+    with pytest.raises(ValueError, match="only DeltaWorld trains from precomputed delta tokens"):
+        trainer.default_data_fn(config, process_index=0, process_count=1)
+    wider = world.copy_and_resolve_references()
+    wider.data.time_stride_range = (0.1, 0.9)  # beyond the strides the cache was written for
+    with pytest.raises(ValueError, match="reaches beyond them"):
+        trainer.default_data_fn(wider, process_index=0, process_count=1)
+    missing = world.copy_and_resolve_references()
+    missing.data.token_cache = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="no token cache at"):
+        trainer.default_data_fn(missing, process_index=0, process_count=1)

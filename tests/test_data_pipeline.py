@@ -216,5 +216,8 @@ def test_synthetic_eval_frames_are_the_world_rendered_at_eval_size():
     config.eval.num_synthetic_clips = 1
     source = make_eval_source(config, "synthetic")
     clip = source.load(0)
-    truth = source.world.render(source.world.state_at(0, 0.6), 16, 16)
+    # Held out by construction: eval clip 0 is the world clip just past the training source's clips.
+    assert source.world_index(0) == config.synthetic.num_clips
+    truth = source.world.render(source.world.state_at(config.synthetic.num_clips, 0.6), 16, 16)
     assert np.array_equal(clip["frames"][3], truth)
+    assert not np.array_equal(clip["frames"][3], source.world.render(source.world.state_at(0, 0.6), 16, 16))

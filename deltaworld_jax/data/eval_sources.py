@@ -214,9 +214,10 @@ class KITTISource(_ClipListSource):
 
 
 class SyntheticEvalSource:
-    """Fixed-stride clips of the synthetic world (no labels): clip i starts at t=0 of world clip i, so
-    the scorer can call world.state_at(i, t) and world.sample_futures(...) for ground truth. Frames are
-    rendered directly at the evaluation size (height x width), not resized."""
+    """Fixed-stride clips of the synthetic world (no labels), held out by construction: eval clip i starts
+    at t=0 of world clip len(source) + i, a clip the training source (clips 0 .. len(source)-1 of the same
+    world) never reads; `world_index(i)` names it for world.state_at / world.sample_futures (ground truth).
+    Frames are rendered directly at the evaluation size (height x width), not resized."""
     name = "synthetic"
 
     def __init__(self, source, num_clips: int, num_frames: int, stride_seconds: float, height: int, width: int):
@@ -231,7 +232,10 @@ class SyntheticEvalSource:
     def describe(self, index: int) -> str:
         return self.source.describe(index)
 
+    def world_index(self, index: int) -> int:
+        return len(self.source) + int(index)
+
     def load(self, index: int) -> dict:
-        states = self.world.states_at(index, self.times)
+        states = self.world.states_at(self.world_index(index), self.times)
         frames = np.stack([self.world.render(state, self.height, self.width) for state in states])
         return {"frames": frames, "timestamps": np.asarray(self.times, np.float32), "sample_index": np.int32(index)}

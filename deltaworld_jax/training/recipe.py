@@ -12,6 +12,9 @@ the unfinished one. How a stage starts from the previous one is part of its conf
                                  it, e.g. the lr cool-downs, whose num_steps continue the count
   tokenizer.checkpoint = "@<stage>"  a DeltaTok stage's checkpoints as DeltaWorld's frozen tokenizer
   eval.results_dir = "@" / "@<stage>"  the recipe's workdir / that stage's directory
+  data.token_cache = "@<name>"   the folder <workdir>/<name> of precomputed delta tokens, written with the
+                                 stage's own frozen VFM + tokenizer before the stage trains if it does not
+                                 exist yet (DeltaWorld then trains from tokens alone; data/token_cache.py)
 """
 
 from __future__ import annotations
@@ -67,6 +70,11 @@ def resolve_stage_refs(stage_config, workdir: str) -> ml_collections.ConfigDict:
                     config[section][key] = str(stage_dir(workdir, value[1:]) / "checkpoints")
         # eval.results_dir: "@" is the recipe's workdir, "@<stage>" that stage's folder (where the demo
         # writes its results table and pictures; the config file cannot know the --workdir flag).
+        token_cache = config.data.get("token_cache", "") if "data" in config else ""
+        if isinstance(token_cache, str) and token_cache.startswith(STAGE_REF):
+            if not token_cache[1:]:
+                raise ValueError("data.token_cache='@' must name a folder under the workdir, e.g. '@tokens'")
+            config.data.token_cache = str(stage_dir(workdir, token_cache[1:]))
         results_dir = config.eval.get("results_dir", "") if "eval" in config else ""
         if isinstance(results_dir, str) and results_dir.startswith(STAGE_REF):
             name = results_dir[1:]
@@ -115,8 +123,29 @@ def run_recipe(config, workdir: str, *, eval_fn: Callable | None = None, data_fn
             continue
         logging.info("Stage %s: training in %s", name, out)
         trainer.validate_config(stage_config)
+        ensure_token_cache(stage_config)
         summary = trainer.train(stage_config, str(out), eval_fn=eval_fn, data_fn=data_fn)
         results[name] = {"skipped": False, "step": summary["step"], "stopped_by": summary["stopped_by"]}
         if summary["stopped_by"] != "done":
             break  # preempted: the next invocation resumes this stage
     return results
+
+
+def ensure_token_cache(stage_config) -> None:
+    """Write the stage's token cache (config.data.token_cache) when it does not exist yet. Process 0
+    writes; every process waits for it. The index is written last, so an interrupted write is redone."""
+    path = stage_config.get("data", {}).get("token_cache", "") if stage_config.get("data", None) else ""
+    if not path or (epath.Path(path) / "index.json").exists():
+        return
+    import jax
+    from jax.experimental import multihost_utils
+
+    from deltaworld_jax.data import token_cache
+
+    if jax.process_index() == 0:
+        clips = int(stage_config.data.get("token_cache_clips", 0)) or None
+        logging.info("Writing the token cache %s (%s videos of the training source)", path, clips or "all")
+        summary = token_cache.write_token_cache(stage_config, path, num_clips=clips)
+        logging.info("%s", token_cache.format_summary(summary))
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"token cache {path}")

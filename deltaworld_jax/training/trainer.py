@@ -194,9 +194,17 @@ def frozen_modules(setup: Setup) -> Any:
 
 
 def default_data_fn(config, *, process_index: int, process_count: int):
-    """The data engineer's pipeline: this process's shard of every global batch, resumable."""
+    """The data engineer's pipeline: this process's shard of every global batch, resumable. With
+    config.data.token_cache set, DeltaWorld's batches are precomputed delta tokens read from that folder."""
     from deltaworld_jax import data
 
+    if config.data.get("token_cache", ""):
+        if config.model.kind != "deltaworld":
+            raise ValueError(f"config.data.token_cache is set but config.model.kind={config.model.kind!r}: only "
+                             "DeltaWorld trains from precomputed delta tokens")
+        from deltaworld_jax.data import token_cache
+
+        return token_cache.token_data_fn(config, process_index=process_index, process_count=process_count)
     return data.make_train_iterator(config.data, seed=int(config.seed),
                                     batch_size_per_process=int(config.train.batch_size) // process_count,
                                     process_index=process_index, process_count=process_count)

@@ -67,38 +67,62 @@ def center_square_transform(frame_size: int):
 
 class VideoTokenizer:
     """Jitted VFM features and pair encodes for one (VFM, DeltaTok) pair, in inference mode (no RoPE
-    augmentation, as the frozen tokenizer inside DeltaWorld training)."""
+    augmentation, as the frozen tokenizer inside DeltaWorld training).
 
-    def __init__(self, vfm, tokenizer: DeltaTok, frame_hw: tuple[int, int], chunk: int = 16):
-        self.chunk = chunk
+    The modules are split once and the jitted functions take their states as plain arrays (an nnx.jit
+    call re-flattens the module graph every time: ~25 ms per call for the demo's tiny models, which made
+    dispatch, not compute, the cost of a cache). Calls run `chunk` frames or pairs at most (default: about
+    32k patch tokens per call, e.g. 32 frames at 512px, 512 at the demo's 64 patches) and are padded up to a
+    power of two, so a handful of shapes is compiled whatever the video lengths."""
+
+    def __init__(self, vfm, tokenizer: DeltaTok, frame_hw: tuple[int, int], chunk: int = 0):
         grid = (frame_hw[0] // vfm.patch_size, frame_hw[1] // vfm.patch_size)
+        self.chunk = int(chunk) or max(1, min(1024, 32768 // (grid[0] * grid[1])))
         self.frame_hw = frame_hw
-        self._features = nnx.jit(lambda v, f: v(f))
-        self._encode = nnx.jit(lambda t, x, y: t.encode(x, y, t.rope(grid))[:, 0])
+        vfm_def, self._vfm_state = nnx.split(vfm)
+        tok_def, self._tok_state = nnx.split(tokenizer)
+        rope = tokenizer.rope(grid)
+        self._features = jax.jit(lambda state, f: nnx.merge(vfm_def, state)(f))
+        self._encode = jax.jit(lambda state, x, y: nnx.merge(tok_def, state).encode(x, y, rope)[:, 0])
         self.vfm, self.tokenizer = vfm, tokenizer
+        self._black = None
+
+    def _size(self, remaining: int) -> int:
+        return min(self.chunk, 1 << max(0, remaining - 1).bit_length())
 
     def features(self, frames: np.ndarray) -> jax.Array:
         """[F, H, W, 3] uint8 -> [F, N, D]."""
-        parts = [self._features(self.vfm, jnp.asarray(frames[i:i + self.chunk]))
-                 for i in range(0, len(frames), self.chunk)]
+        parts, i = [], 0
+        while i < len(frames):
+            size = self._size(len(frames) - i)
+            part = frames[i:i + size]
+            pad = size - len(part)
+            if pad:
+                part = np.concatenate([part, np.zeros((pad,) + part.shape[1:], part.dtype)])
+            parts.append(self._features(self._vfm_state, jnp.asarray(part))[: size - pad])
+            i += size
         return jnp.concatenate(parts, 0)
 
     def encode(self, prev: jax.Array, cur: jax.Array) -> np.ndarray:
         """Delta tokens [P, D] of P pairs (prev [P, N, D] -> cur [P, N, D])."""
-        out = []
-        for i in range(0, prev.shape[0], self.chunk):
-            x, y = prev[i:i + self.chunk], cur[i:i + self.chunk]
-            pad = self.chunk - x.shape[0]  # one compiled shape for every chunk
+        out, i = [], 0
+        while i < prev.shape[0]:
+            size = self._size(prev.shape[0] - i)
+            x, y = prev[i:i + size], cur[i:i + size]
+            pad = size - x.shape[0]
             if pad:
                 x = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)])
                 y = jnp.concatenate([y, jnp.zeros((pad,) + y.shape[1:], y.dtype)])
-            out.append(np.asarray(self._encode(self.tokenizer, x, y))[: self.chunk - pad])
+            out.append(np.asarray(self._encode(self._tok_state, x, y))[: size - pad])
+            i += size
         return np.concatenate(out, 0)
 
     def video_tokens(self, frames: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(black [F, D], pairs [F, K, D]) of one video's frames; pairs past the last frame are zero."""
         feats = self.features(frames)
-        black = self.features(np.zeros((1,) + frames.shape[1:], np.uint8))
+        if self._black is None:  # the same all-black frame for every video
+            self._black = self.features(np.zeros((1,) + frames.shape[1:], np.uint8))
+        black = self._black
         f = feats.shape[0]
         black_tokens = self.encode(jnp.broadcast_to(black, feats.shape), feats)
         firsts, seconds, slots = [], [], []
@@ -181,7 +205,12 @@ class TokenCache:
     """Reads a token cache and assembles the tokens of any clip the training sampler draws."""
 
     def __init__(self, root: str):
-        with open(os.path.join(root, INDEX)) as f:
+        path = os.path.join(root, INDEX)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no token cache at {root!r} ({INDEX} is missing): write one with `python -m "
+                                    "deltaworld_jax.benchmark tokens --config=... --output=...` or let the recipe "
+                                    "build it (config.data.token_cache='@<name>')")
+        with open(path) as f:
             self.index = json.load(f)
         self.root = root
 
@@ -241,19 +270,43 @@ class TokenIterator:
         return {"tokens": np.stack([c["tokens"] for c in clips]),
                 "timestamps": np.stack([c["timestamps"] for c in clips])}
 
-    def get_state(self) -> dict:
-        return {"position": self.position}
+    # The trainer checkpoints the data iterator with Grain's Orbax handler, which stores what get_state
+    # returns as text (bytes for iterators that are not Grain DatasetIterators) and calls start_prefetch
+    # after set_state on restore.
+    def get_state(self) -> bytes:
+        return json.dumps({"position": self.position}).encode()
 
-    def set_state(self, state: dict) -> None:
+    def set_state(self, state: bytes | str | dict) -> None:
+        if isinstance(state, (bytes, str)):
+            state = json.loads(state)
         self.position = int(state["position"])
+
+    def start_prefetch(self) -> None:
+        """Nothing to prefetch: a batch is a few small file reads."""
 
 
 def token_data_fn(config, *, process_index: int, process_count: int) -> TokenIterator:
-    """A trainer `data_fn` for config.data.token_cache (pass it to trainer.run(..., data_fn=...))."""
+    """The trainer's data_fn when config.data.token_cache is set (trainer.default_data_fn picks it)."""
     batch = int(config.train.batch_size)
     if batch % process_count:
         raise ValueError(f"config.train.batch_size={batch} is not divisible by {process_count} processes")
-    return TokenIterator(TokenCache(config.data.token_cache), num_frames=int(config.data.num_frames),
+    cache = TokenCache(config.data.token_cache)
+    check_compatible(cache.index, config)
+    return TokenIterator(cache, num_frames=int(config.data.num_frames),
                          stride_range=config.data.time_stride_range, batch_size=batch // process_count,
                          seed=int(config.data.get("seed", config.get("seed", 0))), process_index=process_index,
                          process_count=process_count)
+
+
+def check_compatible(index: dict, config) -> None:
+    """A cache serves a config when its frames have the config's size and its pair offsets cover every
+    stride the config's sampler can draw; otherwise training would silently see other clips."""
+    size = int(config.data.frame_size)
+    if int(index["frame_size"]) != size:
+        raise ValueError(f"token cache {config.data.token_cache!r} holds {index['frame_size']}px frames but "
+                         f"config.data.frame_size={size}")
+    low, high = (float(v) for v in config.data.time_stride_range)
+    cached_low, cached_high = (float(v) for v in index["stride_range"])
+    if low < cached_low - 1e-9 or high > cached_high + 1e-9:
+        raise ValueError(f"token cache {config.data.token_cache!r} was written for strides {index['stride_range']} "
+                         f"but config.data.time_stride_range={[low, high]} reaches beyond them")
