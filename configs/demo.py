@@ -35,9 +35,9 @@ VFM_WIDTH = 3 * PATCH_SIZE * PATCH_SIZE
 # Per setting: steps and batch sizes of both stages, and the size of the evaluation.
 SETTINGS = {
     "": dict(frame_size=FRAME_SIZE, deltatok_steps=300, deltatok_batch=32, world_steps=300, world_batch=16,
-             eval_clips=64, eval_batch=16, log_every=25, num_pictures=4, samples_shown=4),
+             world_clips=1000, eval_clips=64, eval_batch=16, log_every=25, num_pictures=4, samples_shown=4),
     # Same pipeline and models, 2 steps per stage, 8 eval clips: the test's setting.
-    "quick": dict(frame_size=FRAME_SIZE, deltatok_steps=2, deltatok_batch=4, world_steps=2, world_batch=4, eval_clips=8,
+    "quick": dict(frame_size=FRAME_SIZE, deltatok_steps=2, deltatok_batch=4, world_steps=2, world_batch=4, world_clips=4, eval_clips=8,
                   eval_batch=8, log_every=1, num_pictures=2, samples_shown=2),
 }
 
@@ -59,6 +59,7 @@ def _data(num_frames: int, settings: dict) -> ml_collections.ConfigDict:
     data.synthetic.height = settings["frame_size"]
     data.synthetic.width = settings["frame_size"]
     data.synthetic.duration = 4.0  # seconds per world clip: training clips span 1.4 s, eval clips 1.2 s
+    data.synthetic.fps = 5.0  # one frame per time step: nothing rendered or cached that no clip uses
     data.synthetic.radius_range = (0.12, 0.22)  # 4-7 pixels at 32x32
     data.synthetic.event_rate = 1.5  # events per second: about one in every 3 predicted frames (0.2 s)
     data.eval.num_synthetic_clips = settings["eval_clips"]
@@ -101,7 +102,7 @@ def deltatok_stage(settings: dict) -> ml_collections.ConfigDict:
     c.model.update(_deltatok_fields())
     # smooth-L1 (objectives.LOSSES), not the official log-cosh: log-cosh (~L2) reconstructions are blurred
     # averages that lose to copy-last on the world models' smooth-L1 eval loss (benchmarks/demo.md).
-    c.model.loss_fn = "smooth_l1"
+    c.model.loss_fn = "mse"
     c.data = _data(num_frames=2, settings=settings)
     return c
 
@@ -114,11 +115,18 @@ def deltaworld_stage(settings: dict) -> ml_collections.ConfigDict:
                         num_samples_eval=8, bom_chunk=0, layer_scale_init=0.1))
     c.tokenizer = ml_collections.ConfigDict(dict(checkpoint="@deltatok", dtype="float32", **_deltatok_fields()))
     c.data = _data(num_frames=8, settings=settings)
+    # DeltaWorld trains from precomputed delta tokens (data/token_cache.py): the recipe tokenises the world
+    # clips with the frozen DeltaTok of the first stage into <workdir>/world_tokens before this stage
+    # trains, and the step runs the predictor alone (~15x cheaper than VFM + tokenizer in every step).
+    # The evaluation still runs on frames (held-out world clips num_clips.., through VFM and tokenizer).
+    c.data.synthetic.num_clips = settings["world_clips"]
+    c.data.token_cache = "@world_tokens"
     c.eval = ml_collections.ConfigDict(dict(
         every_steps=c.train.get_ref("num_steps"),  # once, at the end
         fn="deltaworld_jax.demo:evaluate_demo",
         results_dir="@",  # the recipe's workdir
         ctx_lens=(4,), horizons=(1, 3), num_samples=8, seed=0, max_batches=0,
+        criterion="mse",  # scored (and 'best' picked) by squared error on the pixel features
         num_pictures=settings["num_pictures"],  # clips shown in demo_futures.png
         samples_shown=settings["samples_shown"],  # sampled futures per clip in the picture
     ))

@@ -12,6 +12,7 @@ then writes to `config.eval.results_dir`:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -20,6 +21,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from deltaworld_jax import objectives
 from deltaworld_jax.training import evaluation, pictures
 
 RESULTS_NAME = "demo_results"
@@ -27,7 +29,7 @@ PICTURE_NAME = "demo_futures.png"
 
 
 def claim_rows(results: dict, model: str = "deltaworld", baseline: str = "copy_last") -> list[dict]:
-    """Per context/horizon setting: the eval loss (smooth-L1 on VFM features, mean over the predicted
+    """Per context/horizon setting: the eval loss (the evaluation criterion on VFM features, mean over the predicted
     frames) of best-of-N, mean-of-N and copy-last, and whether best < mean < copy-last holds."""
     rows = []
     for dataset, models in results.items():
@@ -100,7 +102,12 @@ def futures_picture(outputs: list[dict], vfm: Any, num_clips: int, samples_shown
     return pictures.label_rows(grid, names, grid.shape[0] // len(rows))
 
 
-def write_demo_results(results: dict, results_dir: str, picture: np.ndarray | None, step: int) -> dict[str, str]:
+CRITERION_NAMES = {"": "the models' own criterion (smooth-L1, beta 0.1)", "smooth_l1": "smooth-L1 (beta 0.1)",
+                   "mse": "squared error", "log_cosh": "log-cosh"}
+
+
+def write_demo_results(results: dict, results_dir: str, picture: np.ndarray | None, step: int,
+                       criterion: str = "") -> dict[str, str]:
     """demo_results.json / .md and demo_futures.png in `results_dir`; returns their paths."""
     json_path, md_path = evaluation.write_results(results, results_dir, name=RESULTS_NAME)
     rows = claim_rows(results)
@@ -113,7 +120,8 @@ def write_demo_results(results: dict, results_dir: str, picture: np.ndarray | No
     table = open(md_path).read()
     with open(md_path, "w") as f:
         f.write(f"# DeltaWorld demo: evaluation after {step} steps\n\n"
-                "Eval loss = smooth-L1 (beta 0.1) between predicted and true VFM features (pixel patches), "
+                f"Eval loss = {CRITERION_NAMES.get(criterion, criterion)} between predicted and true VFM features "
+                "(pixel patches), "
                 "mean over the predicted frames; N sampled futures per clip.\n\n"
                 "## best-of-N vs mean-of-N vs copy-last\n\n" + claim_markdown(rows) +
                 "\n## All results (loss: mean over the horizon; scored frame: the last)\n\n" + table)
@@ -133,6 +141,11 @@ def evaluate_demo(config, trainable: Any, frozen: Any, step: int) -> dict[str, A
         raise ValueError("config.eval.results_dir is empty: the demo writes its results and pictures there")
     forecasters, vfm = evaluation.forecasters_for(config.model.kind, trainable, frozen,
                                                   num_samples=int(settings.get("num_samples", 0)) or None)
+    criterion = settings.get("criterion", "")
+    if criterion:  # score (and pick 'best') with another criterion than the models' training loss
+        if criterion not in objectives.LOSSES:
+            raise ValueError(f"config.eval.criterion={criterion!r}: expected one of {sorted(objectives.LOSSES)}")
+        forecasters = [dataclasses.replace(f, criterion=objectives.LOSSES[criterion]) for f in forecasters]
     if not hasattr(vfm, "patches_to_frames"):
         raise ValueError("the demo draws predicted features as pictures: it needs the pixel-patch VFM "
                          "(config.vfm.kind = 'pixel')")
@@ -148,7 +161,7 @@ def evaluate_demo(config, trainable: Any, frozen: Any, step: int) -> dict[str, A
     logging.info("Demo evaluation at step %d on %d synthetic clips", step, config.data.eval.num_synthetic_clips)
     results = evaluation.evaluate(forecasters, vfm, data, {}, settings, on_batch=draw)
     if jax.process_index() == 0:
-        paths = write_demo_results(results, results_dir, picture[0], step)
+        paths = write_demo_results(results, results_dir, picture[0], step, criterion)
         for row in claim_rows(results):
             logging.info("%s %s: best-of-N %.4f  mean-of-N %.4f  copy-last %.4f  (best < mean < copy-last: %s)",
                          row["dataset"], row["setting"], row["best"], row["mean"], row["copy_last"], row["holds"])
