@@ -291,3 +291,18 @@ def test_trainer_hands_slurm_to_jax_cluster_detection(monkeypatch):
         monkeypatch.setenv(name, value)
     trainer.maybe_initialize_distributed(None)
     assert calls == [{}]
+
+
+def test_launched_tpu_batches_fit_by_the_compiled_memory_model():
+    """What runs is what was compiled: every TPU row's per-chip batch is at most the largest micro-batch that
+    `benchmark fit` (the memory model from the ahead-of-time compiles in benchmarks/results/) predicts to fit
+    within 90% of HBM on that many chips of that family."""
+    fits = json.loads((REPO / "benchmarks" / "aot_fits.json").read_text())["stages"]
+    fit_stage = {stage: name for name, entry in fits.items() for stage in entry.get("applies_to", [])}
+    assert set(TOPOLOGIES["tpu"]) <= set(fit_stage), "every launched stage needs a compiled fit"
+    for stage, row in TOPOLOGIES["tpu"].items():
+        family = row["accelerator_type"].split("-")[0]
+        chip = {"v5p": "v5p", "v5litepod": "v5e"}[family]
+        prediction = json.loads((REPO / "benchmarks" / "results" / f"fit_{fit_stage[stage]}_{chip}.json").read_text())
+        slice_row = next(r for r in prediction["rows"] if r["chips"] == row["chips"])
+        assert 0 < row["per_chip_batch"] <= slice_row["per_chip_batch"], (stage, row, slice_row)
