@@ -34,11 +34,11 @@ VFM_WIDTH = 3 * PATCH_SIZE * PATCH_SIZE
 
 # Per setting: steps and batch sizes of both stages, and the size of the evaluation.
 SETTINGS = {
-    "": dict(frame_size=FRAME_SIZE, deltatok_steps=300, deltatok_batch=32, world_steps=300, world_batch=16,
-             world_clips=1000, eval_clips=64, eval_batch=16, log_every=25, num_pictures=4, samples_shown=4),
+    "": dict(frame_size=FRAME_SIZE, deltatok_steps=600, deltatok_batch=32, world_steps=2000, world_batch=16,
+             world_clips=500, eval_clips=64, eval_batch=16, log_every=50, num_pictures=4, samples_shown=4),
     # Same pipeline and models, 2 steps per stage, 8 eval clips: the test's setting.
-    "quick": dict(frame_size=FRAME_SIZE, deltatok_steps=2, deltatok_batch=4, world_steps=2, world_batch=4, world_clips=4, eval_clips=8,
-                  eval_batch=8, log_every=1, num_pictures=2, samples_shown=2),
+    "quick": dict(frame_size=FRAME_SIZE, deltatok_steps=2, deltatok_batch=4, world_steps=2, world_batch=4, world_clips=4,
+                  eval_clips=8, eval_batch=8, log_every=1, num_pictures=2, samples_shown=2),
 }
 
 
