@@ -87,9 +87,9 @@ class LayerNorm(nnx.Module):
         x32 = x.astype(jnp.float32)
         mean = jnp.mean(x32, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.weight.value.astype(jnp.float32)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.weight[...].astype(jnp.float32)
         if self.bias is not None:
-            y = y + self.bias.value.astype(jnp.float32)
+            y = y + self.bias[...].astype(jnp.float32)
         return y.astype(self.dtype)
 
 
@@ -101,7 +101,7 @@ class LayerScale(nnx.Module):
         self.lambda1 = nnx.Param(jnp.full((dim,), init_value, param_dtype), out_sharding=("norm",))
 
     def __call__(self, x: Array) -> Array:
-        return x * self.lambda1.value.astype(x.dtype)
+        return x * self.lambda1[...].astype(x.dtype)
 
 
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
