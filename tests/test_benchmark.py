@@ -331,3 +331,18 @@ def test_trainer_reads_the_token_cache_when_the_config_names_one(token_cache, tm
     missing.data.token_cache = str(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="no token cache at"):
         trainer.default_data_fn(missing, process_index=0, process_count=1)
+
+
+def test_video_tokenizer_chunks_and_padding_do_not_change_the_results(token_cache):
+    """Calls of at most `chunk` items padded to a power of two (10 frames with chunk 4: 4 + 4 + 2) give
+    what one unpadded call gives."""
+    from deltaworld_jax.data import token_cache as tokens
+
+    _, vfm, tok, _ = token_cache
+    frames = np.random.default_rng(0).integers(0, 255, (10, 32, 32, 3), dtype=np.uint8)
+    chunked = tokens.VideoTokenizer(vfm, tok, (32, 32), chunk=4)
+    whole = np.asarray(vfm(jnp.asarray(frames)))
+    np.testing.assert_allclose(np.asarray(chunked.features(frames)), whole, rtol=1e-6, atol=1e-6)
+    expected = np.asarray(tok.encode(jnp.asarray(whole[:-1]), jnp.asarray(whole[1:]), tok.rope((4, 4)))[:, 0])
+    got = chunked.encode(jnp.asarray(whole[:-1]), jnp.asarray(whole[1:]))  # 9 pairs: 4 + 4 + 1 (padded to 1)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)

@@ -87,35 +87,27 @@ class VideoTokenizer:
         self.vfm, self.tokenizer = vfm, tokenizer
         self._black = None
 
-    def _size(self, remaining: int) -> int:
-        return min(self.chunk, 1 << max(0, remaining - 1).bit_length())
+    def _in_chunks(self, fn, state, *arrays) -> list:
+        """fn(state, *chunk) over the leading axis in chunks of at most `self.chunk`, each padded with zeros
+        up to a power of two (the outputs' padding rows are dropped)."""
+        out, i, total = [], 0, arrays[0].shape[0]
+        while i < total:
+            size = min(self.chunk, 1 << max(0, total - i - 1).bit_length())
+            parts = [a[i:i + size] for a in arrays]
+            pad = size - parts[0].shape[0]
+            if pad:
+                parts = [jnp.concatenate([jnp.asarray(p), jnp.zeros((pad,) + p.shape[1:], p.dtype)]) for p in parts]
+            out.append(fn(state, *map(jnp.asarray, parts))[: size - pad])
+            i += size
+        return out
 
     def features(self, frames: np.ndarray) -> jax.Array:
         """[F, H, W, 3] uint8 -> [F, N, D]."""
-        parts, i = [], 0
-        while i < len(frames):
-            size = self._size(len(frames) - i)
-            part = frames[i:i + size]
-            pad = size - len(part)
-            if pad:
-                part = np.concatenate([part, np.zeros((pad,) + part.shape[1:], part.dtype)])
-            parts.append(self._features(self._vfm_state, jnp.asarray(part))[: size - pad])
-            i += size
-        return jnp.concatenate(parts, 0)
+        return jnp.concatenate(self._in_chunks(self._features, self._vfm_state, frames), 0)
 
     def encode(self, prev: jax.Array, cur: jax.Array) -> np.ndarray:
         """Delta tokens [P, D] of P pairs (prev [P, N, D] -> cur [P, N, D])."""
-        out, i = [], 0
-        while i < prev.shape[0]:
-            size = self._size(prev.shape[0] - i)
-            x, y = prev[i:i + size], cur[i:i + size]
-            pad = size - x.shape[0]
-            if pad:
-                x = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)])
-                y = jnp.concatenate([y, jnp.zeros((pad,) + y.shape[1:], y.dtype)])
-            out.append(np.asarray(self._encode(self._tok_state, x, y))[: size - pad])
-            i += size
-        return np.concatenate(out, 0)
+        return np.concatenate([np.asarray(t) for t in self._in_chunks(self._encode, self._tok_state, prev, cur)], 0)
 
     def video_tokens(self, frames: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(black [F, D], pairs [F, K, D]) of one video's frames; pairs past the last frame are zero."""

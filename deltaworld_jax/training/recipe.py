@@ -68,13 +68,14 @@ def resolve_stage_refs(stage_config, workdir: str) -> ml_collections.ConfigDict:
                 value = config[section][key]
                 if isinstance(value, str) and value.startswith(STAGE_REF):
                     config[section][key] = str(stage_dir(workdir, value[1:]) / "checkpoints")
-        # eval.results_dir: "@" is the recipe's workdir, "@<stage>" that stage's folder (where the demo
-        # writes its results table and pictures; the config file cannot know the --workdir flag).
+        # data.token_cache: "@<name>" is the folder <workdir>/<name> (not a stage: the cache of this stage).
         token_cache = config.data.get("token_cache", "") if "data" in config else ""
         if isinstance(token_cache, str) and token_cache.startswith(STAGE_REF):
             if not token_cache[1:]:
                 raise ValueError("data.token_cache='@' must name a folder under the workdir, e.g. '@tokens'")
             config.data.token_cache = str(stage_dir(workdir, token_cache[1:]))
+        # eval.results_dir: "@" is the recipe's workdir, "@<stage>" that stage's folder (where the demo
+        # writes its results table and pictures; the config file cannot know the --workdir flag).
         results_dir = config.eval.get("results_dir", "") if "eval" in config else ""
         if isinstance(results_dir, str) and results_dir.startswith(STAGE_REF):
             name = results_dir[1:]
