@@ -103,6 +103,15 @@ def smallest_fit(config, chip: str, *, log: Callable[[str], None] = print, verif
             "rows": rows, "smallest": smallest, "smallest_without_accumulation": no_accumulation}
 
 
+def _smallest_lines(result: dict[str, Any]) -> list[str]:
+    """The closing lines of both reports: the smallest slice, with and without gradient accumulation."""
+    lines = []
+    for key in ("smallest", "smallest_without_accumulation"):
+        r = result[key]
+        lines.append(f"{key.replace('_', ' ')}: " + (f"{r['topology']} ({r['accelerator_type']})" if r else "none"))
+    return lines
+
+
 def format_fit(result: dict[str, Any]) -> str:
     g = lambda b: f"{b / aot.GIB:6.2f} GiB"  # noqa: E731
     p = result["probe"]
@@ -115,9 +124,7 @@ def format_fit(result: dict[str, Any]) -> str:
                      f"accumulation {r['accumulation_steps'] or '-'!s:>4s}  {g(mem)} / {g(r['hbm_bytes'])} "
                      f"({r['memory_source']})"
                      + (f"  roofline {r['roofline_step_seconds']:.3f} s/step" if "roofline_step_seconds" in r else ""))
-    for key in ("smallest", "smallest_without_accumulation"):
-        r = result[key]
-        lines.append(f"{key.replace('_', ' ')}: " + (f"{r['topology']} ({r['accelerator_type']})" if r else "none"))
+    lines += _smallest_lines(result)
     return "\n".join(lines)
 
 
@@ -173,7 +180,5 @@ def format_prediction(result: dict[str, Any]) -> str:
                      f"accumulation {r['accumulation_steps'] or '-'!s:>4s}  predicted {g(r['predicted_bytes'])} / "
                      f"{g(r['hbm_bytes'])}" + (f"  roofline {r['roofline_step_seconds']:.3f} s/step"
                                                if "roofline_step_seconds" in r else ""))
-    for key in ("smallest", "smallest_without_accumulation"):
-        r = result[key]
-        lines.append(f"{key.replace('_', ' ')}: " + (f"{r['topology']} ({r['accelerator_type']})" if r else "none"))
+    lines += _smallest_lines(result)
     return "\n".join(lines)
