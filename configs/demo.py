@@ -25,16 +25,20 @@ import ml_collections
 from deltaworld_jax.data import default_data_config
 from deltaworld_jax.training import recipe
 
-# 32x32 frames in 4x4 patches: 64 tokens of 3*4*4 = 48 pixel values each (the VFM width, so DeltaTok's
-# width too; 3 heads of 16). 64x64 frames in 8x8 patches (64 tokens of width 192) cost ~16x the FLOPs per
-# step and do not train far enough in the 10-minute budget on 2 cores.
+# 32x32 frames in 4x4 patches: 64 tokens of 3*4*4 = 48 pixel values plus 16 fixed position channels each
+# (the VFM width 64, so DeltaTok's width too; 4 heads of 16). The position channels are what lets DeltaTok
+# learn to use its token at all in minutes (benchmarks/demo.md: without them its decoder ignored the token).
+# 64x64 frames in 8x8 patches (64 tokens of width 192) cost ~16x the FLOPs per step and do not train far
+# enough in the 10-minute budget on 2 cores.
 FRAME_SIZE = 32
 PATCH_SIZE = 4
-VFM_WIDTH = 3 * PATCH_SIZE * PATCH_SIZE
+POSITION_CHANNELS = 16
+VFM_WIDTH = 3 * PATCH_SIZE * PATCH_SIZE + POSITION_CHANNELS
+VFM_HEADS = VFM_WIDTH // 16
 
 # Per setting: steps and batch sizes of both stages, and the size of the evaluation.
 SETTINGS = {
-    "": dict(frame_size=FRAME_SIZE, deltatok_steps=600, deltatok_batch=32, world_steps=2000, world_batch=16,
+    "": dict(frame_size=FRAME_SIZE, deltatok_steps=1000, deltatok_batch=32, world_steps=2000, world_batch=16,
              world_clips=500, eval_clips=64, eval_batch=16, log_every=50, num_pictures=4, samples_shown=4),
     # Same pipeline and models, 2 steps per stage, 8 eval clips: the test's setting.
     "quick": dict(frame_size=FRAME_SIZE, deltatok_steps=2, deltatok_batch=4, world_steps=2, world_batch=4, world_clips=4,
@@ -61,6 +65,10 @@ def _data(num_frames: int, settings: dict) -> ml_collections.ConfigDict:
     data.synthetic.duration = 4.0  # seconds per world clip: training clips span 1.4 s, eval clips 1.2 s
     data.synthetic.fps = 5.0  # one frame per time step: nothing rendered or cached that no clip uses
     data.synthetic.radius_range = (0.12, 0.22)  # 4-7 pixels at 32x32
+    # Two shapes at first (appearances add more) moving 2.5-4.5 pixels a frame: motion a tokenizer of this
+    # size learns to put in its token within the budget (three slower shapes took far longer).
+    data.synthetic.initial_shapes = 2
+    data.synthetic.speed_range = (0.4, 0.7)
     data.synthetic.event_rate = 1.5  # events per second: about one in every 3 predicted frames (0.2 s)
     data.eval.num_synthetic_clips = settings["eval_clips"]
     data.eval.batch_size = settings["eval_batch"]
@@ -69,11 +77,12 @@ def _data(num_frames: int, settings: dict) -> ml_collections.ConfigDict:
 
 
 def _vfm() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(kind="pixel", patch_size=PATCH_SIZE, num_heads=0, dtype="float32"))
+    return ml_collections.ConfigDict(dict(kind="pixel", patch_size=PATCH_SIZE, position_channels=POSITION_CHANNELS,
+                                          num_heads=VFM_HEADS, dtype="float32"))
 
 
 def _deltatok_fields() -> dict:
-    """DeltaTok sizes (width and heads are the VFM's: 48 wide, 3 heads of 16); two blocks per stack."""
+    """DeltaTok sizes (width and heads are the VFM's: 64 wide, 4 heads of 16); two blocks per stack."""
     return dict(num_layers=2, intermediate_size=128, layer_scale_init=0.1, use_delta=True, use_qk_norm=True, use_gated_attn=True,
                 use_swiglu=True, use_rope_aug=True)
 
@@ -100,8 +109,9 @@ def deltatok_stage(settings: dict) -> ml_collections.ConfigDict:
     c = _stage_base(settings, settings["deltatok_steps"], settings["deltatok_batch"], lr=2e-3, warmup=50)
     c.model.kind = "deltatok"
     c.model.update(_deltatok_fields())
-    # smooth-L1 (objectives.LOSSES), not the official log-cosh: log-cosh (~L2) reconstructions are blurred
-    # averages that lose to copy-last on the world models' smooth-L1 eval loss (benchmarks/demo.md).
+    # Squared error (objectives.LOSSES), not the official log-cosh: on pixel features the changes are large
+    # and sparse, so log-cosh and smooth-L1 act like L1, whose optimum without an informative token is
+    # copying, and the tokenizer stayed at copy-last (benchmarks/demo.md).
     c.model.loss_fn = "mse"
     c.data = _data(num_frames=2, settings=settings)
     return c

@@ -5,7 +5,8 @@ held-out synthetic clips with DeltaWorld (N sampled futures per clip: 'best' = t
 truth at the last predicted frame, 'mean' = the mean of the N samples' features) and the copy-last baseline,
 then writes to `config.eval.results_dir`:
   demo_results.json  every number (per dataset / model / context+horizon / selection / predicted step)
-  demo_results.md    the headline table, then the paper's claim checked on this run (best < mean < copy-last)
+  demo_results.md    the headline table, then the paper's claim checked on this run (best < mean < copy-last),
+                     and whether the frozen DeltaTok's token carries the change at all (token_use below)
   demo_futures.png   for a few clips: the true frames (context + future), then DeltaWorld's best, mean and
                      individual sampled futures as pictures (the pixel-patch VFM's features ARE pixels)
 """
@@ -18,6 +19,7 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -51,6 +53,39 @@ def claim_markdown(rows: list[dict]) -> str:
         lines.append(f"| {r['dataset']} | {r['setting']} | {r['best']:.4f} | {r['mean']:.4f} | {r['copy_last']:.4f} "
                      f"| {'yes' if r['holds'] else 'NO'} |")
     return "\n".join(lines) + "\n"
+
+
+def token_use(tokenizer: Any, feats_btnd: Any, grid_hw: tuple[int, int], criterion) -> dict[str, float] | None:
+    """Does the delta token carry the change? DeltaTok reconstructs every next frame of the clips from the
+    frame before it with (a) the pair's own token, (b) the token of the same step of ANOTHER clip, and
+    (c) no model (copy the previous frame). own < other-clip means the decoder reads its token; own ~
+    other-clip means it ignores it (its gain over copy-last is then a blur, and DeltaWorld's sampled
+    futures, decoded by it, cannot differ). Mean criterion over pixels and pairs; None for one clip."""
+    b, t, n, d = feats_btnd.shape
+    if b < 2 or t < 2:
+        return None
+    feats = jnp.asarray(feats_btnd, jnp.float32)
+    prev, cur = feats[:, :-1].reshape(-1, n, d), feats[:, 1:].reshape(-1, n, d)
+    rope = tokenizer.rope(tuple(grid_hw))
+    tokens = tokenizer.encode(prev, cur, rope)
+    other = jnp.roll(tokens, t - 1, axis=0)  # pairs are clip-major: the same step of the previous clip
+
+    def error(pred):
+        return float(jnp.mean(criterion(pred, cur)))
+
+    return {"own_token": error(tokenizer.decode(tokens, prev, rope)),
+            "other_clip_token": error(tokenizer.decode(other, prev, rope)), "copy_last": error(prev)}
+
+
+def token_use_markdown(use: dict[str, float]) -> str:
+    reads = use["own_token"] < use["other_clip_token"]
+    gain = 1.0 - use["own_token"] / max(use["other_clip_token"], 1e-12)
+    return ("| decoder input | reconstruction loss |\n|---|---|\n"
+            f"| the pair's own delta token | {use['own_token']:.4f} |\n"
+            f"| another clip's token (same step) | {use['other_clip_token']:.4f} |\n"
+            f"| none: copy the previous frame | {use['copy_last']:.4f} |\n\n"
+            f"The decoder {'reads' if reads else 'does NOT read'} its token: the own token is "
+            f"{100 * gain:.1f}% better than another clip's.\n")
 
 
 DISPLAY_SIZE = 96  # small frames are enlarged (nearest neighbour, pixels stay sharp) to about this size
@@ -107,7 +142,7 @@ CRITERION_NAMES = {"": "the models' own criterion (smooth-L1, beta 0.1)", "smoot
 
 
 def write_demo_results(results: dict, results_dir: str, picture: np.ndarray | None, step: int,
-                       criterion: str = "") -> dict[str, str]:
+                       criterion: str = "", tokens: dict[str, float] | None = None) -> dict[str, str]:
     """demo_results.json / .md and demo_futures.png in `results_dir`; returns their paths."""
     json_path, md_path = evaluation.write_results(results, results_dir, name=RESULTS_NAME)
     rows = claim_rows(results)
@@ -115,15 +150,19 @@ def write_demo_results(results: dict, results_dir: str, picture: np.ndarray | No
         everything = json.load(f)
     everything["claim"] = rows
     everything["step"] = step
+    if tokens is not None:
+        everything["token_use"] = tokens
     with open(json_path, "w") as f:
         json.dump(everything, f, indent=2, sort_keys=True)
     table = open(md_path).read()
     with open(md_path, "w") as f:
         f.write(f"# DeltaWorld demo: evaluation after {step} steps\n\n"
                 f"Eval loss = {CRITERION_NAMES.get(criterion, criterion)} between predicted and true VFM features "
-                "(pixel patches), "
+                "(pixel patches, and the pixel VFM's fixed position channels, which copy-last reproduces exactly), "
                 "mean over the predicted frames; N sampled futures per clip.\n\n"
                 "## best-of-N vs mean-of-N vs copy-last\n\n" + claim_markdown(rows) +
+                ("\n## DeltaTok: does the token carry the change? (all frame pairs of the first batch)\n\n" +
+                 token_use_markdown(tokens) if tokens is not None else "") +
                 "\n## All results (loss: mean over the horizon; scored frame: the last)\n\n" + table)
     paths = {"json": json_path, "markdown": md_path}
     if picture is not None:
@@ -152,21 +191,33 @@ def evaluate_demo(config, trainable: Any, frozen: Any, step: int) -> dict[str, A
     data = {"synthetic": make_eval_iterator(config.data, "synthetic", process_index=jax.process_index(),
                                             process_count=jax.process_count())}
     picture: list[np.ndarray | None] = [None]
+    tokens: list[dict | None] = [None]
+    score = forecasters[0].criterion
 
     def draw(dataset: str, index: int, outputs: list[dict]) -> None:
         if index == 0 and jax.process_index() == 0:
             picture[0] = futures_picture(outputs, vfm, int(settings.get("num_pictures", 4)),
                                          int(settings.get("samples_shown", 4)))
+            if config.model.kind == "deltaworld" and outputs:
+                longest = max(outputs, key=lambda o: o["horizon"])
+                forecast = longest["forecast"]
+                feats = jnp.concatenate([jnp.asarray(forecast.context), jnp.asarray(forecast.targets)], axis=1)
+                tokens[0] = token_use(frozen["tokenizer"], feats, tuple(longest["clip"].grid_hw), score)
 
     logging.info("Demo evaluation at step %d on %d synthetic clips", step, config.data.eval.num_synthetic_clips)
     results = evaluation.evaluate(forecasters, vfm, data, {}, settings, on_batch=draw)
     if jax.process_index() == 0:
-        paths = write_demo_results(results, results_dir, picture[0], step, criterion)
+        paths = write_demo_results(results, results_dir, picture[0], step, criterion, tokens[0])
+        if tokens[0] is not None:
+            logging.info("DeltaTok reconstruction: own token %.4f  another clip's token %.4f  copy-last %.4f",
+                         tokens[0]["own_token"], tokens[0]["other_clip_token"], tokens[0]["copy_last"])
         for row in claim_rows(results):
             logging.info("%s %s: best-of-N %.4f  mean-of-N %.4f  copy-last %.4f  (best < mean < copy-last: %s)",
                          row["dataset"], row["setting"], row["best"], row["mean"], row["copy_last"], row["holds"])
         logging.info("Demo results: %s", paths)
     out = evaluation.flatten_results(results)
+    if tokens[0] is not None:
+        out.update({f"token_use/{k}": v for k, v in tokens[0].items()})
     if picture[0] is not None:
         out["futures"] = picture[0]
     return out

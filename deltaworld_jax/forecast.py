@@ -10,7 +10,7 @@ centre-crops a square, runs the frozen VFM, and samples --num_samples futures of
 video continues past the context, the true future frames are read too: the pictures then show them and the
 best sample (lowest smooth-L1 of the last frame to the truth, as the official evaluation picks it).
 
-Weights: --vfm is `pixel` (the parameter-free pixel-patch VFM, --patch_size) or DINOv3 weights (HF folder,
+Weights: --vfm is `pixel` (the parameter-free pixel-patch VFM, --patch_size, --position_channels) or DINOv3 weights (HF folder,
 file or hub id); --tokenizer / --world are DeltaTok / DeltaWorld weights: the official files (the released
 pytorch_model.bin, a Lightning .ckpt, .safetensors) or one of OUR training runs (its workdir or checkpoints
 folder: the latest step's parameters are read, sizes inferred from them). Futures are drawn through the RGB
@@ -40,6 +40,7 @@ _START = flags.DEFINE_float("start", 0.0, "Time (s) of the first context frame."
 _SIZE = flags.DEFINE_integer("size", 512, "Square frame size (a multiple of the VFM patch size).")
 _VFM = flags.DEFINE_string("vfm", None, "'pixel' or DINOv3 weights (HF folder, checkpoint file or hub id).")
 _PATCH = flags.DEFINE_integer("patch_size", 16, "Patch size of the pixel VFM.")
+_POSITION = flags.DEFINE_integer("position_channels", 0, "Position channels of the pixel VFM (configs/demo.py: 16).")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "DeltaTok weights.")
 _WORLD = flags.DEFINE_string("world", None, "DeltaWorld weights.")
 _WORLD_HEADS = flags.DEFINE_integer("world_num_heads", 12, "DeltaWorld predictor heads (not in the weights).")
@@ -166,7 +167,8 @@ def _need(path: str | None, flag: str) -> str:
     return path
 
 
-def load_models(vfm: str, tokenizer: str, world: str, *, patch_size: int = 16, world_num_heads: int = 12,
+def load_models(vfm: str, tokenizer: str, world: str, *, patch_size: int = 16, position_channels: int = 0,
+                world_num_heads: int = 12,
                 world_rope_axis_sizes=(60,), world_rope_unrotated_size: int = 4, rgb_head: str | None = None,
                 rgb_head_num_heads: int = 16) -> dict[str, Any]:
     """{'vfm', 'tokenizer', 'world', 'rgb_head' (or None)} from the weights' paths."""
@@ -174,7 +176,10 @@ def load_models(vfm: str, tokenizer: str, world: str, *, patch_size: int = 16, w
     from deltaworld_jax.pretrained import load_deltaworld, load_dinov3, load_head
     from deltaworld_jax.pretrained.deltatok import load_deltatok
 
-    vfm_model = PixelPatchVFM(patch_size=patch_size) if _need(vfm, "vfm") == "pixel" else load_dinov3(vfm)
+    if _need(vfm, "vfm") == "pixel":
+        vfm_model = PixelPatchVFM(patch_size=patch_size, num_position_channels=position_channels)
+    else:
+        vfm_model = load_dinov3(vfm)
     tok_source = read_training_checkpoint(_need(tokenizer, "tokenizer"), "tokenizer") or tokenizer
     tok = load_deltatok(tok_source, vfm=vfm_model)
     world_source = read_training_checkpoint(_need(world, "world"), "world") or world
@@ -288,7 +293,7 @@ def draw(models: dict[str, Any], frames: np.ndarray, result: dict[str, Any], out
 
 def run(*, video: str, out: str, vfm: str, tokenizer: str, world: str, num_samples: int = 8, context: int = 4,
         horizon: int = 3, stride: float = 0.2, start: float = 0.0, size: int = 512, patch_size: int = 16,
-        world_num_heads: int = 12, world_rope_axis_sizes=(60,), world_rope_unrotated_size: int = 4,
+        position_channels: int = 0, world_num_heads: int = 12, world_rope_axis_sizes=(60,), world_rope_unrotated_size: int = 4,
         rgb_head: str | None = None, rgb_head_num_heads: int = 16, seed: int = 0, fps: float = 4.0) -> dict[str, str]:
     """The whole command; returns the written paths."""
     if context < 1 or horizon < 1 or num_samples < 1 or stride <= 0:
@@ -298,7 +303,8 @@ def run(*, video: str, out: str, vfm: str, tokenizer: str, world: str, num_sampl
         if flag != "rgb_head" or rgb_head:
             _need(path, flag)
     frames, timestamps = read_clip(video, start=start, stride=stride, count=context + horizon, min_count=context)
-    models = load_models(vfm, tokenizer, world, patch_size=patch_size, world_num_heads=world_num_heads,
+    models = load_models(vfm, tokenizer, world, patch_size=patch_size, position_channels=position_channels,
+                         world_num_heads=world_num_heads,
                          world_rope_axis_sizes=world_rope_axis_sizes,
                          world_rope_unrotated_size=world_rope_unrotated_size, rgb_head=rgb_head,
                          rgb_head_num_heads=rgb_head_num_heads)
@@ -319,7 +325,7 @@ def main(argv):
         paths = run(video=_VIDEO.value, out=_OUT.value, vfm=_VFM.value, tokenizer=_TOKENIZER.value,
                     world=_WORLD.value, num_samples=_NUM_SAMPLES.value, context=_CONTEXT.value,
                     horizon=_HORIZON.value, stride=_STRIDE.value, start=_START.value, size=_SIZE.value,
-                    patch_size=_PATCH.value, world_num_heads=_WORLD_HEADS.value,
+                    patch_size=_PATCH.value, position_channels=_POSITION.value, world_num_heads=_WORLD_HEADS.value,
                     world_rope_axis_sizes=_WORLD_ROPE.value, world_rope_unrotated_size=_WORLD_UNROTATED.value,
                     rgb_head=_RGB_HEAD.value, rgb_head_num_heads=_RGB_HEADS.value, seed=_SEED.value,
                     fps=_FPS.value)

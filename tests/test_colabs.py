@@ -136,8 +136,9 @@ def test_quickstart_runs(tmp_path):
     notebook = _execute("quickstart.ipynb", tmp_path, _base_env())
     assert not _outputs(notebook, "error")
     summary = json.loads(_text(notebook).split("SUMMARY ", 1)[1].splitlines()[0])
-    # configs/demo.py: 32x32 frames in 4x4 patches -> 64 patches of 3*4*4 = 48 pixel values; one token each frame.
-    assert summary["tokens_per_frame"] == 1 and summary["token_width"] == 48 and summary["patches_per_frame"] == 64
+    # configs/demo.py: 32x32 frames in 4x4 patches -> 64 patches of 3*4*4 = 48 pixel values + 16 position
+    # channels; one token (of the VFM's width, 64) each frame.
+    assert summary["tokens_per_frame"] == 1 and summary["token_width"] == 64 and summary["patches_per_frame"] == 64
     assert all(np.isfinite(summary[f"{kind}_{which}_loss"]) for kind in ("deltatok", "deltaworld")
                for which in ("first", "final"))
     displays = _outputs(notebook, "display")

@@ -57,6 +57,48 @@ def test_demo_writes_metrics_table(demo_run):
     markdown = (workdir / "demo_results.md").read_text()
     assert "| synthetic | c4_h1 |" in markdown and "| synthetic | c4_h3 |" in markdown
     assert "| synthetic | copy_last | mean | c4_h3 | t2 |" in markdown
+    # The tokenizer check on the first batch (8 clips of 7 frames: 48 pairs), in the same criterion.
+    use = results["token_use"]
+    assert set(use) == {"own_token", "other_clip_token", "copy_last"} and all(np.isfinite(v) for v in use.values())
+    assert "## DeltaTok: does the token carry the change?" in markdown
+    assert f"| the pair's own delta token | {use['own_token']:.4f} |" in markdown
+
+
+class _ShiftTokenizer:
+    """A stand-in DeltaTok whose token is the (global) feature shift between two frames: its decoder reads
+    the token exactly (`reads=True`) or ignores it (`reads=False`, it always copies)."""
+
+    def __init__(self, reads: bool):
+        self.reads = reads
+
+    def rope(self, grid_hw):
+        return None
+
+    def encode(self, prev, cur, rope):
+        return (cur - prev).mean(axis=1, keepdims=True)
+
+    def decode(self, token, prev, rope):
+        return prev + token if self.reads else prev
+
+
+def test_token_use_tells_a_decoder_that_reads_its_token_from_one_that_does_not():
+    import jax.numpy as jnp
+
+    from deltaworld_jax import demo, objectives
+
+    # 3 clips x 4 frames x 2 patches x 4 dims; each clip shifts by its own constant per step.
+    shifts = np.array([1.0, -2.0, 0.5])[:, None, None, None]
+    feats = np.cumsum(np.broadcast_to(shifts, (3, 4, 2, 4)), axis=1).astype(np.float32)
+    reads = demo.token_use(_ShiftTokenizer(True), jnp.asarray(feats), (1, 2), objectives.LOSSES["mse"])
+    assert reads["own_token"] == pytest.approx(0.0, abs=1e-10)
+    assert reads["copy_last"] == pytest.approx(np.mean(shifts ** 2))
+    # The token of the SAME step of another clip: clip 0 gets clip 2's shift, 1 gets 0's, 2 gets 1's.
+    assert reads["other_clip_token"] == pytest.approx(np.mean([(1 - 0.5) ** 2, (-2 - 1) ** 2, (0.5 + 2) ** 2]))
+    assert "The decoder reads its token" in demo.token_use_markdown(reads)
+    blind = demo.token_use(_ShiftTokenizer(False), jnp.asarray(feats), (1, 2), objectives.LOSSES["mse"])
+    assert blind["own_token"] == blind["other_clip_token"] == blind["copy_last"]
+    assert "does NOT read" in demo.token_use_markdown(blind)
+    assert demo.token_use(_ShiftTokenizer(True), jnp.asarray(feats[:1]), (1, 2), objectives.LOSSES["mse"]) is None
 
 
 def test_demo_writes_picture_of_sampled_futures(demo_run):

@@ -232,3 +232,29 @@ def test_pixel_vfm_features_and_inverse():
     # Input forms (shared with DINOv3): float [0, 255] == uint8; [B, H, W, 3] == [B, 1, H, W, 3].
     np.testing.assert_allclose(np.asarray(vfm(jnp.asarray(frames, jnp.float32))), np.asarray(feats), atol=1e-6)
     np.testing.assert_array_equal(np.asarray(vfm(jnp.asarray(frames[:, 0]))), np.asarray(feats[:, 0]))
+
+
+def test_pixel_vfm_position_channels():
+    """The demo's VFM: pixels, then fixed codes of the patch position (the same in every frame, distinct
+    per patch); the pictures come from the pixel part alone."""
+    from deltaworld_jax.models.dinov3 import position_channels
+
+    vfm = PixelPatchVFM(4, num_heads=4, num_position_channels=16)
+    assert (vfm.pixel_size, vfm.hidden_size, vfm.num_heads) == (48, 64, 4)
+    frames = _frames((2, 3, 8, 12, 3), seed=5)
+    feats = np.asarray(vfm(jnp.asarray(frames)))
+    assert feats.shape == (2, 3, 6, 64)
+    np.testing.assert_allclose(feats[..., :48], np.asarray(PixelPatchVFM(4)(jnp.asarray(frames))), atol=1e-6)
+    codes = position_channels((2, 3), 16)
+    np.testing.assert_allclose(feats[..., 48:], np.broadcast_to(codes, (2, 3, 6, 16)), atol=1e-6)
+    # Patch (row 1, column 2): sin/cos of the lowest frequency at its centre (column 2.5 of 3, row 1.5 of 2).
+    np.testing.assert_allclose(codes[1 * 3 + 2, :4], [np.sin(np.pi * 2.5 / 3), np.cos(np.pi * 2.5 / 3),
+                                                       np.sin(np.pi * 1.5 / 2), np.cos(np.pi * 1.5 / 2)], atol=1e-6)
+    assert len({tuple(np.round(c, 5)) for c in codes}) == 6  # every patch has its own code
+    np.testing.assert_array_equal(np.asarray(vfm.patches_to_frames(jnp.asarray(feats), (2, 3))), frames)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        PixelPatchVFM(4, num_position_channels=6)
+    from deltaworld_jax.pretrained.dinov3 import build_vfm
+
+    built = build_vfm({"kind": "pixel", "patch_size": 4, "position_channels": 16, "num_heads": 4})
+    assert (built.hidden_size, built.num_heads) == (64, 4)

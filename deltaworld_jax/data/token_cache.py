@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from absl import logging
 from flax import nnx
 from PIL import Image
 
@@ -168,7 +169,8 @@ def write_token_cache(config, output: str, *, num_clips: int | None = None, vfm=
     dtype = None
     t0 = time.perf_counter()
     frames_total = pairs_total = 0
-    for video in videos:
+    report_every = max(1, len(videos) // 10)
+    for done, video in enumerate(videos, start=1):
         timestamps = np.asarray(source.frame_timestamps(video), np.float32)
         frames = np.stack(source.read_frames(video, range(len(timestamps)), transform))
         offsets = np.arange(0, max_index_gap(timestamps, stride_range) + 1)
@@ -178,6 +180,11 @@ def write_token_cache(config, output: str, *, num_clips: int | None = None, vfm=
                  black=_store(black), pairs=_store(pairs))
         frames_total += len(frames)
         pairs_total += len(frames) + int(sum(max(0, len(frames) - o) for o in offsets))
+        if done % report_every == 0 or done == len(videos):  # progress, as the trainer's steps/s and ETA
+            elapsed = time.perf_counter() - t0
+            logging.info("token cache: %d/%d videos (%.0f%%), %.1f frames/s, ETA %.0f s", done, len(videos),
+                         100.0 * done / len(videos), frames_total / max(elapsed, 1e-9),
+                         elapsed / done * (len(videos) - done))
     seconds = time.perf_counter() - t0
     index = {"num_videos": len(videos), "dtype": dtype, "frame_size": size, "stride_range": list(stride_range),
              "width": int(tokenizer.cfg.hidden_size), "source": str(getattr(source, "root", data.source))}

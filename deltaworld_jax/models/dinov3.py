@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from deltaworld_jax.models import layers
@@ -230,27 +231,57 @@ class DINOv3(nnx.Module):
 
 
 def default_pixel_num_heads(hidden_size: int) -> int:
-    """Heads for a pixel-patch width D = 3*p*p with head_dim a multiple of 4 (2-D RoPE): head_dim 64 where
-    D allows it (p = 8, 16, ...), else p*p (3 heads, e.g. p = 4 -> head_dim 16)."""
-    if hidden_size % 64 == 0:
-        return hidden_size // 64
-    if (hidden_size // 3) % 4 == 0:
+    """Heads for a pixel-patch width D (3*p*p plus any position channels) with head_dim a multiple of 4
+    (2-D RoPE): head_dim 64 where D allows it (p = 8, 16, ...), else 16 (e.g. p = 4 -> 3 heads of 16, or 4
+    with 16 position channels)."""
+    for head_dim in (64, 16):
+        if hidden_size % head_dim == 0:
+            return hidden_size // head_dim
+    if (hidden_size // 3) % 4 == 0 and hidden_size % 3 == 0:
         return 3
     raise ValueError(f"no head count gives a head_dim that is a multiple of 4 for width {hidden_size}; "
                      "use an even patch size")
 
 
-class PixelPatchVFM(nnx.Module):
-    """Features = ImageNet-normalised pixels of each patch, flattened in (row, column, channel) order:
-    D = 3*p*p. No parameters, so demos and tests run without DINOv3 weights. `patches_to_frames` inverts
-    it, so predicted features can be shown as pictures."""
+def position_channels(grid_hw: tuple[int, int], num_channels: int) -> np.ndarray:
+    """Fixed sinusoidal codes of each patch's grid position, float32 [gh * gw, num_channels].
 
-    def __init__(self, patch_size: int = 16, num_heads: int | None = None, *, dtype=jnp.float32,
-                 init_std: float = 0.02):
+    Per frequency f_k = pi * 2^k / size (k = 0, 1, ...): sin and cos of f_k * column, then of f_k * row,
+    with coordinates at patch centres. The lowest frequency spans the grid once (a half period), so the
+    codes are unique over the grid."""
+    if num_channels % 4:
+        raise ValueError(f"position_channels must be a multiple of 4 (sin/cos x row/column), got {num_channels}")
+    gh, gw = grid_hw
+    rows, cols = np.meshgrid(np.arange(gh) + 0.5, np.arange(gw) + 0.5, indexing="ij")
+    codes = []
+    for k in range(num_channels // 4):
+        fx, fy = np.pi * 2.0**k / gw, np.pi * 2.0**k / gh
+        codes += [np.sin(fx * cols), np.cos(fx * cols), np.sin(fy * rows), np.cos(fy * rows)]
+    return np.stack(codes, axis=-1).reshape(gh * gw, num_channels).astype(np.float32)
+
+
+class PixelPatchVFM(nnx.Module):
+    """Features = ImageNet-normalised pixels of each patch, flattened in (row, column, channel) order
+    (3*p*p values), then `num_position_channels` fixed codes of the patch's position (position_channels()).
+    No parameters, so demos and tests run without DINOv3 weights. `patches_to_frames` inverts the pixel
+    part, so predicted features can be shown as pictures.
+
+    Why position channels: DINOv3's features say WHERE a patch is (they are trained to, through RoPE and
+    the image context); raw pixels do not. Without them a DeltaTok over pixel features has no way to tell
+    from a sum over patches where content moved: measured on the demo's world, its decoder never learned
+    to read the token (benchmarks/demo.md). The codes are the same in every frame, so they cost a
+    tokenizer nothing to reconstruct and copy-last reproduces them exactly."""
+
+    def __init__(self, patch_size: int = 16, num_heads: int | None = None, *, num_position_channels: int = 0,
+                 dtype=jnp.float32, init_std: float = 0.02):
         if patch_size < 1:
             raise ValueError(f"patch_size must be positive, got {patch_size}")
+        if num_position_channels < 0 or num_position_channels % 4:
+            raise ValueError(f"num_position_channels must be a non-negative multiple of 4, got {num_position_channels}")
         self.patch_size = patch_size
-        self.hidden_size = 3 * patch_size * patch_size
+        self.pixel_size = 3 * patch_size * patch_size
+        self.num_position_channels = int(num_position_channels)
+        self.hidden_size = self.pixel_size + self.num_position_channels
         self.num_heads = num_heads if num_heads is not None else default_pixel_num_heads(self.hidden_size)
         if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 4:
             raise ValueError(f"num_heads {self.num_heads} must divide width {self.hidden_size} into heads whose "
@@ -262,22 +293,28 @@ class PixelPatchVFM(nnx.Module):
         return grid_hw_for(frames_shape, self.patch_size)
 
     def __call__(self, frames: Array, *, rope_rng: Array | None = None) -> Array:
-        del rope_rng  # no positional encoding to augment
+        del rope_rng  # the position codes are fixed: nothing to augment
         gh, gw = self.grid_hw(frames.shape)
         flat, lead = _flatten_time(frames)
         p = self.patch_size
         x = normalize_frames(flat).reshape(-1, gh, p, gw, p, 3).transpose(0, 1, 3, 2, 4, 5)
+        x = x.reshape(-1, gh * gw, self.pixel_size)
+        if self.num_position_channels:
+            codes = jnp.asarray(position_channels((gh, gw), self.num_position_channels))
+            x = jnp.concatenate([x, jnp.broadcast_to(codes, x.shape[:1] + codes.shape)], axis=-1)
         return x.reshape(lead + (gh * gw, self.hidden_size)).astype(self.dtype)
 
     def patches_to_frames(self, features: Array, grid_hw: tuple[int, int]) -> Array:
-        """[..., N, 3*p*p] features -> uint8 frames [..., H, W, 3] (un-normalised, clipped, rounded)."""
+        """[..., N, D] features -> uint8 frames [..., H, W, 3] (un-normalised, clipped, rounded); the
+        position channels, if any, are dropped."""
         gh, gw = grid_hw
         p = self.patch_size
         if features.shape[-2:] != (gh * gw, self.hidden_size):
             raise ValueError(f"features {tuple(features.shape)} do not match grid {grid_hw} x width "
                              f"{self.hidden_size}")
         lead = features.shape[:-2]
-        x = features.astype(jnp.float32).reshape((-1, gh, gw, p, p, 3)).transpose(0, 1, 3, 2, 4, 5)
+        x = features[..., :self.pixel_size].astype(jnp.float32).reshape((-1, gh, gw, p, p, 3))
+        x = x.transpose(0, 1, 3, 2, 4, 5)
         x = x * jnp.asarray(IMAGENET_STD, jnp.float32) + jnp.asarray(IMAGENET_MEAN, jnp.float32)
         x = jnp.clip(jnp.round(x * 255.0), 0, 255).astype(jnp.uint8)
         return x.reshape(lead + (gh * p, gw * p, 3))

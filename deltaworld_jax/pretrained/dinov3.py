@@ -284,7 +284,7 @@ def as_dtype(value: Any):
 
 def build_vfm(vfm_config: Mapping[str, Any] | Any) -> DINOv3 | PixelPatchVFM:
     """The VFM of a config {kind: "dinov3"|"pixel", preset, weights, patch_size, num_heads, dtype,
-    attention_impl, seed}. kind "dinov3" with weights "" is randomly initialised from `preset` (for tests
+    attention_impl, seed, position_channels (pixel only)}. kind "dinov3" with weights "" is randomly initialised from `preset` (for tests
     and benchmarks); otherwise `weights` (folder, file or hub id) is loaded and its own config wins."""
 
     def get(name: str, default: Any) -> Any:
@@ -295,7 +295,7 @@ def build_vfm(vfm_config: Mapping[str, Any] | Any) -> DINOv3 | PixelPatchVFM:
     dtype = as_dtype(get("dtype", "float32"))
     if kind == "pixel":
         return PixelPatchVFM(patch_size=int(get("patch_size", 16)), num_heads=get("num_heads", 0) or None,
-                             dtype=dtype)
+                             num_position_channels=int(get("position_channels", 0)), dtype=dtype)
     if kind != "dinov3":
         raise ValueError(f"unknown vfm kind {kind!r}; expected 'dinov3' or 'pixel'")
     attention_impl = get("attention_impl", "xla") or None
