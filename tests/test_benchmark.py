@@ -3,6 +3,8 @@ compiled train step, remat policies, the step timer, and the analytic model at t
 
 from __future__ import annotations
 
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -14,6 +16,8 @@ from deltaworld_jax.bench import analysis, flops as flops_lib
 from deltaworld_jax.training import remat as remat_lib
 from deltaworld_jax.models import layers
 from deltaworld_jax.training import recipe
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # ViT-B/16 DINOv3, DeltaTok (SwiGLU 2048, gate) and the predictor at the released sizes.
 VITB = flops_lib.VFMDims(flops_lib.StackDims(768, 12, 12, 3072), patch_size=16, num_prefix=5)
@@ -346,3 +350,15 @@ def test_video_tokenizer_chunks_and_padding_do_not_change_the_results(token_cach
     expected = np.asarray(tok.encode(jnp.asarray(whole[:-1]), jnp.asarray(whole[1:]), tok.rope((4, 4)))[:, 0])
     got = chunked.encode(jnp.asarray(whole[:-1]), jnp.asarray(whole[1:]))  # 9 pairs: 4 + 4 + 1 (padded to 1)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_demo_tokenizer_script_measures_own_other_and_copy():
+    """benchmarks/demo_tokenizer.py (the measurement behind the demo's VFM and world) runs end to end."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo_tokenizer", REPO / "benchmarks" / "demo_tokenizer.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    result = script.run(script.parse_args(["--steps=2", "--train_pairs=8", "--test_pairs=4", "--batch=4", "--every=1"]))
+    assert set(result) == {"own", "other", "copy", "token_spread"} and all(np.isfinite(v) for v in result.values())
+    assert result["copy"] > 0
