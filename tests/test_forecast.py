@@ -186,3 +186,13 @@ def test_world_model_adapters_in_the_protocol(weights):
     best, mean = results["deltaworld"]["c4_h3"]["best"], results["deltaworld"]["c4_h3"]["mean"]
     assert sorted(k for k in best if k != "loss") == ["t0", "t1", "t2"]
     assert np.isfinite(best["t2"]["loss"]) and np.isfinite(mean["t2"]["loss"])
+
+
+def test_position_channels_reach_the_pixel_vfm(weights):
+    """--position_channels builds the demo's VFM (width 48 + 16): a tokenizer trained on plain pixels (48) is
+    refused with the width mismatch named, instead of failing inside the model."""
+    assert forecast.load_models(weights["vfm"], weights["tokenizer"], weights["world"], patch_size=4, world_num_heads=2,
+                                world_rope_axis_sizes=(12,), world_rope_unrotated_size=4)["vfm"].hidden_size == 48
+    with pytest.raises(ValueError, match="hidden_size"):
+        forecast.load_models(weights["vfm"], weights["tokenizer"], weights["world"], patch_size=4, position_channels=16,
+                             world_num_heads=2, world_rope_axis_sizes=(12,), world_rope_unrotated_size=4)
