@@ -10,12 +10,12 @@ centre-crops a square, runs the frozen VFM, and samples --num_samples futures of
 video continues past the context, the true future frames are read too: the pictures then show them and the
 best sample (lowest smooth-L1 of the last frame to the truth, as the official evaluation picks it).
 
-Weights: --vfm is `pixel` (the parameter-free pixel-patch VFM, --patch_size, --position_channels) or DINOv3 weights (HF folder,
-file or hub id); --tokenizer / --world are DeltaTok / DeltaWorld weights: the official files (the released
-pytorch_model.bin, a Lightning .ckpt, .safetensors) or one of OUR training runs (its workdir or checkpoints
-folder: the latest step's parameters are read, sizes inferred from them). Futures are drawn through the RGB
-head when --rgb_head is given, as pixels with the pixel VFM, and otherwise as a feature PCA fit on the
-context (and truth).
+Weights: --vfm is `pixel` (the parameter-free pixel-patch VFM, --patch_size, --position_channels) or DINOv3
+weights (HF folder, file or hub id); --tokenizer / --world are DeltaTok / DeltaWorld weights: the official
+files (the released pytorch_model.bin, a Lightning .ckpt, .safetensors) or one of OUR training runs (its
+workdir or checkpoints folder: the latest step's parameters are read, sizes inferred from them). Futures are
+drawn through the RGB head when --rgb_head is given, as pixels with the pixel VFM, and otherwise as a feature
+PCA fit on the context (and truth).
 
 Writes <out>/forecast.png (rows: frames/truth, best, mean, samples), <out>/forecast.gif and .mp4
 (the context then each future step, all samples side by side).
@@ -293,7 +293,8 @@ def draw(models: dict[str, Any], frames: np.ndarray, result: dict[str, Any], out
 
 def run(*, video: str, out: str, vfm: str, tokenizer: str, world: str, num_samples: int = 8, context: int = 4,
         horizon: int = 3, stride: float = 0.2, start: float = 0.0, size: int = 512, patch_size: int = 16,
-        position_channels: int = 0, world_num_heads: int = 12, world_rope_axis_sizes=(60,), world_rope_unrotated_size: int = 4,
+        position_channels: int = 0, world_num_heads: int = 12, world_rope_axis_sizes=(60,),
+        world_rope_unrotated_size: int = 4,
         rgb_head: str | None = None, rgb_head_num_heads: int = 16, seed: int = 0, fps: float = 4.0) -> dict[str, str]:
     """The whole command; returns the written paths."""
     if context < 1 or horizon < 1 or num_samples < 1 or stride <= 0:

@@ -232,8 +232,8 @@ class DINOv3(nnx.Module):
 
 def default_pixel_num_heads(hidden_size: int) -> int:
     """Heads for a pixel-patch width D (3*p*p plus any position channels) with head_dim a multiple of 4
-    (2-D RoPE): head_dim 64 where D allows it (p = 8, 16, ...), else 16 (e.g. p = 4 -> 3 heads of 16, or 4
-    with 16 position channels)."""
+    (2-D RoPE): head_dim 64 where D allows it (p = 8, 16, ...; also 48 + 16 position channels -> 1 head),
+    else 16 (p = 4 -> 3 heads), else 3 heads (p = 2, 6, ...). configs/demo.py sets its heads explicitly."""
     for head_dim in (64, 16):
         if hidden_size % head_dim == 0:
             return hidden_size // head_dim

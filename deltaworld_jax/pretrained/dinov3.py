@@ -284,8 +284,9 @@ def as_dtype(value: Any):
 
 def build_vfm(vfm_config: Mapping[str, Any] | Any) -> DINOv3 | PixelPatchVFM:
     """The VFM of a config {kind: "dinov3"|"pixel", preset, weights, patch_size, num_heads, dtype,
-    attention_impl, seed, position_channels (pixel only)}. kind "dinov3" with weights "" is randomly initialised from `preset` (for tests
-    and benchmarks); otherwise `weights` (folder, file or hub id) is loaded and its own config wins."""
+    attention_impl, seed, position_channels (pixel only)}. kind "dinov3" with weights "" is randomly
+    initialised from `preset` (for tests and benchmarks); otherwise `weights` (folder, file or hub id) is
+    loaded and its own config wins."""
 
     def get(name: str, default: Any) -> Any:
         value = vfm_config.get(name, default) if hasattr(vfm_config, "get") else getattr(vfm_config, name, default)
