@@ -136,12 +136,14 @@ def ensure_token_cache(stage_config) -> None:
     """Write the stage's token cache (config.data.token_cache) when it does not exist yet. Process 0
     writes; every process waits for it. The index is written last, so an interrupted write is redone."""
     path = stage_config.get("data", {}).get("token_cache", "") if stage_config.get("data", None) else ""
-    if not path or (epath.Path(path) / "index.json").exists():
+    if not path:
+        return
+    from deltaworld_jax.data import token_cache
+
+    if (epath.Path(path) / token_cache.INDEX).exists():
         return
     import jax
     from jax.experimental import multihost_utils
-
-    from deltaworld_jax.data import token_cache
 
     if jax.process_index() == 0:
         clips = int(stage_config.data.get("token_cache_clips", 0)) or None
