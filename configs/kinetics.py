@@ -44,12 +44,21 @@ Evaluation during training: --config.eval.every_steps=5000 --config.eval.dataset
 from __future__ import annotations
 
 import ml_collections
+from ml_collections import config_dict
 
 from deltaworld_jax.data import default_data_config
+from deltaworld_jax.models.deltatok import default_intermediate_size
 from deltaworld_jax.training import recipe
 
 DATA_ROOT = ""  # the prepared Kinetics-700 train split (or override data.root per stage)
 VFM_WEIGHTS = "facebook/dinov3-vitb16-pretrain-lvd1689m"
+# The validation sets in their official layouts (deltaworld_jax/data/eval_sources.py) and the released task
+# heads (Hugging Face Amazon-FAR/seg-head-vspw, seg-head-cityscapes, depth-head-kitti: the downloaded
+# pytorch_model.bin or its folder). A set without a root is not evaluated; with no root at all the stage
+# trains without evaluation (logged). A set without a head gets the feature losses only.
+EVAL_ROOTS = {"vspw": "", "cityscapes": "", "kitti": ""}
+EVAL_HEADS = {"vspw": "", "cityscapes": "", "kitti": ""}
+EVAL_EVERY_STEPS = 5000
 
 STAGES = ("deltatok_256", "deltatok_512", "deltatok_cooldown1", "deltatok_cooldown2", "deltaworld_512",
           "deltaworld_cooldown")
@@ -73,12 +82,43 @@ def _base(frame_size: int, num_frames: int) -> ml_collections.ConfigDict:
     c.train.batch_size = 1024
     c.train.log_every_steps = 50
     c.optim.warmup_steps = 5000
+    for name, root in EVAL_ROOTS.items():
+        c.data.eval[name].root = root
+    c.eval = _eval()
     return c
+
+
+def _eval() -> ml_collections.ConfigDict:
+    """The official validation (training/evaluation.py eval_hook): VSPW, Cityscapes, KITTI clips of 7 frames,
+    context 4, horizons 1 and 3, read by the released heads. Roots: config.data.eval.<set>.root."""
+    return ml_collections.ConfigDict(dict(
+        fn="deltaworld_jax.training.evaluation:eval_hook",
+        every_steps=EVAL_EVERY_STEPS,
+        datasets="vspw,cityscapes,kitti",  # comma-separated; sets without a root are left out
+        heads=ml_collections.ConfigDict(dict(EVAL_HEADS)),
+        ctx_lens=(4,), horizons=(1, 3),
+        num_samples=0,  # rollouts per clip: 0 = the model's (DeltaWorld: num_samples_eval, 20)
+        copy_last=True,  # also score the copy-last lower bound
+        max_batches=0,  # per set; 0 = the whole validation set
+        num_plots=1,  # clips drawn as pictures
+        seed=0,
+        results_dir="",  # also write eval_results_<step>.json/.md there ("@<stage>" in a recipe)
+    ))
+
+
+# DeltaTok's size fields (the release: 12 + 12 blocks, the VFM's width and heads, SwiGLU MLP).
+DELTATOK_SIZE_FIELDS = ("hidden_size", "num_heads", "num_layers", "intermediate_size")
+
+
+def deltatok_sizes() -> dict:
+    return dict(hidden_size=config_dict.placeholder(int), num_heads=config_dict.placeholder(int),  # None: the VFM's
+                num_layers=12, intermediate_size=default_intermediate_size(True))
 
 
 def _deltatok(frame_size: int, lr: float, num_steps: int) -> ml_collections.ConfigDict:
     c = _base(frame_size, num_frames=2)
-    c.model.kind = "deltatok"  # sizes: DeltaTokConfig defaults (the release: 12+12 blocks, VFM width/heads)
+    c.model.kind = "deltatok"
+    c.model.update(deltatok_sizes())
     c.optim.lr = lr
     c.optim.weight_decay = 0.01
     c.optim.grad_clip_norm = 0.01
@@ -88,8 +128,14 @@ def _deltatok(frame_size: int, lr: float, num_steps: int) -> ml_collections.Conf
 
 def _deltaworld(lr: float, num_steps: int) -> ml_collections.ConfigDict:
     c = _base(512, num_frames=8)
-    c.model.kind = "deltaworld"  # sizes: DeltaWorldConfig defaults (the release: 12 blocks, K=256)
-    c.tokenizer = ml_collections.ConfigDict(dict(checkpoint="", dtype="bfloat16"))
+    c.model.kind = "deltaworld"
+    c.model.update(dict(  # the release: 12 blocks, 768 wide, 12 heads, 1-D RoPE 60 + 4, best-of-256
+        hidden_size=768, num_layers=12, num_heads=12, mlp_ratio=4, rope_axis_sizes=(60,), rope_unrotated_size=4,
+        backbone_hidden_size=config_dict.placeholder(int),  # None: the VFM's width
+        num_samples_train=256, num_samples_eval=20, bom_chunk=64))
+    # The frozen tokenizer: an official pytorch_model.bin (sizes read from its tensors) or our DeltaTok run's
+    # checkpoints (sizes: the DeltaTok fields below, which must match that run's config.model).
+    c.tokenizer = ml_collections.ConfigDict(dict(checkpoint="", dtype="bfloat16", **deltatok_sizes()))
     c.optim.lr = lr
     c.optim.weight_decay = 0.4
     c.optim.grad_clip_norm = 0.0
@@ -136,12 +182,29 @@ def get_config(arg: str = "stage=deltatok_256") -> ml_collections.ConfigDict:
         config.stages = list(RECIPES[value])
         config.stage_configs = ml_collections.ConfigDict(
             {name: stage_config(name, in_recipe=True) for name in RECIPES[value]})
+        _link_sizes(config.stage_configs)
         if "deltaworld_512" in config.stage_configs:
             world = config.stage_configs.deltaworld_512
             if value == "all":
                 world.tokenizer.checkpoint = "@deltatok_cooldown2"
+                # Our run's checkpoints carry no config: the tokenizer's sizes are the DeltaTok stages'.
+                for field in DELTATOK_SIZE_FIELDS:
+                    world.tokenizer[field] = config.stage_configs.deltatok_256.model.get_ref(field)
             # The cool-down reads the same frozen tokenizer: one value, overridable once.
-            config.stage_configs.deltaworld_cooldown.tokenizer.checkpoint = world.tokenizer.get_ref("checkpoint")
+            for field in ("checkpoint",) + DELTATOK_SIZE_FIELDS:
+                config.stage_configs.deltaworld_cooldown.tokenizer[field] = world.tokenizer.get_ref(field)
         return config
     raise ValueError(f"Unknown config argument {arg!r}: use stage=<{'|'.join(STAGES)}> or "
                      f"recipe=<{'|'.join(RECIPES)}>")
+
+
+def _link_sizes(stages: ml_collections.ConfigDict) -> None:
+    """Stages that continue another one (weights init, full resume) have its model sizes: in a recipe they
+    are references to the first stage's, so one override (of any of them) changes the whole chain."""
+    for family in (STAGES[:4], STAGES[4:]):
+        present = [name for name in family if name in stages]
+        for name in present[1:]:
+            first = stages[present[0]].model
+            for field, value in first.items():
+                if field not in ("kind",) and not isinstance(value, ml_collections.ConfigDict):
+                    stages[name].model[field] = first.get_ref(field)

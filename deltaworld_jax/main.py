@@ -5,12 +5,19 @@ Modes:
           arg "recipe=...") runs as a recipe
   recipe  run every stage of `config.stages` in order, each in <workdir>/<stage>/; finished stages are
           skipped, the unfinished one resumes (`--stages=a,b` runs only those)
-  eval    run `config.eval.fn` once on the latest checkpoint in <workdir>
+  eval    run `config.eval.fn` once on the latest checkpoint in <workdir>; for a config of stages, on each
+          stage's <workdir>/<stage> (`--stages=a,b`: only those)
 
 Runs through the absl app (Grain worker processes need parsed absl flags), initialises jax.distributed
-on multi-host runs, and hands the config to the trainer. Override any value with --config.<path>=<value>."""
+on multi-host runs, and hands the config to the trainer. Override any value with --config.<path>=<value>;
+an override of a field the config does not have stops before anything runs, naming the nearest fields."""
 
 from __future__ import annotations
+
+import difflib
+import importlib.util
+import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -21,6 +28,66 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory (local or gs://) for 
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "recipe"], "What to run.")
 _STAGES = flags.DEFINE_list("stages", [], "With a recipe config: run only these stages (in recipe order).")
 flags.mark_flags_as_required(["config", "workdir"])
+
+_OVERRIDE = "--config."
+
+
+def _load_config_file(spec: str):
+    """The ConfigDict of `path[:arg]`, loaded as config_flags loads it."""
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("_deltaworld_config_for_errors", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def unknown_field_message(argv) -> str | None:
+    """For the first `--config.<path>=...` of argv whose path the config does not have: a message naming it
+    and the nearest known fields (difflib). None when every override names a known field."""
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if spec is None:
+        return None
+    try:
+        config = _load_config_file(spec)
+    except Exception:  # noqa: BLE001  (the config itself is broken: absl's own error says how)
+        return None
+    for arg in argv:
+        if not arg.startswith(_OVERRIDE):
+            continue
+        path = arg[len(_OVERRIDE):].split("=", 1)[0]
+        node, where = config, "config"
+        for part in path.split("."):
+            keys = list(node.keys()) if hasattr(node, "keys") else None
+            if keys is None:
+                return (f"{arg.split('=', 1)[0]}: {where} is a value ({node!r}), not a section with a field "
+                        f"{part!r}")
+            if part not in keys:
+                # The similar names first; failing those, the three least far off.
+                close = (difflib.get_close_matches(part, keys, n=3, cutoff=0.5)
+                         or difflib.get_close_matches(part, keys, n=3, cutoff=0.0))
+                lines = [f"Unknown config field {arg.split('=', 1)[0]}: {where} has no field {part!r}."]
+                if close:
+                    lines.append(f"Nearest: {', '.join(f'{where}.{name}' for name in close)}")
+                lines.append(f"Fields of {where}: {', '.join(sorted(keys))}")
+                if where == "config" and "stage_configs" in keys:
+                    lines.append("This config is a recipe of stages: override a stage's field with "
+                                 "--config.stage_configs.<stage>." + path)
+                return "\n".join(lines)
+            node, where = node[part], f"{where}.{part}"
+    return None
+
+
+def _parse_flags(argv):
+    """absl's flag parsing; an override of an unknown config field (config_flags raises AttributeError /
+    KeyError deep inside) becomes one clear message and exit status 2, without a traceback."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError):
+        message = unknown_field_message(argv)
+        if message is None:
+            raise
+        print(f"FATAL: {message}", file=sys.stderr)
+        sys.exit(2)
 
 
 def main(argv):
@@ -35,4 +102,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -5,6 +5,10 @@ from __future__ import annotations
 import ml_collections
 
 
+# config.data.source values (pipeline.make_train_source); all but "synthetic" read config.data.root.
+TRAIN_SOURCES = ("synthetic", "videos", "frames", "arrayrecord")
+
+
 def default_synthetic_config() -> ml_collections.ConfigDict:
     """The synthetic stochastic world (see synthetic.py)."""
     return ml_collections.ConfigDict(dict(

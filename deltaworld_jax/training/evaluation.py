@@ -481,12 +481,12 @@ def flatten_results(results: dict) -> dict[str, float]:
 
 def eval_hook(config, trainable: nnx.Module, frozen: Any, step: int) -> dict[str, Any]:
     """The trainer's hook (config.eval.fn = 'deltaworld_jax.training.evaluation:eval_hook'): the official
-    protocol on config.eval.datasets (default ('synthetic',)) with heads config.eval.heads {dataset|'rgb': path};
+    protocol on config.eval.datasets ('vspw,cityscapes,kitti' or a sequence; default 'synthetic') with heads config.eval.heads {dataset|'rgb': path};
     returns flat scalars and, for the first config.eval.num_plots clips (default 1), uint8 pictures. When
     config.eval.results_dir is set, also writes eval_results_<step>.json/.md there.
     Other fields: ctx_lens (4,), horizons (1, 3), num_samples (the model's), copy_last (True), max_batches, seed."""
     from deltaworld_jax.data import make_eval_iterator
-    from deltaworld_jax.training import pictures
+    from deltaworld_jax.training import eval_setup, pictures
 
     settings_config = config.eval
     forecasters, vfm = forecasters_for(config.model.kind, trainable, frozen,
@@ -494,9 +494,10 @@ def eval_hook(config, trainable: nnx.Module, frozen: Any, step: int) -> dict[str
                                        copy_last=bool(_get(settings_config, "copy_last", True)))
     heads = load_heads(_get(settings_config, "heads", {}), vfm)
     num_plots = int(_get(settings_config, "num_plots", 1))
+    names = eval_setup.datasets({"datasets": _get(settings_config, "datasets", ("synthetic",))})
     data = {name: make_eval_iterator(config.data, name, process_index=jax.process_index(),
                                      process_count=jax.process_count())
-            for name in _get(settings_config, "datasets", ("synthetic",))}
+            for name in names}
     images: dict[str, np.ndarray] = {}
 
     def draw(dataset: str, index: int, outputs: list[dict]) -> None:

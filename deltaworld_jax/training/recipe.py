@@ -108,14 +108,23 @@ def validate_recipe(config) -> None:
 def run_recipe(config, workdir: str, *, eval_fn: Callable | None = None, data_fn: Callable | None = None,
                only: Any = None) -> dict:
     """Train every stage of `config.stages` in order (or just those in `only`); skip finished ones."""
-    from deltaworld_jax.training import trainer
+    from deltaworld_jax.training import eval_setup, trainer
 
     validate_recipe(config)
+    _check_only(config, only)
+    # Every stage's data (training source, validation sets) before the first stage trains: a bad root of
+    # the last stage must not surface days later.
+    for name in config.stages:
+        if not only or name in only:
+            try:
+                trainer.validate_data(config.stage_configs[name])
+            except ValueError as error:
+                raise ValueError(f"Stage {name}: {error} (override: --config.stage_configs.{name}.<field>=...)") from None
     results = {}
     for name in config.stages:
         if only and name not in only:
             continue
-        stage_config = resolve_stage_refs(config.stage_configs[name], workdir)
+        stage_config = eval_setup.configure(resolve_stage_refs(config.stage_configs[name], workdir), name)
         out = stage_dir(workdir, name)
         num_steps = int(stage_config.train.num_steps)
         if final_step_reached(str(out), num_steps):
@@ -130,6 +139,51 @@ def run_recipe(config, workdir: str, *, eval_fn: Callable | None = None, data_fn
         if summary["stopped_by"] != "done":
             break  # preempted: the next invocation resumes this stage
     return results
+
+
+def _check_only(config, only) -> None:
+    unknown = [name for name in (only or ()) if name not in config.stages]
+    if unknown:
+        raise ValueError(f"--stages names {unknown}, not stages of this config: {list(config.stages)}")
+
+
+def evaluate_recipe(config, workdir: str, *, eval_fn: Callable | None = None, only: Any = None) -> dict:
+    """`--mode=eval` on a config of stages: each stage's evaluation (its config.eval) once, on the latest
+    checkpoint of <workdir>/<stage> (or only the stages in `only`). A stage that declares no evaluation,
+    has no checkpoint yet, or has no validation data is skipped with the reason logged, unless `only` names
+    it (then that is an error); nothing to evaluate at all is an error listing every reason."""
+    from deltaworld_jax.training import checkpointing, eval_setup, trainer
+
+    validate_recipe(config)
+    _check_only(config, only)
+    results, skipped = {}, {}
+    for name in config.stages:
+        if only and name not in only:
+            continue
+        stage_config = resolve_stage_refs(config.stage_configs[name], workdir)
+        out = stage_dir(workdir, name)
+        reason = None
+        if eval_fn is None and trainer.resolve_eval_fn(stage_config, None) is None:
+            reason = "declares no evaluation (config.eval.fn is empty)"
+        elif not checkpointing.checkpoint_steps(str(out / "checkpoints")):
+            reason = f"no checkpoint in {out / 'checkpoints'}"
+        elif eval_setup.uses_datasets(stage_config) and not eval_setup.active(stage_config)[0]:
+            reason = "no validation set has data (" + "; ".join(eval_setup.active(stage_config)[1]) + ")"
+        if reason:
+            if only:
+                raise ValueError(f"Stage {name}: cannot evaluate: {reason}")
+            logging.info("Stage %s: not evaluated: %s", name, reason)
+            skipped[name] = reason
+            continue
+        logging.info("Stage %s: evaluating %s", name, out)
+        trainer.validate_config(stage_config, mode="eval")
+        summary = trainer.evaluate(stage_config, str(out), eval_fn=eval_fn)
+        scalars = {k: v for k, v in summary["eval"].items() if getattr(v, "ndim", 0) == 0}  # no pictures
+        results[name] = {"step": summary["step"], "eval": scalars}
+    if not results:
+        raise ValueError("mode=eval: no stage could be evaluated: " +
+                         "; ".join(f"{name}: {why}" for name, why in skipped.items()))
+    return {"stages": results, "skipped": skipped}
 
 
 def ensure_token_cache(stage_config) -> None:

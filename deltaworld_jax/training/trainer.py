@@ -69,8 +69,41 @@ def maybe_initialize_distributed(config=None) -> None:
     logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
 
 
-def validate_config(config, num_devices: int | None = None) -> None:
-    """Check every value the trainer depends on before any build or compile; raise ValueError naming it."""
+def validate_data(config) -> None:
+    """The training source (config.data.source / root) and the validation sets (training/eval_setup.py):
+    a ValueError naming the value, before anything is built. Configs without data.source (a test's own
+    data_fn) are not checked."""
+    from deltaworld_jax.data.config import TRAIN_SOURCES
+    from deltaworld_jax.training import eval_setup
+
+    data = config.get("data", None)
+    if data is not None and "source" in data:
+        source, root = data.source, data.get("root", "") or ""
+        if source not in TRAIN_SOURCES:
+            raise ValueError(f"config.data.source={source!r} is not a known source; known: {', '.join(TRAIN_SOURCES)}")
+        token_cache = data.get("token_cache", "") or ""
+        if token_cache and not token_cache.startswith("@"):
+            from deltaworld_jax.data.token_cache import INDEX
+
+            cached = (epath.Path(token_cache) / INDEX).exists()  # DeltaWorld then never reads the source
+        else:
+            cached = False
+        if source != "synthetic" and not cached:
+            what = ("the folder written by `python -m deltaworld_jax.data.prepare`" if source == "arrayrecord" else
+                    "the folder of the training videos" if source == "videos" else "the folder of frame folders")
+            if not root:
+                raise ValueError(f"config.data.root is empty: the {source!r} source reads {what} "
+                                 "(--config.data.root=...)")
+            if not epath.Path(root).exists():
+                raise ValueError(f"config.data.root={root!r} does not exist (source {source!r}: {what})")
+            if source == "arrayrecord" and not list(epath.Path(root).glob("*.array_record")):
+                raise ValueError(f"config.data.root={root!r} holds no *.array_record shards: it is not {what}")
+    eval_setup.check(config)
+
+
+def validate_config(config, num_devices: int | None = None, mode: str = "train") -> None:
+    """Check every value the trainer depends on before any build or compile; raise ValueError naming it.
+    mode="eval" skips what only training reads (the source run to start from, the training data)."""
     from deltaworld_jax.training import task_modules  # noqa: F401  (registers the tasks)
 
     kind = config.model.get("kind", None)
@@ -105,6 +138,12 @@ def validate_config(config, num_devices: int | None = None) -> None:
                              "checkpoint (our run's checkpoints dir, or the official pytorch_model.bin)")
         if checkpoint and not epath.Path(checkpoint).exists():
             raise ValueError(f"config.tokenizer.checkpoint={checkpoint!r} does not exist")
+    if mode == "eval":
+        from deltaworld_jax.training import eval_setup
+
+        eval_setup.check(config)
+        return
+    validate_data(config)
     required = config.train.get("required_source", "")
     if required and not config.train.get(required, ""):
         raise ValueError(f"This stage continues another run: set config.train.{required} to its checkpoints "
@@ -150,9 +189,13 @@ def build(config, mesh=None) -> Setup:
     # Abstract shapes outside the mesh context: shardings come from OUR rules (sharding.py), not from
     # Flax's eager per-variable sharding.
     abstract_module = nnx.eval_shape(lambda: task.build_trainable(nnx.Rngs(seed)))
+    # The frozen modules too are built (or loaded: DINOv3 weights, a DeltaTok checkpoint) outside the mesh
+    # context. Inside it, Flax's eager sharding reads their LOGICAL axis names ('embed', ...) as mesh axes
+    # and the loaders' abstract builds fail. Their placement comes from our rules below.
+    frozen_module = task.build_frozen()
     with jax.set_mesh(mesh):
         layout = step_lib.train_state_layout(config, abstract_module, mesh, rules)
-        frozen_graphdef, frozen_host, frozen_shardings = step_lib.split_frozen(task.build_frozen(), mesh, rules)
+        frozen_graphdef, frozen_host, frozen_shardings = step_lib.split_frozen(frozen_module, mesh, rules)
         frozen_state = jax.device_put(frozen_host, frozen_shardings)
     return Setup(mesh, rules, task, layout.graphdef, layout.abstract_state, layout.state_shardings, layout.tx,
                  layout.schedule, frozen_graphdef, frozen_state, frozen_shardings)
@@ -278,14 +321,21 @@ def run(config, workdir: str, mode: str = "train", *, eval_fn: Callable | None =
     maybe_initialize_distributed(config)
     if mode == "train" and config.get("stages", None):
         mode = "recipe"  # a config of stages (e.g. configs/demo.py) is a recipe: training it runs its stages
-    if mode == "recipe":
+    if config.get("stages", None) and mode in ("recipe", "eval"):
         from deltaworld_jax.training import recipe
 
+        if mode == "eval":  # each stage's workdir (or those of only_stages)
+            return recipe.evaluate_recipe(config, workdir, eval_fn=eval_fn, only=only_stages)
         return recipe.run_recipe(config, workdir, eval_fn=eval_fn, data_fn=data_fn, only=only_stages)
-    validate_config(config)
+    if mode == "recipe":
+        raise ValueError("mode=recipe needs a config of stages (config.stages), e.g. "
+                         "configs/kinetics.py:recipe=all; this config is one stage: use mode=train")
+    validate_config(config, mode=mode)
     if mode == "eval":
         return evaluate(config, workdir, eval_fn=eval_fn)
-    return train(config, workdir, eval_fn=eval_fn, data_fn=data_fn)
+    from deltaworld_jax.training import eval_setup
+
+    return train(eval_setup.configure(config), workdir, eval_fn=eval_fn, data_fn=data_fn)
 
 
 def _checkpointer(config, workdir) -> checkpointing.Checkpointer:
@@ -297,9 +347,21 @@ def _checkpointer(config, workdir) -> checkpointing.Checkpointer:
 
 def evaluate(config, workdir: str, *, eval_fn: Callable | None = None) -> dict:
     """Run the evaluation hook once on the latest checkpoint of `workdir`."""
+    from deltaworld_jax.training import eval_setup
+
     eval_fn = resolve_eval_fn(config, eval_fn)
     if eval_fn is None:
         raise ValueError("mode=eval needs an evaluation function: config.eval.fn='module:function'")
+    if eval_setup.uses_datasets(config):
+        kept, dropped = eval_setup.active(config)
+        if not kept:
+            raise ValueError(f"mode=eval: no validation set has data ({'; '.join(dropped)}); give roots with "
+                             "--config.data.eval.<vspw|cityscapes|kitti>.root=...")
+        config = eval_setup.configure(config)
+    steps = checkpointing.checkpoint_steps(str(epath.Path(workdir) / "checkpoints"))
+    if not steps:
+        raise ValueError(f"mode=eval: no checkpoint in {epath.Path(workdir) / 'checkpoints'} (train there first, "
+                         "or point --workdir at a run)")
     setup = build(config)
     checkpointer = _checkpointer(config, workdir)
     state = checkpointer.restore(setup.abstract_state, setup.state_shardings)
