@@ -28,7 +28,8 @@ optim.accumulation_steps; AdamW .9/.999 eps 1e-8, decay only on Linear/Conv weig
 Commands (data: `python -m deltaworld_jax.data.prepare` writes Kinetics-700 train as ArrayRecord shards;
 the DINOv3 ViT-B/16 weights must be available locally, e.g. a HF folder via --config.vfm.weights=...):
   python -m deltaworld_jax.main --config=configs/kinetics.py:recipe=all --workdir=gs://bucket/kinetics \\
-      --config.stage_configs.deltatok_256.data.root=/data/k700_arrayrecord  (one per stage, or edit DATA_ROOT)
+      --mode=recipe --config.stage_configs.deltatok_256.data.root=/data/k700_arrayrecord  (one per stage, or
+      edit DATA_ROOT; every override of a recipe is --config.stage_configs.<stage>.<field>=...)
   python -m deltaworld_jax.main --config=configs/kinetics.py:stage=deltatok_256 --workdir=/runs/tok256 \\
       --config.data.root=/data/k700_arrayrecord
   python -m deltaworld_jax.main --config=configs/kinetics.py:stage=deltatok_512 --workdir=/runs/tok512 \\
@@ -37,8 +38,20 @@ the DINOv3 ViT-B/16 weights must be available locally, e.g. a HF folder via --co
       --config.data.root=... --config.tokenizer.checkpoint=/weights/deltatok-kinetics/pytorch_model.bin
 Layouts: FSDP is `--config.mesh.shape="{'data': 1, 'fsdp': -1, 'tensor': 1}"` (the default is data
 parallel); fewer devices: --config.optim.accumulation_steps=N keeps the effective batch at 1024.
-Evaluation during training: --config.eval.every_steps=5000 --config.eval.datasets=vspw,cityscapes,kitti with
---config.data.eval.<set>.root=... and --config.eval.heads (see training/evaluation.py).
+Sizes: config.model holds the architecture at the release's sizes (DeltaTok's hidden_size / num_heads: None =
+the VFM's). In a recipe, a stage that continues another shares its sizes (one override changes the chain)
+and DeltaWorld's tokenizer takes the DeltaTok stages' sizes; a stand-alone DeltaWorld stage on OUR DeltaTok
+checkpoints needs --config.tokenizer.<num_layers|intermediate_size|...>=... to match them (an official
+pytorch_model.bin carries its own).
+Evaluation: every stage declares the official validation (config.eval: eval_hook every EVAL_EVERY_STEPS
+steps on datasets "vspw,cityscapes,kitti", the released heads in EVAL_HEADS; training/evaluation.py):
+  --config.data.eval.vspw.root=/data/VSPW --config.data.eval.cityscapes.root=/data/cityscapes \\
+  --config.data.eval.kitti.root=/data/kitti --config.eval.heads.vspw=/weights/seg-head-vspw/pytorch_model.bin \\
+  --config.eval.heads.cityscapes=... --config.eval.heads.kitti=/weights/depth-head-kitti/pytorch_model.bin \\
+  [--config.eval.every_steps=5000 --config.eval.datasets=vspw,cityscapes,kitti --config.eval.results_dir=...]
+(in a recipe each with the stage_configs.<stage>. prefix). A set without a root is left out; with no root at
+all the stage trains without evaluation, and says so in its log. A finished run is evaluated by the same
+command with --mode=eval (a recipe: each stage's <workdir>/<stage>, or those of --stages=a,b).
 """
 
 from __future__ import annotations

@@ -114,3 +114,22 @@ def test_demo_writes_picture_of_sampled_futures(demo_run):
     assert truth_future.std() > 0  # frames, not an empty cell
     assert grid[cell:2 * cell, :4 * cell].max() == 0  # predicted rows leave the context cells empty
     assert grid[cell:2 * cell, 4 * cell:].std() > 0  # the best future is drawn
+
+
+def test_mode_eval_on_the_demo_recipe_evaluates_each_stage_that_declares_one(demo_run):
+    """`--mode=eval` on a config of stages: each stage's workdir, with the stage's own evaluation; the
+    DeltaTok stage declares none and is skipped with that reason."""
+    workdir, _ = demo_run
+    results = workdir / "demo_results.json"
+    before = results.stat().st_mtime_ns
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+    proc = subprocess.run([sys.executable, "-m", "deltaworld_jax.main", "--config=configs/demo.py:quick",
+                           f"--workdir={workdir}", "--mode=eval"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-5000:]
+    assert "Stage deltatok: not evaluated: declares no evaluation" in log
+    assert "Stage deltaworld: evaluating" in log
+    assert results.stat().st_mtime_ns > before  # the demo evaluation ran again on the final checkpoint
+    assert "c4_h3" in json.loads(results.read_text())["synthetic"]["deltaworld"]

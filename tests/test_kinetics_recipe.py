@@ -170,7 +170,7 @@ def test_kinetics_every_stage_end_to_end(inputs, tmp_path):
     # 1. recipe=all: DeltaTok's four stages, then DeltaWorld's two on the DeltaTok just trained, chained by
     #    the recipe's own '@stage' references; no validation roots -> evaluation off, with the reason logged.
     workdir = tmp_path / "recipe"
-    args = [f"--config={'configs/kinetics.py'}:recipe=all", f"--workdir={workdir}"]
+    args = ["--config=configs/kinetics.py:recipe=all", f"--workdir={workdir}", "--mode=recipe"]
     for stage in DELTATOK_STAGES + WORLD_STAGES:
         args += _stage_overrides(stage, inputs, prefix=f"config.stage_configs.{stage}.")
     run = _main(args)
@@ -182,8 +182,22 @@ def test_kinetics_every_stage_end_to_end(inputs, tmp_path):
     # The cool-downs resumed (the step counter continued); deltatok_512 started from 256's weights at step 0.
     assert "Resuming from" in log and not (workdir / "deltatok_512" / "checkpoints" / "4").exists()
 
+    # Our DeltaTok run as a stand-alone DeltaWorld's tokenizer needs its sizes: a mismatch is named.
+    sys.path.insert(0, str(REPO / "configs"))
+    import kinetics
+
+    sys.path.pop(0)
+    from deltaworld_jax.training import tasks
+
+    alone = kinetics.get_config("stage=deltaworld_512")
+    alone.vfm.weights, alone.vfm.dtype = str(inputs["dinov3"]), "float32"
+    alone.tokenizer.checkpoint = str(workdir / "deltatok_cooldown2" / "checkpoints")
+    with pytest.raises(ValueError, match=r"does not match the tokenizer config.tokenizer describes \(num_layers=12"):
+        tasks.make_task(alone).build_tokenizer(tasks.make_task(alone)._build_vfm())
+
     # 2. The same command with --mode=eval: the two final stages, on the fixture validation sets.
-    eval_args = args + ["--mode=eval", "--stages=deltatok_cooldown2,deltaworld_cooldown"]
+    eval_args = [a for a in args if a != "--mode=recipe"] + ["--mode=eval",
+                                                             "--stages=deltatok_cooldown2,deltaworld_cooldown"]
     for stage in ("deltatok_cooldown2", "deltaworld_cooldown"):
         eval_args += _eval_overrides(inputs, prefix=f"config.stage_configs.{stage}.")
         eval_args.append(f"--config.stage_configs.{stage}.eval.results_dir={workdir / stage}")
@@ -194,6 +208,14 @@ def test_kinetics_every_stage_end_to_end(inputs, tmp_path):
     _assert_scored(world, "deltaworld")
     _assert_scored(world, "copy_last")
     assert set(world["vspw"]["deltaworld"]["c4_h3"]) == {"best", "mean"}
+
+    # 3. A stand-alone stage that starts from another run: deltatok_512 from the recipe's deltatok_256.
+    alone = tmp_path / "tok512"
+    run = _main(["--config=configs/kinetics.py:stage=deltatok_512", f"--workdir={alone}",
+                 f"--config.train.init_from={workdir / 'deltatok_256' / 'checkpoints'}"]
+                + _stage_overrides("deltatok_256", inputs))  # the recipe's sizes (set there on deltatok_256)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-6000:]
+    assert (alone / "checkpoints" / "2").is_dir()
 
 
 def test_kinetics_deltaworld_stage_with_official_tokenizer_evaluates_while_training(inputs, tmp_path):

@@ -143,7 +143,6 @@ def validate_config(config, num_devices: int | None = None, mode: str = "train")
 
         eval_setup.check(config)
         return
-    validate_data(config)
     required = config.train.get("required_source", "")
     if required and not config.train.get(required, ""):
         raise ValueError(f"This stage continues another run: set config.train.{required} to its checkpoints "
@@ -154,6 +153,7 @@ def validate_config(config, num_devices: int | None = None, mode: str = "train")
             raise ValueError(f"config.train.{key}={source!r} does not exist")
     if config.train.get("init_from", "") and config.train.get("resume_from", ""):
         raise ValueError("config.train.init_from (weights only) and resume_from (full state) exclude each other")
+    validate_data(config)
 
 
 # ----------------------------------------------------------------------------------------------------

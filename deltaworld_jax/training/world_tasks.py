@@ -112,8 +112,16 @@ class DeltaWorldTask(_WorldTask):
             # Our own DeltaTok run's checkpoints (e.g. a recipe's "@deltatok" stage): its sizes are the
             # DeltaTokConfig fields of config.tokenizer, its weights the run's latest checkpoint.
             cfg = deltatok_config_from(tok_config, (int(vfm.hidden_size), int(vfm.num_heads)))
-            tokenizer = checkpointing.restore_module_params(
-                checkpoint, DeltaTok(cfg, dtype=dtype, rngs=nnx.Rngs(int(_get(tok_config, "seed", 0)))))
+            try:
+                tokenizer = checkpointing.restore_module_params(
+                    checkpoint, DeltaTok(cfg, dtype=dtype, rngs=nnx.Rngs(int(_get(tok_config, "seed", 0)))))
+            except ValueError as error:  # Orbax: a tree / shape mismatch, many lines long
+                first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                raise ValueError(
+                    f"config.tokenizer.checkpoint={checkpoint!r} (our DeltaTok run) does not match the tokenizer "
+                    f"config.tokenizer describes (num_layers={cfg.num_layers}, hidden_size={cfg.hidden_size}, "
+                    f"num_heads={cfg.num_heads}, intermediate_size={cfg.intermediate_size}): set "
+                    f"config.tokenizer.<field> to that run's config.model values. Orbax: {first}") from None
         elif checkpoint:
             from deltaworld_jax.pretrained.deltatok import load_deltatok
 
