@@ -272,16 +272,16 @@ def test_build_loads_dinov3_weights_and_places_them_by_the_mesh_rules(inputs):
 
 
 def test_unknown_config_fields_are_named_with_the_nearest_known_ones(tmp_path):
-    for override, expected in (("--config.train.no_such_field=1", "config.train has no field 'no_such_field'"),
-                               ("--config.no_such_field=1", "config has no field 'no_such_field'")):
-        run = _main(["--config=configs/kinetics.py:stage=deltatok_256", f"--workdir={tmp_path}", override],
-                    timeout=120)
-        assert run.returncode == 2, run.stderr[-3000:]
-        assert expected in run.stderr and "Nearest: " in run.stderr, run.stderr[-3000:]
-        assert "Traceback" not in run.stderr
+    run = _main(["--config=configs/kinetics.py:stage=deltatok_256", f"--workdir={tmp_path}",
+                 "--config.train.no_such_field=1"], timeout=120)
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert "config.train has no field 'no_such_field'" in run.stderr and "Nearest: " in run.stderr, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr
     from deltaworld_jax import main
 
     base = ["main", "--config=configs/kinetics.py:stage=deltatok_256", "--workdir=x"]
+    top = main.unknown_field_message(base + ["--config.no_such_field=1"])
+    assert "config has no field 'no_such_field'" in top and "Nearest: " in top
     assert "Nearest: config.train.num_steps" in main.unknown_field_message(base + ["--config.train.num_step=3"])
     assert "Nearest: config.data.source" in main.unknown_field_message(base + ["--config.data.sorce=videos"])
     assert main.unknown_field_message(base + ["--config.train.num_steps=3", "--config.eval.heads.vspw=x"]) is None
