@@ -107,7 +107,7 @@ class Checkpointer:
     def _write_checksums_quietly(step_dir: epath.Path) -> None:
         try:
             write_checksums(step_dir)
-        except (OSError, ValueError) as e:  # e.g. retention deleted the step meanwhile
+        except Exception as e:  # pylint: disable=broad-except  (e.g. retention deleted the step meanwhile)
             logging.warning("No checksums for %s: %s", step_dir, e)
 
     def should_save(self, step: int) -> bool:
@@ -335,11 +335,14 @@ def _file_crc32(path: epath.Path) -> int:
     return crc
 
 
-def _step_files(step_dir: epath.Path) -> dict[str, epath.Path]:
+def _step_files(step_dir: epath.Path, prefix: str = "") -> dict[str, epath.Path]:
     files = {}
-    for child in step_dir.rglob("*"):
-        if child.is_file() and child.name != CHECKSUMS:
-            files[str(child.relative_to(step_dir))] = child
+    for child in step_dir.iterdir():  # (epath has no recursive glob on cloud storage)
+        name = f"{prefix}{child.name}"
+        if child.is_dir():
+            files.update(_step_files(child, name + "/"))
+        elif name != CHECKSUMS:
+            files[name] = child
     return files
 
 

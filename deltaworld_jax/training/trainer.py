@@ -97,6 +97,8 @@ def validate_config(config, num_devices: int | None = None) -> None:
     if optim.warmup_steps < 0 or optim.weight_decay < 0 or optim.grad_clip_norm < 0:
         raise ValueError("config.optim warmup_steps, weight_decay and grad_clip_norm must be >= 0, got "
                          f"{optim.warmup_steps}, {optim.weight_decay}, {optim.grad_clip_norm}")
+    if int(optim.get("max_consecutive_nonfinite", 10)) < 1:
+        raise ValueError(f"config.optim.max_consecutive_nonfinite must be >= 1, got {optim.max_consecutive_nonfinite}")
     if kind == "deltaworld":
         checkpoint = config.get("tokenizer", {}).get("checkpoint", "") if config.get("tokenizer", None) else ""
         allow_random = config.tokenizer.get("allow_random", False) if config.get("tokenizer", None) else False
