@@ -102,6 +102,8 @@ def test_two_processes_preempted_resumed_and_continued_in_one_process(tmp_path):
     reference = _two_processes(tmp_path / "reference", tmp_path / "marks_ref", overrides)
     assert reference[0]["losses"] == reference[1]["losses"] and len(reference[0]["losses"]) == num_steps
     expected = reference[0]["losses"]
+    # config.train.compilation_cache: the processes wrote the compiled step there (later runs load it)
+    assert any(n.startswith("jit_step") for n in os.listdir(tmp_path / "jax_cache")), os.listdir(tmp_path / "jax_cache")
     assert checkpointing.checkpoint_steps(str(tmp_path / "reference" / "checkpoints")) == [num_steps]
     saved = sorted(n for n in os.listdir(tmp_path / "reference" / "checkpoints" / str(num_steps) / "data_iter")
                    if n.startswith("process"))

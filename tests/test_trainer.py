@@ -226,6 +226,27 @@ def test_non_finite_updates_are_skipped_counted_and_never_saved(tmp_path):
     print("blow-up: kept steps", kept, "; resumed with lr 1e-3:", sane["losses"])
 
 
+def test_persistent_compilation_cache_is_on_for_real_runs(tmp_path, monkeypatch):
+    """config.train.compilation_cache: relative -> under the workdir (the default 'jax_cache'), absolute or
+    gs:// as given, '' off; a cache the caller configured (JAX_COMPILATION_CACHE_DIR, a test session) wins."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    assert recipe.base_config().train.compilation_cache == "jax_cache"
+    assert trainer.compilation_cache_dir(toy_config(), "/w") == "/w/jax_cache"
+    assert trainer.compilation_cache_dir(toy_config(**{"train.compilation_cache": "gs://b/c"}), "/w") == "gs://b/c"
+    assert trainer.compilation_cache_dir(toy_config(**{"train.compilation_cache": ""}), "/w") == ""
+    session = jax.config.jax_compilation_cache_dir
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        assert trainer.enable_compilation_cache(toy_config(), str(tmp_path)) == str(tmp_path / "jax_cache")
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "jax_cache")
+        assert trainer.enable_compilation_cache(toy_config(), "/elsewhere") == str(tmp_path / "jax_cache")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", session)
+        compilation_cache.reset_cache()
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"model.kind": "nope"}, "Unknown config.model.kind 'nope'"),
     ({"train.batch_size": 6, "optim.accumulation_steps": 4}, "not divisible by data-parallel size 1 x "
