@@ -8,8 +8,9 @@ fills the cache), then restarts it for ONE more step, in a fresh interpreter eac
   warm  config.train.compilation_cache=<the filled cache>
 
 and prints, per restart: wall seconds from interpreter start to the first step's loss read back (imports,
-build, checkpoint restore, compile or cache load, one step), the seconds of JAX's backend_compile_duration events inside that (compiles, or loads from the cache),
-and the number of executables compiled. Usage (from the repository root):
+build, checkpoint restore, compile or cache load, one step), the seconds of JAX's backend_compile_duration
+events inside that ("backend compile": compiles, or loads from the cache) and their number. Usage (from
+the repository root):
 
   python benchmarks/restart_time.py --config=configs/tiny.py:deltatok [--repeats=2]
 """
@@ -86,7 +87,7 @@ def main() -> None:
                 result = _run(args.config, workdir, args.steps + 1, cache_dir)
                 rows.append((mode, result))
                 print(f"restart {repeat + 1} cache {mode:4s}: {result['seconds']:6.1f} s to the first step "
-                      f"(backend compile or cache load {result['compile_seconds']:5.1f} s in {result['compiles']} compiles; "
+                      f"(backend compile {result['compile_seconds']:5.1f} s in {result['compiles']} compiles; "
                       f"loss at step {result['step']}: {result['loss']:.6f})", flush=True)
         losses = {r["loss"] for _, r in rows}
         mean = {m: sum(r["seconds"] for k, r in rows if k == m) / args.repeats for m in ("off", "warm")}
