@@ -271,6 +271,18 @@ def test_token_iterator_is_deterministic_and_resumable(token_cache):
     resumed = tokens.token_data_fn(config, process_index=0, process_count=1)
     resumed.set_state({"position": 2})
     np.testing.assert_array_equal(next(resumed)["tokens"], batches[2]["tokens"])
+    # Global batch k is the same for any process count: 2 processes' batches side by side; a resume at a
+    # global step (a checkpoint of another process count) continues there.
+    config.train.batch_size = 4
+    single = tokens.token_data_fn(config, process_index=0, process_count=1)
+    one = [next(single) for _ in range(2)]
+    halves = [tokens.token_data_fn(config, process_index=p, process_count=2) for p in range(2)]
+    for k in range(2):
+        parts = [next(h) for h in halves]
+        np.testing.assert_array_equal(np.concatenate([p["tokens"] for p in parts]), one[k]["tokens"])
+    moved = tokens.token_data_fn(config, process_index=1, process_count=2)
+    moved.set_state(moved.global_state(1))
+    np.testing.assert_array_equal(next(moved)["tokens"], one[1]["tokens"][2:])
 
 
 def test_training_from_cached_tokens_gives_the_frames_loss(token_cache):

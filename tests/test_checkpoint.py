@@ -177,3 +177,81 @@ def test_recipe_rejects_unknown_stage_and_forward_reference():
     config.stages = ["second", "first"]
     with pytest.raises(ValueError, match="must name an EARLIER stage"):
         recipe.validate_recipe(config)
+
+
+def _break(step_dir, how: str) -> None:
+    """Damage a saved step the way storage does: truncated / deleted / bit-flipped array file, or the step
+    directory left empty."""
+    import shutil
+
+    arrays = sorted((os.path.join(d, f) for d, _, fs in os.walk(step_dir / "params") for f in fs
+                     if os.sep + "d" + os.sep in os.path.join(d, f)), key=os.path.getsize)
+    target = arrays[-1]  # the largest array data file
+    data = open(target, "rb").read()
+    if how == "truncated":  # and no manifest (killed before it was written): Orbax's own read error
+        open(target, "wb").write(data[: len(data) // 2])
+        os.remove(step_dir / checkpointing.CHECKSUMS)
+    elif how == "deleted":
+        os.remove(target)
+    elif how == "bit_flip":  # the middle of the data: Orbax alone restores it silently with a wrong value
+        flipped = bytearray(data)
+        flipped[len(data) // 2] ^= 0x10
+        open(target, "wb").write(bytes(flipped))
+    elif how == "empty_dir":
+        shutil.rmtree(step_dir)
+        os.mkdir(step_dir)
+
+
+def test_unreadable_newest_checkpoint_falls_back_and_is_moved_aside(tmp_path):
+    """Each of four damages to the newest step (3): restoring falls back to step 2 (its exact state), the
+    broken step is moved aside to 3.broken-<time> with its files, nothing is deleted; a run resumed this way
+    repeats the uninterrupted run's losses exactly. With no step restorable (a changed model), it raises and
+    moves nothing."""
+    import shutil
+
+    import jax
+
+    base = tmp_path / "base"
+    full = trainer.run(toy_config(**{"train.num_steps": 4, "checkpoint.every_steps": 1, "checkpoint.keep_last": 5}),
+                       str(base), data_fn=toy_data)
+    shutil.rmtree(base / "checkpoints" / "4")  # the run as it was after step 3
+    assert all((base / "checkpoints" / str(s) / checkpointing.CHECKSUMS).exists() for s in (1, 2, 3))
+    setup = trainer.build(toy_config())
+    reference = checkpointing.Checkpointer(str(base / "checkpoints"), save_every=1)
+    step2 = jax.tree.map(np.asarray, reference.restore(setup.abstract_state, setup.state_shardings, step=2))
+    reference.close()
+
+    for how in ("truncated", "deleted", "bit_flip", "empty_dir"):
+        workdir = tmp_path / how
+        shutil.copytree(base / "checkpoints", workdir / "checkpoints")
+        _break(workdir / "checkpoints" / "3", how)
+        files_before = sorted(os.path.relpath(os.path.join(d, f), workdir / "checkpoints" / "3")
+                              for d, _, fs in os.walk(workdir / "checkpoints" / "3") for f in fs)
+        if how == "bit_flip":
+            assert checkpointing.verify_checksums(workdir / "checkpoints" / "3").endswith("(corrupted)")
+        if how == "deleted":  # the whole run: resumes from step 2, same losses as the uninterrupted run
+            resumed = trainer.run(toy_config(**{"train.num_steps": 4, "checkpoint.every_steps": 1}), str(workdir),
+                                  data_fn=toy_data)
+            assert sorted(resumed["losses"]) == [3, 4]
+            assert all(resumed["losses"][s] == full["losses"][s] for s in (3, 4)), (resumed["losses"], full["losses"])
+        else:
+            checkpointer = checkpointing.Checkpointer(str(workdir / "checkpoints"), save_every=1)
+            state = checkpointer.restore_latest(setup.abstract_state, setup.state_shardings)
+            assert checkpointer.all_steps() == [1, 2]
+            checkpointer.close()
+            for a, b in zip(jax.tree.leaves(step2), jax.tree.leaves(state)):
+                np.testing.assert_array_equal(np.asarray(b), a)
+        aside = [n for n in os.listdir(workdir / "checkpoints") if n.startswith("3.broken-")]
+        assert len(aside) == 1, (how, os.listdir(workdir / "checkpoints"))
+        files_after = sorted(os.path.relpath(os.path.join(d, f), workdir / "checkpoints" / aside[0])
+                             for d, _, fs in os.walk(workdir / "checkpoints" / aside[0]) for f in fs)
+        assert sorted(files_before + ["BROKEN.txt"]) == files_after, how  # nothing deleted
+        print(how, "->", open(workdir / "checkpoints" / aside[0] / "BROKEN.txt").read().strip())
+
+    # Nothing restores (another model width): an error naming the newest step; nothing is moved.
+    wide = trainer.build(toy_config(**{"model.width": 48}))
+    checkpointer = checkpointing.Checkpointer(str(base / "checkpoints"), save_every=1)
+    with pytest.raises(RuntimeError, match="No checkpoint .* restores .*newest step 3"):
+        checkpointer.restore_latest(wide.abstract_state, wide.state_shardings)
+    checkpointer.close()
+    assert sorted(os.listdir(base / "checkpoints")) == ["1", "2", "3"]

@@ -80,6 +80,27 @@ def test_processes_see_disjoint_videos_and_together_all(coloured_videos):
     assert sorted(seen[0] + seen[1]) == list(range(NUM_VIDEOS))
 
 
+def test_global_batches_do_not_depend_on_the_process_count(coloured_videos):
+    """Global batch k (the processes' batches k side by side, in process order) is the same clips, in the same
+    order, for 1 and 2 processes; an iterator resumed at global step k on another process count continues with
+    global batch k (a checkpoint of a 2-process run restored in 1 process replays and skips nothing)."""
+    config = frames_config(coloured_videos)
+    one = take(make_train_iterator(config, seed=1, batch_size_per_process=4), 5)  # crosses an epoch (8 videos)
+    two = [take(make_train_iterator(config, seed=1, batch_size_per_process=2, process_index=p, process_count=2), 5)
+           for p in range(2)]
+    for k in range(5):
+        for key in ("frames", "timestamps"):
+            np.testing.assert_array_equal(np.concatenate([two[0][k][key], two[1][k][key]]), one[k][key])
+    moved = make_train_iterator(config, seed=1, batch_size_per_process=4)
+    assert moved.topology_independent
+    moved.set_state(moved.global_state(3, {"too_short": 2}))  # e.g. a 2-process checkpoint at step 3
+    np.testing.assert_array_equal(next(moved)["frames"], one[3]["frames"])
+    assert moved.errors["too_short"] == 2
+    second = make_train_iterator(config, seed=1, batch_size_per_process=2, process_index=1, process_count=2)
+    second.set_state(second.global_state(3))  # ... or a 1-process checkpoint restored by 2 processes
+    np.testing.assert_array_equal(next(second)["frames"], one[3]["frames"][2:])
+
+
 def test_iterator_state_restores_the_exact_batch_stream(coloured_videos):
     config = frames_config(coloured_videos)
     iterator = make_train_iterator(config, seed=3, batch_size_per_process=3)

@@ -134,8 +134,10 @@ def toy_data(config, *, process_index: int, process_count: int):
         return {"frames": frames, "timestamps": np.arange(config.data.num_frames, dtype=np.float32) * 0.1,
                 "poison": np.float32(np.nan if step == poison_at else 1.0), "errors": errors}
 
-    ds = grain.MapDataset.range(10**6)[process_index::process_count].map(example)
-    return TrainIterator(iter(ds.to_iter_dataset().batch(local_batch)))
+    # Process p's batch k holds examples k*B + p + P*j: global batch k is examples [k*B, (k+1)*B) for ANY
+    # process count, so the iterator resumes at global batch `step` on another topology (TrainIterator(build)).
+    batches = grain.MapDataset.range(10**6)[process_index::process_count].map(example).batch(local_batch)
+    return TrainIterator(lambda first_batch: iter(batches[first_batch:].to_iter_dataset()))
 
 
 def run_python(code: str, *, devices: int = 1, env: dict | None = None, timeout: int = 240):
@@ -189,14 +191,60 @@ def test_remat_policy_is_a_config_switch_of_real_runs(tmp_path):
         np.testing.assert_allclose(remat["losses"][s], plain["losses"][s], rtol=1e-6)
 
 
-def test_non_finite_loss_stops_with_clear_error_and_keeps_last_checkpoint(tmp_path):
+def test_non_finite_updates_are_skipped_counted_and_never_saved(tmp_path):
+    """One poisoned batch: that update is skipped (counted), training goes on. A blow-up (lr 1e30, no clipping:
+    finite but huge parameters, then NaN losses): the run stops after optim.max_consecutive_nonfinite skips in
+    a row, no saved state is non-finite or gives a non-finite loss, and resuming what was kept with a sane lr
+    trains finite."""
+    import jax
     from deltaworld_jax.training import checkpointing
     from deltaworld_jax.training.metrics import NonFiniteLossError
 
-    config = toy_config(**{"data.poison_at": 3})  # the 4th update (-> step 4) sees NaN
-    with pytest.raises(NonFiniteLossError, match="step 4"):
-        trainer.run(config, str(tmp_path), data_fn=toy_data)
-    assert checkpointing.checkpoint_steps(str(tmp_path / "checkpoints")) == [2]
+    one = trainer.run(toy_config(**{"data.poison_at": 3}), str(tmp_path / "one"), data_fn=toy_data)  # 4th update
+    assert one["step"] == 6 and one["nonfinite_skipped"] == 1
+    assert not np.isfinite(one["losses"][4]) and all(np.isfinite(one["losses"][s]) for s in (1, 2, 3, 5, 6))
+
+    blow_up = {"optim.lr": 1e30, "optim.grad_clip_norm": 0.0, "checkpoint.every_steps": 1, "checkpoint.keep_last": 10,
+               "train.num_steps": 12, "train.log_every_steps": 1, "optim.max_consecutive_nonfinite": 3}
+    with pytest.raises(NonFiniteLossError, match="3 non-finite update"):
+        trainer.run(toy_config(**blow_up), str(tmp_path / "blow"), data_fn=toy_data)
+    ckpt_dir = str(tmp_path / "blow" / "checkpoints")
+    kept = checkpointing.checkpoint_steps(ckpt_dir)
+    assert kept, "the first steps (lr 0 in warm-up) were good and must be kept"
+    setup = trainer.build(toy_config(**blow_up))
+    for step in kept:
+        checkpointer = checkpointing.Checkpointer(ckpt_dir, save_every=1)
+        state = checkpointer.restore(setup.abstract_state, setup.state_shardings, step=step)
+        checkpointer.close()
+        leaves = [np.asarray(x) for x in jax.tree.leaves((state.params, state.opt_state))]
+        assert all(np.all(np.isfinite(x)) for x in leaves if np.issubdtype(x.dtype, np.floating)), step
+        assert max(float(np.max(np.abs(x))) for x in jax.tree.leaves(state.params)) < 1e3, step
+    sane = trainer.run(toy_config(**{**blow_up, "optim.lr": 1e-3, "train.num_steps": max(kept) + 3}),
+                       str(tmp_path / "blow"), data_fn=toy_data)
+    assert sane["nonfinite_skipped"] == 0 and len(sane["losses"]) == 3
+    assert all(np.isfinite(v) for v in sane["losses"].values()), sane["losses"]
+    print("blow-up: kept steps", kept, "; resumed with lr 1e-3:", sane["losses"])
+
+
+def test_persistent_compilation_cache_is_on_for_real_runs(tmp_path, monkeypatch):
+    """config.train.compilation_cache: relative -> under the workdir (the default 'jax_cache'), absolute or
+    gs:// as given, '' off; a cache the caller configured (JAX_COMPILATION_CACHE_DIR, a test session) wins."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    assert recipe.base_config().train.compilation_cache == "jax_cache"
+    assert trainer.compilation_cache_dir(toy_config(), "/w") == "/w/jax_cache"
+    assert trainer.compilation_cache_dir(toy_config(**{"train.compilation_cache": "gs://b/c"}), "/w") == "gs://b/c"
+    assert trainer.compilation_cache_dir(toy_config(**{"train.compilation_cache": ""}), "/w") == ""
+    session = jax.config.jax_compilation_cache_dir
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        assert trainer.enable_compilation_cache(toy_config(), str(tmp_path)) == str(tmp_path / "jax_cache")
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "jax_cache")
+        assert trainer.enable_compilation_cache(toy_config(), "/elsewhere") == str(tmp_path / "jax_cache")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", session)
+        compilation_cache.reset_cache()
 
 
 @pytest.mark.parametrize("overrides, message", [

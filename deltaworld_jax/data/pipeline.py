@@ -1,13 +1,17 @@
 """Training and evaluation iterators on Grain.
 
-Training: videos of the source -> this process's shard (every process_count-th video) -> an endless
-stream of positions, each epoch a permutation seeded by (seed, epoch) -> one clip per position, drawn
-from a generator seeded by (seed, epoch, video, attempt) -> batches of batch_size_per_process, batched
-BEFORE the worker split (worker w builds whole batches w, w+N, ..., so the batch stream is identical
-for any worker count) -> Grain worker processes -> `TrainIterator`, whose get_state/set_state (also
-used by Grain's Orbax CheckpointHandler) resume the exact batch stream, with any number of workers.
+Training: ONE global, endless stream of positions over all videos of the source, each epoch a
+permutation seeded by (seed, epoch); global batch k is positions [k*B, (k+1)*B) (B = the global batch),
+and process p of P reads its contiguous slice [k*B + p*B/P, k*B + (p+1)*B/P) of it -> one clip per
+position, drawn from a generator seeded by (seed, epoch, video, attempt) -> batches of
+batch_size_per_process, batched BEFORE the worker split (worker w builds whole batches w, w+N, ..., so
+the batch stream is identical for any worker count) -> Grain worker processes -> `TrainIterator`, whose
+get_state/set_state (also used by Grain's Orbax CheckpointHandler) resume the exact batch stream, with
+any number of workers. Global batch k is the same clips in the same order for ANY process count, so a
+run resumed on another topology continues at global batch `step` (`TrainIterator.global_state`): nothing
+is replayed or skipped. Within an epoch every video is read once, by one of the processes.
 
-A broken video is replaced by another video of the same shard, chosen by the attempt's generator; the
+A broken video is replaced by another video of the source, chosen by the attempt's generator; the
 failures travel with the clip as counts per kind and are summed into `iterator.errors`, so the counts
 are exact and deterministic in any worker layout. After `max_retries` failures in a row the loader
 raises an error naming the source.
@@ -95,10 +99,14 @@ class TrainClipLoader:
     few videos; a cached numpy permutation costs nothing per element at any size.)
     """
 
-    def __init__(self, source, data_config, seed: int, shard: range):
+    def __init__(self, source, data_config, seed: int, shard: range, process_index: int = 0,
+                 process_count: int = 1, batch_size_per_process: int = 0):
         self.source = source
         self.seed = int(seed)
-        self.shard = shard  # this process's videos: replacements for broken ones come from here too
+        self.shard = shard  # the videos of the stream: replacements for broken ones come from here too
+        # This process's element i is global position (i // b) * b * P + p * b + i % b (b = its batch).
+        self.process_index, self.process_count = int(process_index), int(process_count)
+        self.local_batch = int(batch_size_per_process)
         self.shuffle = bool(data_config.shuffle)
         self._orders: dict[int, np.ndarray] = {}
         self.num_frames = data_config.num_frames
@@ -134,8 +142,15 @@ class TrainClipLoader:
             item = int(order[item])
         return epoch, self.shard[item]
 
-    def __call__(self, position: int, unused_element=None) -> dict:
-        epoch, video = self.video_at(position)
+    def global_position(self, index: int) -> int:
+        """This process's element `index` -> its position in the global stream."""
+        if self.process_count == 1 or not self.local_batch:
+            return int(index)
+        batch, within = divmod(int(index), self.local_batch)
+        return (batch * self.process_count + self.process_index) * self.local_batch + within
+
+    def __call__(self, index: int, unused_element=None) -> dict:
+        epoch, video = self.video_at(self.global_position(index))
         errors = np.zeros(len(ERROR_KINDS), np.int32)
         failures = []
         candidate = int(video)
@@ -189,6 +204,14 @@ class TrainIterator(grain.DatasetIterator):
             state["pipeline"] = self._parent.get_state()
         return state
 
+    # Global batch k is the same for any process count (make_train_iterator), so the data position of a
+    # run saved on another topology is its global step; the skip counts are kept as a total (process 0).
+    topology_independent = property(lambda self: self._build is not None)
+
+    def global_state(self, step: int, errors: dict | None = None) -> dict:
+        """The state of this process's iterator at global step `step` (one batch per step)."""
+        return {"batches": int(step), "errors": dict(errors or {})}
+
     def set_state(self, state: dict) -> None:
         if self._build is None:
             self._parent.set_state(state["pipeline"])
@@ -214,14 +237,13 @@ def make_train_iterator(data_config, *, seed: int, batch_size_per_process: int, 
     if len(source) == 0:
         raise ValueError(f"no videos found in {getattr(source, 'root', data_config.root)!r} "
                          f"(source {data_config.source!r})")
-    shard = range(process_index, len(source), process_count)
-    if len(shard) == 0:
-        raise ValueError(f"{len(source)} videos cannot feed process {process_index} of {process_count}")
-    logging.info("train data: %s source %s, %d videos, process %d of %d reads %d, batches of %d",
-                 data_config.source, getattr(source, "root", ""), len(source), process_index, process_count,
-                 len(shard), batch_size_per_process)
+    shard = range(len(source))
+    logging.info("train data: %s source %s, %d videos, process %d of %d reads slice %d of every global batch, "
+                 "batches of %d", data_config.source, getattr(source, "root", ""), len(source), process_index,
+                 process_count, process_index, batch_size_per_process)
+    loader = TrainClipLoader(source, data_config, seed, shard, process_index, process_count, batch_size_per_process)
     batches = (grain.MapDataset.range(len(shard)).repeat(None)
-               .map_with_index(TrainClipLoader(source, data_config, seed, shard))
+               .map_with_index(loader)
                .batch(batch_size_per_process, drop_remainder=True))
     workers = data_config.num_workers if num_workers is None else num_workers
     read_options = grain.ReadOptions(num_threads=data_config.read_threads,

@@ -242,15 +242,20 @@ class TokenCache:
 
 class TokenIterator:
     """Process-local batches {"tokens" [B, T, D], "timestamps" [B, T]} from a token cache; deterministic in
-    (seed, step), with get_state / set_state for the trainer's checkpoints."""
+    (seed, step), with get_state / set_state for the trainer's checkpoints. Clip j of global batch k is drawn
+    from clip_rng(seed, k, j) over all videos, and process p reads clips [p*B, (p+1)*B) of it: global batch
+    k does not depend on the process count, so a checkpoint resumes at global step k on any topology."""
+
+    topology_independent = True
 
     def __init__(self, cache: TokenCache, *, num_frames: int, stride_range, batch_size: int, seed: int,
                  process_index: int = 0, process_count: int = 1):
         self.cache, self.num_frames, self.stride_range = cache, num_frames, tuple(stride_range)
         self.batch_size, self.seed = batch_size, seed
-        self.videos = np.arange(process_index, len(cache), process_count)
+        self.videos = np.arange(len(cache))
         if self.videos.size == 0:
-            raise ValueError(f"token cache {cache.root} has no videos for process {process_index}")
+            raise ValueError(f"token cache {cache.root} has no videos")
+        self.first_clip = process_index * batch_size  # this process's first clip of every global batch
         self.position = 0
 
     def __iter__(self) -> Iterator[dict]:
@@ -260,7 +265,7 @@ class TokenIterator:
         from deltaworld_jax.data.sampling import clip_rng
 
         clips = []
-        for j in range(self.batch_size):
+        for j in range(self.first_clip, self.first_clip + self.batch_size):
             rng = clip_rng(self.seed, self.position, j)
             video = int(self.videos[rng.integers(self.videos.size)])
             clip = self.cache.load_clip(video, self.num_frames, self.stride_range, rng)
@@ -279,6 +284,10 @@ class TokenIterator:
         if isinstance(state, (bytes, str)):
             state = json.loads(state)
         self.position = int(state["position"])
+
+    def global_state(self, step: int, errors: dict | None = None) -> dict:
+        del errors  # nothing is skipped: the cache holds only readable videos
+        return {"position": int(step)}
 
     def start_prefetch(self) -> None:
         """Nothing to prefetch: a batch is a few small file reads."""

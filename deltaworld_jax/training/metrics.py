@@ -4,7 +4,6 @@ buffer of per-step device metrics that is read back only on the logging cadence 
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
@@ -50,13 +49,38 @@ def create_progress(num_train_steps: int, writer, every_steps: int):
 
 
 class NonFiniteLossError(FloatingPointError):
-    """Training produced a non-finite loss. The last checkpoint before `step` is intact."""
+    """Training kept producing non-finite losses or gradients: `consecutive` updates in a row up to `step` were
+    skipped (the train step never applies them), and no state they touched was saved; the last good
+    checkpoint is kept."""
 
-    def __init__(self, step: int, value: float):
+    def __init__(self, step: int, value: float, consecutive: int = 1):
         self.step = step
         self.value = value
-        super().__init__(f"Non-finite loss {value} at step {step}: training stopped; no checkpoint was "
-                         f"written at or after this step, the last good one is kept.")
+        self.consecutive = consecutive
+        super().__init__(f"Non-finite loss {value} at step {step} ({consecutive} non-finite update(s) in a row, "
+                         f"the limit is config.optim.max_consecutive_nonfinite): training stopped; those updates "
+                         f"were skipped and nothing they produced was saved, the last good checkpoint is kept.")
+
+
+class NonFiniteCounter:
+    """Counts the train step's skipped (non-finite) updates from its `nonfinite` metric; raises
+    NonFiniteLossError once `limit` of them come in a row."""
+
+    def __init__(self, limit: int):
+        self.limit = int(limit)
+        self.total = 0
+        self.consecutive = 0
+
+    def update(self, steps: list[int], values: dict[str, np.ndarray]) -> None:
+        flags = values.get("nonfinite", np.zeros(len(steps)))
+        for step, flag, loss in zip(steps, flags, values.get("loss", np.zeros(len(steps)))):
+            if flag > 0:
+                self.total += 1
+                self.consecutive += 1
+                if self.consecutive >= self.limit:
+                    raise NonFiniteLossError(step, float(loss), self.consecutive)
+            else:
+                self.consecutive = 0
 
 
 class MetricBuffer:
@@ -74,15 +98,12 @@ class MetricBuffer:
         self._metrics.append(metrics)
 
     def flush(self) -> tuple[list[int], dict[str, np.ndarray]]:
-        """Read everything back (one transfer) -> (steps, {name: values per step}); raises
-        NonFiniteLossError naming the FIRST step whose loss is not finite."""
+        """Read everything back (one transfer) -> (steps, {name: values per step}). Non-finite losses are
+        returned as they are: the step skipped those updates (`nonfinite`), NonFiniteCounter judges them."""
         if not self._steps:
             return [], {}
         host = jax.device_get(self._metrics)
         steps = self._steps
         self._steps, self._metrics = [], []
         stacked = {k: np.asarray([float(m[k]) for m in host]) for k in host[0]}
-        for step, loss in zip(steps, stacked["loss"]):
-            if not math.isfinite(loss):
-                raise NonFiniteLossError(step, float(loss))
         return steps, stacked

@@ -8,6 +8,13 @@ per-device micro-batch x data-parallel devices x accumulation steps.
 
 Randomness: the step's key is fold_in(base_key, step) and micro-batch i uses fold_in(that, i), so a run
 resumed at step s draws exactly the randomness of the uninterrupted run.
+
+Non-finite updates are skipped INSIDE the step: when the loss, the gradient norm or any updated parameter is
+not finite, the step keeps the old parameters and optimiser state (the step counter still advances, so the
+data position and randomness stay those of the uninterrupted run) and reports metric `nonfinite` = 1. A
+poisoned state is therefore never produced by the step; the trainer counts the skips and stops after
+`optim.max_consecutive_nonfinite` in a row. `apply=False` evaluates loss and gradient of the state WITHOUT
+updating it (step unchanged): the trainer's check that a state it is about to save trains finite.
 """
 
 from __future__ import annotations
@@ -70,10 +77,12 @@ def make_train_step(
     mesh: Mesh | None = None,
     lr_schedule: optax.Schedule | None = None,
 ) -> Callable:
-    """step(state, frozen_state, batch, base_key) -> (new_state, metrics). Pure; jit it (see `jit_train_step`).
+    """step(state, frozen_state, batch, base_key, apply=True) -> (new_state, metrics). Pure; jit it (see
+    `jit_train_step`).
 
     metrics: loss (mean over micro-batches), lr (of this update), grad_norm/total and grad_norm/<child>
-    (before clipping, like the official logging), and every metric the task returns (averaged)."""
+    (before clipping, like the official logging), nonfinite (1.0 when this update was skipped because the
+    loss, gradient or updated parameters were not finite), and every metric the task returns (averaged)."""
 
     def loss_fn(params, extra, frozen_state, micro, rng):
         trainable = nnx.merge(graphdef, params, extra)
@@ -83,7 +92,7 @@ def make_train_step(
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def step(state: TrainState, frozen_state, batch: dict, base_key: jax.Array):
+    def step(state: TrainState, frozen_state, batch: dict, base_key: jax.Array, apply: Any = True):
         step_key = jax.random.fold_in(base_key, state.step)
         frozen_state = jax.lax.stop_gradient(frozen_state)
         if accumulation_steps == 1:
@@ -121,19 +130,32 @@ def make_train_step(
         norms = optimizer_lib.global_norm_by_module(grads)
         metrics = {"loss": loss, "lr": lr, **{f"grad_norm/{k}": v for k, v in norms.items()},
                    **{f"task/{k}": jnp.asarray(v, jnp.float32) for k, v in aux.items()}}
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        finite = jnp.isfinite(loss) & jnp.isfinite(norms["total"]) & all_finite(params)
+        take = finite & jnp.asarray(apply, bool)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(take, n, o), new, old)  # noqa: E731
+        metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
+        new_state = state.replace(step=state.step + jnp.asarray(apply, jnp.int32), params=keep(params, state.params),
+                                  opt_state=keep(opt_state, state.opt_state))
         return new_state, metrics
 
     return step
 
 
+def all_finite(tree: Any) -> jax.Array:
+    """True when every element of every floating leaf of `tree` is finite (a large finite value, e.g. a
+    parameter of 1e29, is finite: its global norm would overflow, the elements do not)."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
 def jit_train_step(step_fn: Callable, state_shardings: Any, frozen_shardings: Any, batch_shardings: Any,
-                   mesh: Mesh) -> Callable:
-    """jit with the train state donated, its shardings pinned on the way in and out, metrics replicated."""
+                   mesh: Mesh, with_apply: bool = False) -> Callable:
+    """jit with the train state donated, its shardings pinned on the way in and out, metrics replicated.
+    `with_apply`: the jitted function takes the step's 5th argument `apply` (a bool scalar) as well."""
     repl = NamedSharding(mesh, PartitionSpec())
     return jax.jit(
         step_fn,
-        in_shardings=(state_shardings, frozen_shardings, batch_shardings, repl),
+        in_shardings=(state_shardings, frozen_shardings, batch_shardings, repl) + ((repl,) if with_apply else ()),
         out_shardings=(state_shardings, repl),
         donate_argnums=(0,),
     )

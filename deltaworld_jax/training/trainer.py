@@ -130,6 +130,8 @@ def validate_config(config, num_devices: int | None = None, mode: str = "train")
     if optim.warmup_steps < 0 or optim.weight_decay < 0 or optim.grad_clip_norm < 0:
         raise ValueError("config.optim warmup_steps, weight_decay and grad_clip_norm must be >= 0, got "
                          f"{optim.warmup_steps}, {optim.weight_decay}, {optim.grad_clip_norm}")
+    if int(optim.get("max_consecutive_nonfinite", 10)) < 1:
+        raise ValueError(f"config.optim.max_consecutive_nonfinite must be >= 1, got {optim.max_consecutive_nonfinite}")
     if kind == "deltaworld":
         checkpoint = config.get("tokenizer", {}).get("checkpoint", "") if config.get("tokenizer", None) else ""
         allow_random = config.tokenizer.get("allow_random", False) if config.get("tokenizer", None) else False
@@ -279,12 +281,21 @@ def data_counters(data_iter) -> dict[str, float]:
 
 
 class _Preemption:
-    """SIGTERM -> save and stop at the next step. Multi-process: the JAX coordination service's sync
-    point, so every process stops at the same step."""
+    """SIGTERM -> every process saves at the SAME step and stops.
 
-    def __init__(self):
+    A scheduler (SLURM, GKE, spot VMs) may deliver SIGTERM to all processes or to ONE. Each process raises
+    a local flag; once per step all processes agree on "did ANY process ask to stop" through a tiny
+    collective (the max of the per-process flags over the global mesh). The collective of step i is
+    dispatched at step i and read back at step i+1, so it never stalls the device queue, and every process
+    reads the same value at the same step: all stop together, one step after the first signal.
+    (JAX's own preemption sync point never fires once a Python SIGTERM handler is installed.)"""
+
+    def __init__(self, mesh=None):
         self.requested = False
         self._previous = None
+        self._pending = None
+        self._mesh = mesh
+        self._agree = None
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread (e.g. inside a test runner thread)
@@ -295,13 +306,25 @@ class _Preemption:
         logging.warning("SIGTERM: saving a checkpoint and stopping")
         self.requested = True
 
+    def _any_process(self, flag: bool):
+        """Dispatch max over processes of `flag` (a replicated device scalar; not read back here)."""
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        mesh = self._mesh
+        sharding = NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
+        local = np.full((len(mesh.local_devices),), int(flag), np.int32)
+        flags = jax.make_array_from_process_local_data(sharding, local, (mesh.devices.size,))
+        if self._agree is None:
+            self._agree = jax.jit(lambda x: x.max(), out_shardings=NamedSharding(mesh, PartitionSpec()))
+        return self._agree(flags)
+
     def reached(self, step: int) -> bool:
-        if jax.process_count() > 1:
-            try:
-                return bool(multihost_utils.reached_preemption_sync_point(step))
-            except RuntimeError:  # no preemption service (e.g. CPU multi-process runs): nobody is preempting
-                return False
-        return self.requested
+        """Call exactly once per step on every process. True when the processes agree to stop now."""
+        del step
+        if jax.process_count() == 1 or self._mesh is None:
+            return self.requested
+        previous, self._pending = self._pending, self._any_process(self.requested)
+        return previous is not None and bool(jax.device_get(previous))
 
     def restore(self):
         if self._previous is not None:
@@ -388,8 +411,8 @@ def _compile_step(step_fn, setup: Setup, state, batch, base_key):
     hosts, and the first collective (e.g. gloo's context set-up on CPU) must not time out waiting."""
     batch_shardings = jax.tree.map(lambda x: x.sharding, batch)
     jitted = step_lib.jit_train_step(step_fn, setup.state_shardings, setup.frozen_shardings, batch_shardings,
-                                     setup.mesh)
-    compiled = jitted.lower(state, setup.frozen_state, batch, base_key).compile()
+                                     setup.mesh, with_apply=True)
+    compiled = jitted.lower(state, setup.frozen_state, batch, base_key, _APPLY).compile()
     if jax.process_count() > 1:
         from orbax.checkpoint import multihost
 
@@ -397,11 +420,52 @@ def _compile_step(step_fn, setup: Setup, state, batch, base_key):
     return compiled
 
 
+_APPLY, _CHECK = np.bool_(True), np.bool_(False)  # the step's `apply`: update, or only evaluate the state
+
+
+def _trains_finite(jitted, setup: Setup, state, batch, base_key):
+    """(state, ok): does `state` give a finite loss and gradient on `batch`? The same compiled step with
+    apply=False (no update; one extra forward/backward per checkpoint). A state whose own loss is non-finite
+    (e.g. parameters blown up to 1e29 by a finite but huge update) is never saved: resuming it would fail."""
+    state, check = jitted(state, setup.frozen_state, batch, base_key, _CHECK)
+    loss, norm = (float(v) for v in jax.device_get((check["loss"], check["grad_norm/total"])))
+    return state, bool(np.isfinite(loss) and np.isfinite(norm))
+
+
+def compilation_cache_dir(config, workdir) -> str:
+    """Where the persistent compilation cache lives: config.train.compilation_cache ('' disables; relative
+    paths are under the workdir). JAX_COMPILATION_CACHE_DIR or an already configured cache win."""
+    value = config.train.get("compilation_cache", "jax_cache")
+    if not value:
+        return ""
+    if "://" in value or os.path.isabs(value):
+        return value
+    return str(epath.Path(workdir) / value)
+
+
+def enable_compilation_cache(config, workdir) -> str:
+    """Turn JAX's persistent compilation cache on for this run (restarts then load the compiled step instead
+    of compiling it again). Returns the directory in use ('' when off)."""
+    configured = jax.config.jax_compilation_cache_dir
+    if configured:
+        return configured  # set by the caller (JAX_COMPILATION_CACHE_DIR, a test session, another stage)
+    path = compilation_cache_dir(config, workdir)
+    if path:
+        from jax.experimental.compilation_cache import compilation_cache
+
+        compilation_cache.set_cache_dir(path)
+        compilation_cache.reset_cache()  # an earlier compile in this process may have found no cache: look again
+        logging.info("Persistent compilation cache: %s", path)
+    return path
+
+
 def train(config, workdir: str, *, eval_fn: Callable | None = None, data_fn: Callable | None = None) -> dict:
-    """The training loop. Resumes from the latest checkpoint in `workdir` if any, else initialises (from
+    """The training loop. Resumes from the latest checkpoint in `workdir` that restores (a broken newest one
+    is moved aside, see checkpointing.Checkpointer.restore_latest), else initialises (from
     `config.train.init_from`'s weights when set). Returns {'step', 'losses' (host floats by step), ...}."""
     workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    enable_compilation_cache(config, workdir)
     eval_fn = resolve_eval_fn(config, eval_fn)
     data_fn = data_fn or default_data_fn
     num_steps = int(config.train.num_steps)
@@ -412,15 +476,12 @@ def train(config, workdir: str, *, eval_fn: Callable | None = None, data_fn: Cal
         checkpointing.seed_for_resume(config.train.resume_from, str(workdir / "checkpoints"))
     checkpointer = _checkpointer(config, workdir)
     data_iter = data_fn(config, process_index=jax.process_index(), process_count=jax.process_count())
-    latest = checkpointer.latest_step()
-    if latest is not None:
-        logging.info("Resuming from %s step %d", checkpointer.directory, latest)
-        state = checkpointer.restore(setup.abstract_state, setup.state_shardings, data_iter=data_iter)
-    elif config.train.get("init_from", ""):
+    state = checkpointer.restore_latest(setup.abstract_state, setup.state_shardings, data_iter=data_iter)
+    if state is None and config.train.get("init_from", ""):
         params = checkpointing.restore_params(config.train.init_from, setup.abstract_state.params,
                                               setup.state_shardings.params)
         state = init_state(config, setup, params)
-    else:
+    elif state is None:
         state = init_state(config, setup)
 
     step_fn = step_lib.make_train_step(setup.task, setup.graphdef, setup.frozen_graphdef, setup.tx,
@@ -430,13 +491,31 @@ def train(config, workdir: str, *, eval_fn: Callable | None = None, data_fn: Cal
     writer = metrics_lib.create_writer(str(workdir), enabled=config.train.get("write_metrics", True))
     progress = metrics_lib.create_progress(num_steps, writer, every_steps=log_every)
     buffer = metrics_lib.MetricBuffer()
-    preemption = _Preemption()
+    nonfinite = metrics_lib.NonFiniteCounter(int(config.optim.get("max_consecutive_nonfinite", 10)))
+    preemption = _Preemption(setup.mesh)
     step = int(jax.device_get(state.step))
     start_step = step
     losses: dict[int, float] = {}
     jitted = None
+    batch = None
     last_log_time, last_log_step = time.time(), step
     stopped_by = "done" if step >= num_steps else None
+
+    def read_back():
+        steps, values = buffer.flush()
+        losses.update({s: float(v) for s, v in zip(steps, values.get("loss", ()))})
+        nonfinite.update(steps, values)  # raises after too many non-finite updates in a row
+        return steps, values
+
+    def save():
+        nonlocal state
+        state, ok = _trains_finite(jitted, setup, state, batch, base_key)
+        if ok:
+            checkpointer.save(state, data_iter)
+        else:
+            logging.error("The state at step %d gives a non-finite loss or gradient on its last batch: NOT "
+                          "saved; the last good checkpoint is kept", step)
+
     try:
         with jax.set_mesh(setup.mesh):
             while step < num_steps:
@@ -446,26 +525,26 @@ def train(config, workdir: str, *, eval_fn: Callable | None = None, data_fn: Cal
                 batch = place_batch(next(data_iter), setup.mesh)
                 if jitted is None:
                     jitted = _compile_step(step_fn, setup, state, batch, base_key)
-                state, step_metrics = jitted(state, setup.frozen_state, batch, base_key)
+                state, step_metrics = jitted(state, setup.frozen_state, batch, base_key, _APPLY)
                 step += 1
                 buffer.add(step, step_metrics)
                 will_save = checkpointer.should_save(step) or step == num_steps
                 if step % log_every == 0 or will_save:
-                    # Reading the metrics back is the only host sync; a non-finite loss raises here,
-                    # before the state that produced it can be saved.
-                    steps, values = buffer.flush()
-                    losses.update({s: float(v) for s, v in zip(steps, values["loss"])})
+                    # Reading the metrics back is the only host sync per log period.
+                    steps, values = read_back()
                     now = time.time()
                     rate = (step - last_log_step) / max(now - last_log_time, 1e-9)
                     last_log_time, last_log_step = now, step
                     scalars = {k: float(v[-1]) for k, v in values.items()}
-                    scalars["loss"] = float(np.mean(values["loss"]))
+                    finite_losses = values["loss"][np.isfinite(values["loss"])]
+                    scalars["loss"] = float(np.mean(finite_losses)) if finite_losses.size else float("nan")
+                    scalars["nonfinite_skipped_total"] = float(nonfinite.total)
                     scalars["steps_per_second"] = rate
                     scalars["examples_per_second"] = rate * int(config.train.batch_size)
                     scalars.update(data_counters(data_iter))
                     writer.write_scalars(step, scalars)
                 if will_save:
-                    checkpointer.save(state, data_iter)
+                    save()
                 progress(step)
                 if eval_fn is not None and config.eval.every_steps and step % config.eval.every_steps == 0:
                     results = eval_fn(config, trainable_module(setup, state), frozen_modules(setup), step)
@@ -473,13 +552,14 @@ def train(config, workdir: str, *, eval_fn: Callable | None = None, data_fn: Cal
             else:
                 stopped_by = stopped_by or "done"
         if stopped_by == "preempted" and step > start_step:
-            steps, values = buffer.flush()  # raises if a loss went non-finite: then nothing is saved
-            losses.update({s: float(v) for s, v in zip(steps, values.get("loss", ()))})
-            checkpointer.save(state, data_iter)
+            read_back()
+            with jax.set_mesh(setup.mesh):
+                save()
     finally:
         preemption.restore()
         checkpointer.close()  # waits for the in-flight save: the last good checkpoint is complete
         writer.flush()
-    logging.info("Training stopped at step %d (%s)", step, stopped_by)
+    logging.info("Training stopped at step %d (%s); %d non-finite update(s) skipped", step, stopped_by,
+                 nonfinite.total)
     return {"step": step, "losses": losses, "stopped_by": stopped_by, "counters": data_counters(data_iter),
-            "setup": setup, "state": state}
+            "nonfinite_skipped": nonfinite.total, "setup": setup, "state": state}
