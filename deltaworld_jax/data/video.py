@@ -156,16 +156,28 @@ def index_frames(path: str) -> FrameIndex:
     return FrameIndex(np.unique(np.asarray(pts, np.int64)), np.unique(np.asarray(key_pts, np.int64)), time_base)
 
 
+class _Overshot(Exception):
+    """A seek landed after the frame it was meant to reach (imprecise seeking, e.g. MPEG program streams)."""
+
+
 def read_frames(path: str, index: FrameIndex, frame_indices: Sequence[int], *, threads: int = 1,
                 ) -> list[np.ndarray]:
     """RGB uint8 frames [H, W, 3] at `frame_indices` (positions in `index.pts`, any order, repeats allowed).
 
     Seeks to the keyframe at or before each needed frame and decodes forward only as far as needed;
-    a frame after a later keyframe is reached by another seek rather than by decoding through the gap."""
-    pts, key_pts = index.pts, index.key_pts
-    wanted = [int(pts[i]) for i in frame_indices]
-    wanted_set = set(wanted)
-    needed = sorted(wanted_set)
+    a frame after a later keyframe is reached by another seek rather than by decoding through the gap.
+    Containers whose seeks land past the wanted frame are decoded from the start instead."""
+    wanted = [int(index.pts[i]) for i in frame_indices]
+    try:
+        decoded = _read_seeking(path, index, sorted(set(wanted)), threads)
+    except _Overshot:
+        decoded = _read_from_start(path, set(wanted), threads)
+    return [decoded[p] for p in wanted]
+
+
+def _read_seeking(path: str, index: FrameIndex, needed: list[int], threads: int) -> dict[int, np.ndarray]:
+    key_pts = index.key_pts
+    wanted_set = set(needed)
 
     def keyframe_before(p: int) -> int:
         position = np.searchsorted(key_pts, p, side="right") - 1
@@ -178,9 +190,13 @@ def read_frames(path: str, index: FrameIndex, frame_indices: Sequence[int], *, t
         cursor = 0
         for _ in range(len(needed)):  # each pass decodes at least one needed frame or raises
             container.seek(keyframe_before(needed[cursor]), stream=stream, backward=True, any_frame=False)
+            first = True
             for frame in container.decode(stream):
                 if frame.pts is None:
                     continue
+                if first and frame.pts > needed[cursor]:
+                    raise _Overshot()
+                first = False
                 if frame.pts in decoded or frame.pts not in wanted_set:
                     if frame.pts > needed[cursor]:
                         raise UnreadableVideo(f"frame at pts {needed[cursor]} did not decode")
@@ -197,7 +213,23 @@ def read_frames(path: str, index: FrameIndex, frame_indices: Sequence[int], *, t
                 break
     if len(decoded) < len(needed):
         raise UnreadableVideo("could not decode all needed frames")
-    return [decoded[p] for p in wanted]
+    return decoded
+
+
+def _read_from_start(path: str, needed: set[int], threads: int) -> dict[int, np.ndarray]:
+    decoded: dict[int, np.ndarray] = {}
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        stream.codec_context.thread_count = threads
+        for frame in container.decode(stream):
+            if frame.pts in needed:
+                decoded[frame.pts] = frame.to_ndarray(format="rgb24")
+                if len(decoded) == len(needed):
+                    break
+    if len(decoded) < len(needed):
+        missing = sorted(needed - set(decoded))[:3]
+        raise UnreadableVideo(f"frames at pts {missing} did not decode")
+    return decoded
 
 
 def decode_all(path: str) -> Iterator[tuple[int, float, av.VideoFrame]]:
