@@ -14,7 +14,8 @@ import pytest
 from absl import flags
 from test_forecast import TINY, weights  # noqa: F401  (the tiny models in the official formats)
 
-from deltaworld_jax import forecast, forecast_folder
+from deltaworld_jax import forecast
+from deltaworld_jax.forecast import folder as forecast_folder
 from deltaworld_jax.data import prepare, video
 from deltaworld_jax.data.arrayrecord import ArrayRecordSource
 from deltaworld_jax.data.sources import BrokenInput, VideoFileSource

@@ -25,17 +25,18 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from deltaworld_jax import forecast as fc
+from deltaworld_jax.forecast import inputs as fi
+from deltaworld_jax.forecast import outputs as fo
 
 SELECTIONS = ("best", "mean", "copy_last")
 
 
 def _clip_losses(rollouts: np.ndarray, targets: np.ndarray, context_last: np.ndarray) -> dict[str, np.ndarray]:
     """Per clip-view and step [B, h]: best (chosen on the last step), mean of samples, copy-last."""
-    per_sample = fc._criterion(rollouts, targets[:, None])  # [B, S, h]
+    per_sample = fo.feature_error(rollouts, targets[:, None])  # [B, S, h]
     best = np.argmin(per_sample[:, :, -1], axis=1)
-    return {"best": per_sample[np.arange(len(best)), best], "mean": fc._criterion(rollouts.mean(1), targets),
-            "copy_last": fc._criterion(np.broadcast_to(context_last[:, None], targets.shape), targets),
+    return {"best": per_sample[np.arange(len(best)), best], "mean": fo.feature_error(rollouts.mean(1), targets),
+            "copy_last": fo.feature_error(np.broadcast_to(context_last[:, None], targets.shape), targets),
             "best_sample": best}
 
 
@@ -48,7 +49,7 @@ def _layout(frame_hw: tuple[int, int], crop: str) -> dict:
 
 
 def run_folder(*, videos: str, out: str, vfm: str, tokenizer: str, world: str, num_samples: int = 8,
-               context: int = 4, stride: float = 0.2, start: float = 0.0, size: int = 512, crop: str = fc.DEFAULT_CROP,
+               context: int = 4, stride: float = 0.2, start: float = 0.0, size: int = 512, crop: str = fi.DEFAULT_CROP,
                patch_size: int = 16, position_channels: int = 0, world_num_heads: int | None = None,
                world_rope_axis_sizes=None, world_rope_unrotated_size: int | None = None, seed: int = 0,
                horizons: tuple[int, ...] = (1, 3), batch_size: int = 8, max_videos: int = 0, pictures: int = 4,
@@ -62,25 +63,25 @@ def run_folder(*, videos: str, out: str, vfm: str, tokenizer: str, world: str, n
     from deltaworld_jax.training.forecasters import ClipFeatures, DeltaWorldForecaster
 
     horizons = tuple(sorted(set(int(h) for h in horizons)))
-    fc.validate(videos=videos, vfm=vfm, tokenizer=tokenizer, world=world, num_samples=num_samples, context=context,
+    fi.validate(videos=videos, vfm=vfm, tokenizer=tokenizer, world=world, num_samples=num_samples, context=context,
                 horizon=max(horizons), stride=stride, start=start, size=size, crop=crop, patch_size=patch_size)
     if batch_size < 1:
-        raise fc.ForecastInputError(f"--batch_size ({batch_size}) must be >= 1")
+        raise fi.ForecastInputError(f"--batch_size ({batch_size}) must be >= 1")
     listing = video_io.list_videos(videos)
-    fc.progress(listing.summary())
+    fi.progress(listing.summary())
     if not listing.videos:
-        raise fc.ForecastInputError(f"no videos found under {videos!r}; accepted: "
+        raise fi.ForecastInputError(f"no videos found under {videos!r}; accepted: "
                                     f"{video_io.accepted_extensions_text()}")
     paths = listing.videos[:max_videos] if max_videos > 0 else listing.videos
     num_frames = context + max(horizons)
     if models is None:
-        fc.progress("loading models")
-        models = fc.load_models(vfm, tokenizer, world, patch_size=patch_size, position_channels=position_channels,
+        fi.progress("loading models")
+        models = fi.load_models(vfm, tokenizer, world, patch_size=patch_size, position_channels=position_channels,
                                 world_num_heads=world_num_heads, world_rope_axis_sizes=world_rope_axis_sizes,
                                 world_rope_unrotated_size=world_rope_unrotated_size)
-    patch = fc._patch(models)
+    patch = fo.patch_size_of(models)
     if size % patch:
-        raise fc.ForecastInputError(f"--size {size} is not a multiple of the VFM patch size {patch}")
+        raise fi.ForecastInputError(f"--size {size} is not a multiple of the VFM patch size {patch}")
     forecaster = DeltaWorldForecaster(models["world"], models["tokenizer"], num_samples=num_samples)
     rng = jax.random.key(seed)
 
@@ -136,26 +137,26 @@ def run_folder(*, videos: str, out: str, vfm: str, tokenizer: str, world: str, n
                 folder = os.path.join(out, "pictures", f"{len(drawn):02d}_{os.path.basename(c['name'])}")
                 window = c["frames"][-(context + h):]
                 t = c["times"][-(context + h):]
-                fc.draw(models, window, views[0], folder, layout=_layout(window.shape[1:3], crop), views=views,
+                fo.draw(models, window, views[0], folder, layout=_layout(window.shape[1:3], crop), views=views,
                         times=t - t[0] + c["video_times"][-(context + h)])
                 drawn.append(folder)
-        fc.progress(f"batch {batches_run[0]}: {real} clips ({num_views} view(s) of {hw[0]}x{hw[1]} px) in "
+        fi.progress(f"batch {batches_run[0]}: {real} clips ({num_views} view(s) of {hw[0]}x{hw[1]} px) in "
                     f"{batch_times[-1]:.1f} s; {len(rows)}/{len(paths)} videos scored, {len(skipped)} skipped")
 
     for index, path in enumerate(paths):
         name = os.path.relpath(path, videos)
         try:
-            clip = fc.load_clip(path, start=start, stride=stride, count=num_frames, min_count=num_frames)
-        except fc.ForecastInputError as e:
+            clip = fi.load_clip(path, start=start, stride=stride, count=num_frames, min_count=num_frames)
+        except fi.ForecastInputError as e:
             skipped.append({"video": name, "reason": str(e)})
             logging.warning("skipping %s: %s", name, e)
             continue
         if crop == "two_squares":
             h, w = clip.frames.shape[1:3]
             scale = size / min(h, w)
-            frames = fc._resize(clip.frames, (max(size, round(h * scale)), max(size, round(w * scale))))
+            frames = fi.resize_frames(clip.frames, (max(size, round(h * scale)), max(size, round(w * scale))))
         else:
-            frames = fc.crop_views(clip.frames, size, crop, patch)[0][0]
+            frames = fi.crop_views(clip.frames, size, crop, patch)[0][0]
         shape = frames.shape
         groups.setdefault(shape, []).append({"name": name, "frames": frames, "times": clip.times,
                                              "video_times": clip.video_times})
@@ -191,7 +192,7 @@ def run_folder(*, videos: str, out: str, vfm: str, tokenizer: str, world: str, n
         json.dump(summary, f, indent=2)
     with open(written["summary_md"], "w") as f:
         f.write(folder_markdown(summary))
-    fc.progress(f"{len(rows)} videos scored, {len(skipped)} skipped, {len(listing.ignored)} files ignored, in "
+    fi.progress(f"{len(rows)} videos scored, {len(skipped)} skipped, {len(listing.ignored)} files ignored, in "
                 f"{elapsed:.1f} s ({summary['videos_per_minute']} videos/min): {written['summary_md']}")
     return written
 
