@@ -253,7 +253,8 @@ def test_hub_ids_config_sizes_and_clear_errors(tmp_path, weights, monkeypatch, c
                "--world=Amazon-FAR/seg-head-vspw", "--patch_size=4"])
     assert exited.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("forecast: error: --world: cannot load 'Amazon-FAR/seg-head-vspw'") and "--helpfull" not in err
+    assert err.startswith("forecast: error: --world: cannot load 'Amazon-FAR/seg-head-vspw'")
+    assert "--helpfull" not in err
 
 
 def test_a_deltatok_run_given_as_world_is_named(weights, capsys):  # noqa: F811
@@ -264,3 +265,73 @@ def test_a_deltatok_run_given_as_world_is_named(weights, capsys):  # noqa: F811
     err = capsys.readouterr().err
     assert "not a DeltaWorld checkpoint" in err and "DeltaTok (tokenizer) checkpoint: pass it as --tokenizer" in err
     assert "Traceback" not in err
+
+
+def _readme_commands(prefix: str) -> list[list[str]]:
+    """The README's shell commands that start with `prefix` (continuation lines joined, comments dropped)."""
+    import shlex
+
+    text = (Path(__file__).parents[1] / "README.md").read_text().replace("\\\n", " ")
+    return [shlex.split(line.split("#")[0])[3:] for line in text.splitlines() if line.startswith(prefix)]
+
+
+@pytest.fixture(scope="module")
+def released_layout_hub(tmp_path_factory):
+    """Tiny random models in the released formats under the README's hub ids, in a local hub cache."""
+    import torch
+    from flax import nnx
+    from safetensors.numpy import save_file
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    from deltaworld_jax.models.deltatok import DeltaTok, DeltaTokConfig
+    from deltaworld_jax.models.deltaworld import DeltaWorld, DeltaWorldConfig
+    from deltaworld_jax.pretrained.world import world_state_dict
+
+    root = tmp_path_factory.mktemp("hub")
+    staging = tmp_path_factory.mktemp("staging")
+    torch.manual_seed(0)
+    DINOv3ViTModel(DINOv3ViTConfig(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   patch_size=16, num_register_tokens=4)).save_pretrained(staging / "dinov3")
+    _fake_hub(root, "facebook/dinov3-vitb16-pretrain-lvd1689m",
+              {name: staging / "dinov3" / name for name in ("config.json", "model.safetensors")})
+    tok = nnx.jit(lambda: DeltaTok(DeltaTokConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=32),
+                                   rngs=nnx.Rngs(0)))()
+    state = {}
+    for path, value in nnx.to_flat_state(nnx.state(tok, nnx.Param)):
+        names, array = [str(p) for p in path], np.asarray(value.get_value())
+        if names[-1] == "kernel":
+            names[-1], array = "weight", array.T
+        state[".".join(names)] = np.ascontiguousarray(array)
+    save_file(state, str(staging / "deltatok.safetensors"))
+    _fake_hub(root, "Amazon-FAR/deltatok-kinetics", {"model.safetensors": staging / "deltatok.safetensors"})
+    world = nnx.jit(lambda: DeltaWorld(DeltaWorldConfig(hidden_size=32, num_layers=1, num_heads=2,
+                                                        backbone_hidden_size=32, rope_axis_sizes=(12,)),
+                                       rngs=nnx.Rngs(1)))()
+    torch.save({k: torch.from_numpy(np.array(v)) for k, v in world_state_dict(world).items()},
+               staging / "pytorch_model.bin")
+    _fake_hub(root, "Amazon-FAR/deltaworld-kinetics", {  # the heads / RoPE split from the repo's config.json
+        "pytorch_model.bin": staging / "pytorch_model.bin",
+        "config.json": json.dumps({"num_heads": 2, "rope_axis_sizes": [12], "rope_unrotated_size": 4})})
+    return root
+
+
+@pytest.mark.parametrize("container", ["mp4", "mpg"])
+def test_the_readme_forecast_command_runs_unchanged_on_real_footage(tmp_path, released_layout_hub, monkeypatch,
+                                                                     container, containers):
+    """The README's command, word for word, in a folder where clip.mp4 is the real camera clip (as shot: first
+    frame stamped 3.04 s; or its MPEG-2 program-stream transcode, B-frames and a 0.54 s first stamp)."""
+    import huggingface_hub.constants
+
+    (command,) = [c for c in _readme_commands("python -m deltaworld_jax.forecast --video=")]
+    assert command[0] == "--video=clip.mp4"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(released_layout_hub))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(CYCLIST if container == "mp4" else containers["mpg"], tmp_path / "clip.mp4")
+    _main(command)
+    summary = json.loads((tmp_path / "forecast_out" / "summary.json").read_text())
+    assert summary["frame_times_s"] == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2])
+    assert summary["settings"]["crop"] == forecast.DEFAULT_CROP and summary["settings"]["frame_hw"] == [512, 1200]
+    assert np.asarray(summary["scores"]["per_sample"]).shape == (8, 3)
+    for name in ("forecast.png", "forecast.gif", "forecast.mp4", "summary.md"):
+        assert (tmp_path / "forecast_out" / name).stat().st_size > 0

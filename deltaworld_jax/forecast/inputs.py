@@ -335,7 +335,8 @@ def read_training_checkpoint(directory: str, kind: str) -> dict[str, np.ndarray]
                 for name, (path, transpose) in world_key_map(num_layers, with_q_embed).items()}
         missing = sorted(".".join(p) for p in flat if p not in ours)
         if missing:
-            raise ForecastInputError(f"--world={directory}: not a DeltaWorld checkpoint (unknown entries {missing[:5]})")
+            raise ForecastInputError(f"--world={directory}: not a DeltaWorld checkpoint (unknown entries "
+                                     f"{missing[:5]})")
         return {ours[p][0]: (a.T if ours[p][1] else a) for p, a in flat.items()}
     if is_world:
         raise ForecastInputError(f"--tokenizer={directory}: not a DeltaTok checkpoint; step {step} holds a DeltaWorld "

@@ -109,7 +109,8 @@ def decode_features(models: dict[str, Any], result: dict[str, Any], fit_on: np.n
 
         def rgb(f):
             f = np.asarray(f, np.float32)
-            return [pictures.rgb_image(x) for x in np.asarray(pictures.apply_head(head, f.reshape(-1, *grid_hw, f.shape[-1])))]
+            pixels = np.asarray(pictures.apply_head(head, f.reshape(-1, *grid_hw, f.shape[-1])))
+            return [pictures.rgb_image(x) for x in pixels]
 
         return rgb, "rgb"
     if isinstance(vfm, PixelPatchVFM):
@@ -157,7 +158,8 @@ def _column_names(times: np.ndarray, context: int, num_truth: int, horizon: int)
 
 
 def draw(models: dict[str, Any], frames: np.ndarray, result: dict[str, Any], out_dir: str, fps: float = 4.0,
-         layout: dict | None = None, views: list[dict] | None = None, times: np.ndarray | None = None) -> dict[str, str]:
+         layout: dict | None = None, views: list[dict] | None = None,
+         times: np.ndarray | None = None) -> dict[str, str]:
     """Write forecast.png (grid), forecast.gif and forecast.mp4; returns their paths. `frames` are the frames
     as drawn; `views` the per-view results of a split frame (stitched back with `layout`)."""
     from deltaworld_jax.training import pictures
