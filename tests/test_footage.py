@@ -124,6 +124,16 @@ def test_prepare_and_the_video_source_on_real_footage_in_its_containers(tmp_path
     broken = live.paths.index(str(folder / "broken.mpg"))
     with pytest.raises(BrokenInput, match="unreadable"):
         live.frame_timestamps(broken)
+    # The Grain training loader straight from the files: clips of the real footage, times from each clip's start.
+    from deltaworld_jax.data import default_data_config
+    from deltaworld_jax.data.pipeline import make_train_iterator
+
+    config = default_data_config()
+    config.source, config.root, config.exclude_list = "videos", str(folder), ""
+    config.num_frames, config.frame_size, config.num_workers = 4, 32, 0
+    batch = next(make_train_iterator(config, seed=0, batch_size_per_process=4))
+    assert batch["frames"].shape == (4, 4, 32, 32, 3) and batch["frames"].std() > 10  # real pixels, not blank
+    assert (batch["timestamps"][:, 0] == 0).all() and (np.diff(batch["timestamps"], axis=1) > 0).all()
 
 
 def _main(argv):
