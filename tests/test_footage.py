@@ -75,6 +75,22 @@ def test_times_count_from_the_first_frame_in_every_container(containers, name):
         assert np.abs(frames[1].astype(float) - original).mean() < 12
 
 
+def test_a_stream_cut_inside_a_group_of_pictures_starts_at_its_first_decodable_frame(tmp_path, containers):
+    """A transport stream cut after its first keyframe: the leading frames reference pictures it lacks and
+    never decode; time 0 is the first frame that does, and that frame reads."""
+    cut = tmp_path / "cut.ts"
+    with av.open(str(containers["ts"])) as ic, av.open(str(cut), "w", format="mpegts") as oc:
+        ost = oc.add_stream_from_template(ic.streams.video[0])
+        for i, packet in enumerate(ic.demux(ic.streams.video[0])):
+            if packet.size and i > 0:  # drop the first I-frame: the P/B-frames after it lose their reference
+                packet.stream = ost
+                oc.mux(packet)
+    index = video.index_frames(str(cut))
+    assert index.times[0] == 0.0 and len(index.pts) < 39
+    first = video.read_frames(str(cut), index, [0])[0]
+    assert first.shape == (272, 640, 3) and first.std() > 10
+
+
 def test_listing_takes_every_container_counts_and_names_the_rest(tmp_path, containers):
     for key, path in containers.items():
         shutil.copy(path, tmp_path / path.name)

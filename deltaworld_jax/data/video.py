@@ -153,7 +153,24 @@ def index_frames(path: str) -> FrameIndex:
         raise UnreadableVideo("no frame with a timestamp")
     if not key_pts:
         raise UnreadableVideo("no keyframe")
-    return FrameIndex(np.unique(np.asarray(pts, np.int64)), np.unique(np.asarray(key_pts, np.int64)), time_base)
+    pts = np.unique(np.asarray(pts, np.int64))
+    # Time 0 is the first frame that DECODES: a stream cut inside a group of pictures starts with frames
+    # that reference pictures it lacks; the decoder drops them, so they are no frames of this video.
+    first = _first_decoded_pts(path)
+    if first is None:
+        raise UnreadableVideo("no frame decodes")
+    return FrameIndex(pts[pts >= first], np.unique(np.asarray(key_pts, np.int64)), time_base)
+
+
+def _first_decoded_pts(path: str) -> int | None:
+    """pts of the first frame the decoder outputs (frames come out in presentation order)."""
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        stream.codec_context.thread_count = 1  # frame threads would delay the first output, not change it
+        for frame in container.decode(stream):
+            if frame.pts is not None:
+                return int(frame.pts)
+    return None
 
 
 class _Overshot(Exception):
