@@ -190,8 +190,9 @@ def test_forecast_command_on_real_footage_with_each_crop(tmp_path, weights, crop
 
     with Image.open(out / "forecast.png") as im:
         # frames, best, mean, 2 samples; the two squares are stitched back into the wide frame
-        assert im.size[1] == forecast.HEADER_HEIGHT + 5 * cell_hw[0]
-        assert im.size[0] > 7 * cell_hw[1]
+        k = forecast.upscale_factor(cell_hw[1])
+        assert im.size[1] == forecast.HEADER_HEIGHT + 5 * cell_hw[0] * k
+        assert im.size[0] > 7 * cell_hw[1] * k
     assert (out / "forecast.gif").stat().st_size > 0 and (out / "forecast.mp4").stat().st_size > 0
 
 
@@ -361,3 +362,39 @@ def test_the_readme_forecast_command_runs_unchanged_on_real_footage(tmp_path, re
     assert np.asarray(summary["scores"]["per_sample"]).shape == (8, 3)
     for name in ("forecast.png", "forecast.gif", "forecast.mp4", "summary.md"):
         assert (tmp_path / "forecast_out" / name).stat().st_size > 0
+
+
+def test_segmentation_and_depth_of_the_futures_with_two_squares(tmp_path, weights):  # noqa: F811
+    """Official-format linear probes (random, width 48 = the pixel VFM's) through --seg_head / --depth_head:
+    pictures of the futures stitched back from the two squares, and their agreement with the truth's maps."""
+    import torch
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    heads = {}
+    for name, outputs in (("seg", 124), ("depth", 256)):
+        state = {"bn.weight": 1 + 0.1 * rng.standard_normal(48), "bn.bias": 0.1 * rng.standard_normal(48),
+                 "bn.running_mean": rng.standard_normal(48), "bn.running_var": 1 + rng.random(48),
+                 "head.weight": rng.standard_normal((outputs, 48, 1, 1)), "head.bias": rng.standard_normal(outputs)}
+        state = {k: torch.from_numpy(v.astype(np.float32)) for k, v in state.items()}
+        state["bn.num_batches_tracked"] = torch.tensor(0)
+        heads[name] = tmp_path / f"{name}.bin"
+        torch.save(state, heads[name])
+    paths = forecast.run(video=str(STREET), out=str(tmp_path / "o"), size=16, num_samples=2, crop="two_squares",
+                         patch_size=4, world_num_heads=2, world_rope_axis_sizes=(12,), vfm="pixel",
+                         tokenizer=weights["tokenizer"], world=weights["world"], seg_head=str(heads["seg"]),
+                         depth_head=str(heads["depth"]))
+    for name in ("segmentation", "depth"):
+        with Image.open(paths[name]) as im:  # frames, best, mean rows of 16 x 38 cells (the stitched wide frame)
+            k = forecast.upscale_factor(38)
+            assert im.size[1] == forecast.HEADER_HEIGHT + 3 * 16 * k and im.size[0] > 7 * 38 * k
+    summary = json.loads(open(paths["summary_json"]).read())
+    assert set(summary["segmentation_agreement_percent"]) == {"best", "mean"}
+    assert all(0 <= v <= 100 for v in summary["segmentation_agreement_percent"].values())
+    assert all(v >= 0 for v in summary["depth_rmse_to_truth_features_m"].values())
+    narrow = {k: v[:, :32] if k == "head.weight" else (v[:32] if v.ndim == 1 and len(v) == 48 else v)
+              for k, v in torch.load(heads["seg"]).items()}
+    torch.save(narrow, tmp_path / "narrow.bin")
+    with pytest.raises(forecast.ForecastInputError, match="seg_head.*reads 32-wide features, the VFM makes 48"):
+        forecast.load_models("pixel", weights["tokenizer"], weights["world"], patch_size=4, world_num_heads=2,
+                             world_rope_axis_sizes=(12,), seg_head=str(tmp_path / "narrow.bin"))

@@ -52,7 +52,7 @@ from deltaworld_jax.forecast.inputs import (  # noqa: F401
     world_sizes)
 from deltaworld_jax.forecast.outputs import (  # noqa: F401
     HEADER_HEIGHT, decode_features, draw, draw_heads, feature_error, forecast_features, forecast_views,
-    labelled_grid, patch_size_of, score, summarise, summary_markdown)
+    labelled_grid, patch_size_of, score, summarise, summary_markdown, upscale_factor)
 
 _VIDEO = flags.DEFINE_string("video", None, "Input video file (any container PyAV/FFmpeg reads).")
 _VIDEOS = flags.DEFINE_string("videos", None, "A folder of videos to forecast and score (instead of --video).")

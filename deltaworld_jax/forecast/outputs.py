@@ -125,6 +125,14 @@ def decode_features(models: dict[str, Any], result: dict[str, Any], fit_on: np.n
     return pca, "pca"
 
 
+MIN_CELL_WIDTH = 112  # pixels: a column title ("context 0.00s") fits
+
+
+def upscale_factor(cell_width: int) -> int:
+    """Whole-number enlargement of grid cells narrower than MIN_CELL_WIDTH."""
+    return max(1, -(-MIN_CELL_WIDTH // max(cell_width, 1)))
+
+
 def labelled_grid(rows: list[list[np.ndarray | None]], row_names: list[str], column_names: list[str],
                   context: int, max_cell: int = 256) -> np.ndarray:
     """uint8 grid with a name strip on the left, column titles on top, and the context columns marked
@@ -135,6 +143,10 @@ def labelled_grid(rows: list[list[np.ndarray | None]], row_names: list[str], col
 
     body = pictures.grid_image(rows, len(column_names), max_cell=max_cell)
     cell_h, cell_w = body.shape[0] // len(rows), body.shape[1] // len(column_names)
+    k = upscale_factor(cell_w)
+    if k > 1:  # small frames (the demo's 32 px): whole-pixel blocks, so the titles fit and pixels stay visible
+        body = body.repeat(k, 0).repeat(k, 1)
+        cell_h, cell_w = cell_h * k, cell_w * k
     strip_w = max(8 * max(len(n) for n in row_names) + 6, 40)
     header_h = HEADER_HEIGHT
     canvas = Image.new("RGB", (strip_w + body.shape[1], header_h + body.shape[0]), (24, 24, 24))
