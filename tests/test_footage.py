@@ -358,7 +358,8 @@ def test_the_readme_forecast_command_runs_unchanged_on_real_footage(tmp_path, re
     _main(command)
     summary = json.loads((tmp_path / "forecast_out" / "summary.json").read_text())
     assert summary["frame_times_s"] == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2])
-    assert summary["settings"]["crop"] == forecast.DEFAULT_CROP and summary["settings"]["frame_hw"] == [512, 1200]
+    assert summary["settings"]["crop"] == forecast.DEFAULT_CROP == "two_squares"
+    assert summary["settings"]["frame_hw"] == [512, 1205] and summary["views"] == 2  # the whole 640x272 frame
     assert np.asarray(summary["scores"]["per_sample"]).shape == (8, 3)
     for name in ("forecast.png", "forecast.gif", "forecast.mp4", "summary.md"):
         assert (tmp_path / "forecast_out" / name).stat().st_size > 0

@@ -92,7 +92,7 @@ def test_forecast_command_end_to_end(tmp_path, weights):
     with Image.open(out / "forecast.png") as im:
         assert im.format == "PNG"
         # rows: frames, best, mean, 2 samples, 16 px cells under a 28 px header of column titles (the full
-        # 24x32 frame at short side 16: 16x20 cells); 7 columns + the row-name strip
+        # 24x32 frame at short side 16, as two squares stitched back: 16x21 cells); 7 columns + the names
         k = forecast.upscale_factor(20)  # small cells are enlarged by whole pixels
         assert im.size[1] == forecast.HEADER_HEIGHT + 5 * 16 * k and im.size[0] > 7 * 20 * k
     with Image.open(out / "forecast.gif") as im:
