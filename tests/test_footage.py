@@ -399,3 +399,20 @@ def test_segmentation_and_depth_of_the_futures_with_two_squares(tmp_path, weight
     with pytest.raises(forecast.ForecastInputError, match="seg_head.*reads 32-wide features, the VFM makes 48"):
         forecast.load_models("pixel", weights["tokenizer"], weights["world"], patch_size=4, world_num_heads=2,
                              world_rope_axis_sizes=(12,), seg_head=str(tmp_path / "narrow.bin"))
+
+
+def test_the_readme_folder_command_runs_unchanged_on_real_footage(tmp_path, released_layout_hub, monkeypatch):
+    """The README's --videos command, word for word, on a folder of the two real clips."""
+    import huggingface_hub.constants
+
+    (command,) = _readme_commands("python -m deltaworld_jax.forecast --videos=")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(released_layout_hub))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my_videos").mkdir()
+    for path in (CYCLIST, STREET):
+        shutil.copy(path, tmp_path / "my_videos" / path.name)
+    _main(command)
+    summary = json.loads((tmp_path / "scores" / "folder_summary.json").read_text())
+    assert summary["videos_scored"] == 2 and summary["settings"]["num_samples"] == 20
+    assert summary["settings"]["crop"] == "two_squares" and set(summary["table"]) == {"h1", "h3"}

@@ -73,6 +73,7 @@ def run_folder(*, videos: str, out: str, vfm: str, tokenizer: str, world: str, n
         raise fi.ForecastInputError(f"no videos found under {videos!r}; accepted: "
                                     f"{video_io.accepted_extensions_text()}")
     paths = listing.videos[:max_videos] if max_videos > 0 else listing.videos
+    batch_size = min(batch_size, len(paths))  # a small folder is one batch, not padded up to --batch_size
     num_frames = context + max(horizons)
     if models is None:
         fi.progress("loading models")
