@@ -25,6 +25,7 @@ DEFAULT_CROP = "two_squares"
 RELEASED_WORLD_HEADS, RELEASED_WORLD_ROPE, RELEASED_WORLD_UNROTATED = 12, (60,), 4
 RELEASED_RGB_HEADS = 16
 
+
 class ForecastInputError(ValueError):
     """The video or weights given to the forecast command cannot be used (the message says why)."""
 
@@ -32,6 +33,7 @@ class ForecastInputError(ValueError):
 def progress(message: str) -> None:
     """One progress line on stdout (the command's own voice; absl's log goes to stderr)."""
     print(f"[forecast] {message}", flush=True)
+
 
 # ----------------------------------------------------------------------------------------------------
 # Video
