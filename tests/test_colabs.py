@@ -117,12 +117,15 @@ def tiny_released_weights(tmp_path_factory) -> pathlib.Path:
 
 
 def test_forecast_with_released_weights_runs(tiny_released_weights, tmp_path):
+    # The real camera clip of tests/data (640x272, first frame stamped 3.04 s), its whole frame at short side 64.
     notebook = _execute("forecast_with_released_weights.ipynb", tmp_path,
-                        {**_base_env(), "DELTAWORLD_COLAB_WEIGHTS": str(tiny_released_weights)})
+                        {**_base_env(), "DELTAWORLD_COLAB_WEIGHTS": str(tiny_released_weights),
+                         "DELTAWORLD_COLAB_VIDEO": str(REPO / "tests" / "data" / "bikes_cyclist.mp4")})
     text = _text(notebook)
     assert not _outputs(notebook, "error")
-    # Shapes of the tiny run: 64x64 frames at patch 16 -> 16 patches; 4 context + 3 future frames, 4 samples.
-    assert "futures (4, 3, 16, 32)" in text, text
+    assert "frames at [0.  0.2 0.4 0.6 0.8 1.  1.2] s after its first frame" in text, text
+    # Shapes of the tiny run: 64x144 frames at patch 16 -> 4x9 = 36 patches; 4 context + 3 future frames, 4 samples.
+    assert "futures (4, 3, 36, 32)" in text, text
     assert "(1, 4, 32) delta tokens (one per frame)" in text, text
     displays = _outputs(notebook, "display")
     images = [o for o in displays if "image/png" in o["data"].get("text/html", "")]

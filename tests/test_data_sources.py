@@ -110,7 +110,7 @@ def test_frame_folder_source(tmp_path):
 def test_prepare_parallel_shards_resume_and_arrayrecord_reads(kinetics, tmp_path, monkeypatch):
     output = tmp_path / "prepared"
     counts = prepare.prepare(str(kinetics), str(output), num_shards=3, num_workers=2, exclude_list="")
-    assert counts == {"written": 3, "skipped": 0}
+    assert counts == {"written": 3, "skipped": 0, "inputs": 8, "ignored": 0, "unreadable": 4}
     source = ArrayRecordSource(str(output))
     assert sorted(source.names) == ["class0/vid00.mp4", "class0/vid02.mp4", "class1/vid01.mp4", "class1/vid03.mp4"]
     index = source.names.index("class1/vid01.mp4")
@@ -201,7 +201,7 @@ def test_prepare_from_frame_folders_copies_jpegs_and_reencodes_pngs(tmp_path):
     write_frames(tmp_path / "in" / "d", 1)  # too short
     counts = prepare.prepare(str(tmp_path / "in"), str(tmp_path / "out"), num_shards=1, input_kind="frames",
                              fps=5.0, exclude_list="")
-    assert counts == {"written": 1, "skipped": 0}
+    assert counts == {"written": 1, "skipped": 0, "inputs": 4, "ignored": 0, "unreadable": 2}
     source = ArrayRecordSource(str(tmp_path / "out"))
     assert source.names == ["a", "b"]  # the broken and the 1-frame folders are skipped...
     assert int(np.load(tmp_path / "out" / "frames-00000-of-00001.index.npz")["skipped"]) == 2  # ...and counted

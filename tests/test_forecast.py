@@ -1,6 +1,7 @@
 """The forecast command end-to-end on a tiny generated video with tiny random models saved under the official
 names, and its error cases."""
 
+import json
 import os
 
 import av
@@ -90,8 +91,10 @@ def test_forecast_command_end_to_end(tmp_path, weights):
             flags.FLAGS(["pytest"])
     with Image.open(out / "forecast.png") as im:
         assert im.format == "PNG"
-        # rows: truth, best, mean, 2 samples, 16 px cells; 7 columns + the row-name strip
-        assert im.size[1] == 5 * 16 and im.size[0] > 7 * 16
+        # rows: frames, best, mean, 2 samples, 16 px cells under a 28 px header of column titles (the full
+        # 24x32 frame at short side 16, as two squares stitched back: 16x21 cells); 7 columns + the names
+        k = forecast.upscale_factor(20)  # small cells are enlarged by whole pixels
+        assert im.size[1] == forecast.HEADER_HEIGHT + 5 * 16 * k and im.size[0] > 7 * 20 * k
     with Image.open(out / "forecast.gif") as im:
         assert im.n_frames == 7
     with av.open(str(out / "forecast.mp4")) as c:
@@ -127,9 +130,12 @@ def test_forecast_with_dinov3_and_rgb_head_without_future_frames(tmp_path, weigh
                          tokenizer=weights["tokenizer"], world=weights["world"], world_num_heads=2,
                          world_rope_axis_sizes=(12,), rgb_head=str(tmp_path / "rgb.safetensors"), rgb_head_num_heads=2)
     with Image.open(paths["grid"]) as im:
-        assert im.size[1] == 4 * 16  # truth (context only), mean, 2 samples
+        k = forecast.upscale_factor(20)  # the whole 24x32 frame at short side 16: 16x20 cells
+        assert im.size[1] == forecast.HEADER_HEIGHT + 4 * 16 * k  # frames (context only), mean, 2 samples
         grid = np.asarray(im)
-    assert grid[16:, -16:].any()  # the decoded last future frame of the mean row is drawn
+    assert grid[forecast.HEADER_HEIGHT + 16 * k:, -16 * k:].any()  # the last future frame of the mean row is drawn
+    summary = json.loads(open(paths["summary_json"]).read())
+    assert summary["scores"] is None and "no true future" in summary["note"]
 
 
 def test_forecast_errors(tmp_path, weights):
@@ -145,8 +151,11 @@ def test_forecast_errors(tmp_path, weights):
         forecast.run(video=str(garbage), **weights, **common)
     with pytest.raises(forecast.ForecastInputError, match="video not found"):
         forecast.run(video=str(tmp_path / "absent.mp4"), **weights, **common)
-    with pytest.raises(forecast.ForecastInputError, match="not a multiple"):
-        forecast.run(video=_write_video(tmp_path / "ok.mp4"), **{**common, "size": 18}, **weights)
+    with pytest.raises(forecast.ForecastInputError, match="not a positive multiple"):
+        # checked before anything is read: the video does not even exist
+        forecast.run(video=str(tmp_path / "absent.mp4"), **{**common, "size": 18}, **weights)
+    with pytest.raises(forecast.ForecastInputError, match="--crop='square'"):
+        forecast.run(video=video, **{**common, "crop": "square"}, **weights)
 
 
 def _params(module):

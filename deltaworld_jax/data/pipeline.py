@@ -235,6 +235,8 @@ def make_train_iterator(data_config, *, seed: int, batch_size_per_process: int, 
     _ensure_absl_flags_parsed()
     source = make_train_source(data_config)
     if len(source) == 0:
+        if hasattr(source, "empty_message"):  # video files: say what was ignored and what is accepted
+            raise ValueError(f"{source.empty_message()} (source {data_config.source!r})")
         raise ValueError(f"no videos found in {getattr(source, 'root', data_config.root)!r} "
                          f"(source {data_config.source!r})")
     shard = range(len(source))

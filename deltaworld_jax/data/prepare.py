@@ -18,12 +18,11 @@ import multiprocessing
 import os
 from pathlib import Path
 
-import av
 import numpy as np
 from absl import app, flags, logging
 from PIL import Image
 
-from deltaworld_jax.data import arrayrecord
+from deltaworld_jax.data import arrayrecord, video
 from deltaworld_jax.data.sources import DATA_EXCEPTIONS, BrokenInput, FrameFolderSource, VideoFileSource
 
 def _resized(image: Image.Image, short_side: int) -> Image.Image:
@@ -44,23 +43,16 @@ def _video_frames(path: str, short_side: int, quality: int):
     """(JPEGs of every frame in presentation order, their times from the first frame, (width, height)).
 
     Frames are encoded as they decode, so memory holds JPEG bytes, never a whole video of pixels."""
-    encoded, pts, size = [], [], None
-    with av.open(path) as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        for frame in container.decode(stream):
-            if frame.pts is None:
-                continue
-            image = _resized(frame.to_image(), short_side)
-            size = size or image.size
-            encoded.append(_jpeg(image, quality))
-            pts.append(frame.pts)
-        time_base = float(stream.time_base)
+    encoded, pts, size, time_base = [], [], None, 1.0
+    for frame_pts, time_base, frame in video.decode_all(path):
+        image = _resized(frame.to_image(), short_side)
+        size = size or image.size
+        encoded.append(_jpeg(image, quality))
+        pts.append(frame_pts)
     if len(encoded) < 2:
         raise ValueError(f"{len(encoded)} decodable frames")
-    order = np.argsort(pts, kind="stable")
-    pts_sorted = np.asarray(pts, np.int64)[order]
-    return [encoded[i] for i in order], (pts_sorted - pts_sorted[0]) * time_base, size
+    order, times = video.relative_times(pts, time_base)
+    return [encoded[i] for i in order], times, size
 
 
 def _folder_frames(frame_paths: list[str], timestamps: np.ndarray, short_side: int, quality: int):
@@ -78,11 +70,18 @@ def _folder_frames(frame_paths: list[str], timestamps: np.ndarray, short_side: i
 
 def list_inputs(input_dir: str, input_kind: str, fps: float, exclude_list: str):
     """[(name, reader)] in sorted order; reader() -> (jpegs, timestamps, (width, height))."""
+    return _inputs_and_ignored(input_dir, input_kind, fps, exclude_list)[0]
+
+
+def _inputs_and_ignored(input_dir: str, input_kind: str, fps: float, exclude_list: str):
+    """(list_inputs, the files passed over as not videos)."""
     if input_kind == "videos":
         source = VideoFileSource(input_dir, exclude_list=exclude_list)
-        return [(os.path.relpath(p, input_dir), p) for p in source.paths]
+        if not source.paths:
+            raise FileNotFoundError(source.empty_message())
+        return [(os.path.relpath(p, input_dir), p) for p in source.paths], source.ignored
     source = FrameFolderSource(input_dir, fps=fps, exclude_list=exclude_list)
-    return [(os.path.relpath(folder, input_dir), (source, i)) for i, (folder, _) in enumerate(source.videos)]
+    return [(os.path.relpath(folder, input_dir), (source, i)) for i, (folder, _) in enumerate(source.videos)], []
 
 
 def write_shard(input_dir: str, output_dir: str, input_kind: str = "videos", num_shards: int = 1, shard_index: int = 0,
@@ -130,6 +129,11 @@ def _write_shard_star(kwargs):
 
 def prepare(input_dir: str, output_dir: str, num_shards: int, num_workers: int = 1, **options) -> dict:
     """Writes every unfinished shard with `num_workers` processes; returns {'written': n, 'skipped': m}."""
+    # List once up front: an input with nothing to convert is an error here, not "N shards written".
+    inputs, ignored = _inputs_and_ignored(input_dir, options.get("input_kind", "videos"), options.get("fps", 25.0),
+                                          options.get("exclude_list", "kinetics"))
+    if not inputs:
+        raise FileNotFoundError(f"nothing to prepare under {input_dir!r}")
     jobs = [dict(options, input_dir=input_dir, output_dir=output_dir, num_shards=num_shards, shard_index=i)
             for i in range(num_shards)]
     workers = max(1, min(num_workers, len(jobs)))
@@ -145,6 +149,13 @@ def prepare(input_dir: str, output_dir: str, num_shards: int, num_workers: int =
         for shard_index, result in results:
             counts[result] += 1
             logging.info("shard %d: %s", shard_index, result)
+        counts["inputs"], counts["ignored"] = len(inputs), len(ignored)
+        counts["unreadable"] = 0
+        for shard_index in range(num_shards):  # inputs skipped as unreadable, as recorded in each shard's index
+            index_path = Path(output_dir) / f"{arrayrecord.shard_stem(shard_index, num_shards)}.index.npz"
+            if index_path.exists():
+                with np.load(index_path) as shard_index_file:
+                    counts["unreadable"] += int(shard_index_file["skipped"])
     finally:
         if workers > 1:
             pool.close()
@@ -182,7 +193,9 @@ def main(argv):
         print(f"shard {f.shard_index}: {result}")
         return
     counts = prepare(f.input, f.output, f.num_shards, f.num_workers, **options)
-    print(f"{counts['written']} shards written, {counts['skipped']} already finished, output {f.output}")
+    print(f"{counts['written']} shards written, {counts['skipped']} already finished, {counts['inputs']} inputs "
+          f"({counts['unreadable']} unreadable, skipped), {counts['ignored']} other files ignored (not videos; "
+          f"both named in the log), output {f.output}")
 
 
 if __name__ == "__main__":

@@ -21,9 +21,12 @@ from pathlib import Path
 
 import av
 import numpy as np
+from absl import logging
 from PIL import Image
 
-VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov")
+from deltaworld_jax.data import video
+from deltaworld_jax.data.video import VIDEO_EXTENSIONS  # noqa: F401  (re-exported: the accepted containers)
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 # Every way one input can be broken, in the order of the counters carried with each batch.
@@ -84,20 +87,25 @@ def drop_excluded(paths: list[str], exclude_list: str) -> list[str]:
 
 
 class VideoFileSource:
-    """Video files under `root` (e.g. Kinetics `train/<class>/<id>.mp4`), decoded with PyAV.
+    """Video files under `root` (e.g. Kinetics `train/<class>/<id>.mp4`) in any container PyAV reads,
+    decoded with the shared reader in video.py.
 
-    Frame timestamps come from one demux pass over the packets (no decoding), cached per process. A
-    read seeks to the keyframe at or before each needed frame and decodes forward only as far as the
-    needed frames; frames after a later keyframe are reached by another seek rather than decoding
-    through the gap.
+    Frame timestamps come from one demux pass over the packets (no decoding), cached per process, and
+    count from the first frame in presentation order. A read seeks to the keyframe at or before each
+    needed frame and decodes forward only as far as the needed frames. Files that are not videos (by
+    extension or content) are counted in `ignored` and named in the log.
     """
 
     def __init__(self, root: str, exclude_list: str = "kinetics", min_frames: int = 2, index_cache_size: int = 4096):
         self.root = root
-        self.paths = drop_excluded(list_files(root, VIDEO_EXTENSIONS), exclude_list)
+        listing = video.list_videos(root)
+        self.ignored = listing.ignored
+        if listing.ignored:
+            logging.warning("video source: %s", listing.summary())
+        self.paths = drop_excluded(listing.videos, exclude_list)
         self.min_frames = min_frames
         self._index_cache_size = index_cache_size
-        self._index_cache: collections.OrderedDict[int, tuple] = collections.OrderedDict()
+        self._index_cache: collections.OrderedDict[int, video.FrameIndex] = collections.OrderedDict()
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -105,96 +113,44 @@ class VideoFileSource:
     def describe(self, index: int) -> str:
         return self.paths[index]
 
+    def empty_message(self) -> str:
+        """Why there is nothing to read: what was ignored, and which files are taken."""
+        return (f"no videos found under {self.root!r} ({len(self.ignored)} other files ignored"
+                f"{': ' + ', '.join(os.path.basename(p) for p in self.ignored[:5]) if self.ignored else ''}); "
+                f"accepted: {video.accepted_extensions_text()}")
+
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_index_cache"] = collections.OrderedDict()
         return state
 
-    def _frame_index(self, index: int):
+    def _frame_index(self, index: int) -> video.FrameIndex:
         """(sorted pts array, keyframe pts array, time_base) of a video, from its packets."""
         if index in self._index_cache:
             self._index_cache.move_to_end(index)
             return self._index_cache[index]
         path = self.paths[index]
-        if os.path.getsize(path) == 0:
-            raise BrokenInput("unreadable", path, "empty file")
         try:
-            entry = self._demux_index(path)
+            entry = video.index_frames(path)
         except DATA_EXCEPTIONS as error:
             raise BrokenInput("unreadable", path, f"{type(error).__name__}: {error}") from error
+        if len(entry.pts) < self.min_frames:
+            raise BrokenInput("too_short", path, f"{len(entry.pts)} frames, need at least {self.min_frames}")
         self._index_cache[index] = entry
         if len(self._index_cache) > self._index_cache_size:
             self._index_cache.popitem(last=False)
         return entry
 
-    def _demux_index(self, path: str):
-        with av.open(path) as container:
-            if not container.streams.video:
-                raise BrokenInput("unreadable", path, "no video stream")
-            stream = container.streams.video[0]
-            pts, key_pts = [], []
-            for packet in container.demux(stream):
-                if packet.pts is None or packet.size == 0:
-                    continue
-                pts.append(packet.pts)
-                if packet.is_keyframe:
-                    key_pts.append(packet.pts)
-            time_base = float(stream.time_base)
-        if len(pts) < self.min_frames:
-            raise BrokenInput("too_short", path, f"{len(pts)} frames, need at least {self.min_frames}")
-        if not key_pts:
-            raise BrokenInput("unreadable", path, "no keyframe")
-        return np.sort(np.asarray(pts, np.int64)), np.sort(np.asarray(key_pts, np.int64)), time_base
-
     def frame_timestamps(self, index: int) -> np.ndarray:
-        pts, _, time_base = self._frame_index(index)
-        return (pts - pts[0]).astype(np.float64) * time_base
+        return self._frame_index(index).times
 
     def read_frames(self, index: int, frame_indices: Sequence[int], transform: FrameTransform) -> list[np.ndarray]:
-        pts, key_pts, _ = self._frame_index(index)
+        entry = self._frame_index(index)
         try:
-            decoded, wanted = self._decode(self.paths[index], pts, key_pts, frame_indices)
+            decoded = video.read_frames(self.paths[index], entry, frame_indices)  # 1 thread: workers parallelise
         except DATA_EXCEPTIONS as error:
             raise BrokenInput("unreadable", self.paths[index], f"{type(error).__name__}: {error}") from error
-        return [transform(decoded[p]) for p in wanted]
-
-    @staticmethod
-    def _decode(path: str, pts: np.ndarray, key_pts: np.ndarray, frame_indices: Sequence[int]):
-        wanted = [int(pts[i]) for i in frame_indices]
-        wanted_set = set(wanted)
-        needed = sorted(wanted_set)
-
-        def keyframe_before(p: int) -> int:
-            position = np.searchsorted(key_pts, p, side="right") - 1
-            return int(key_pts[max(position, 0)])
-
-        decoded: dict[int, np.ndarray] = {}
-        with av.open(path) as container:
-            stream = container.streams.video[0]
-            stream.codec_context.thread_count = 1  # parallelism comes from the data workers
-            cursor = 0
-            for _ in range(len(needed)):  # each pass decodes at least one needed frame or raises
-                container.seek(keyframe_before(needed[cursor]), stream=stream, backward=True, any_frame=False)
-                for frame in container.decode(stream):
-                    if frame.pts is None:
-                        continue
-                    if frame.pts in decoded or frame.pts not in wanted_set:
-                        if frame.pts > needed[cursor]:
-                            raise BrokenInput("unreadable", path, f"frame at pts {needed[cursor]} did not decode")
-                        continue
-                    decoded[frame.pts] = frame.to_ndarray(format="rgb24")
-                    while cursor < len(needed) and needed[cursor] in decoded:
-                        cursor += 1
-                    if cursor == len(needed) or keyframe_before(needed[cursor]) > frame.pts:
-                        break  # done, or the next needed frame is cheaper to reach by seeking
-                else:
-                    if cursor < len(needed):
-                        raise BrokenInput("unreadable", path, f"stream ended before pts {needed[cursor]}")
-                if cursor == len(needed):
-                    break
-        if len(decoded) < len(needed):
-            raise BrokenInput("unreadable", path, "could not decode all needed frames")
-        return decoded, wanted
+        return [transform(frame) for frame in decoded]
 
 
 def _parse_frame_times(paths: Sequence[str]) -> np.ndarray | None:
