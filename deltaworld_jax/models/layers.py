@@ -101,7 +101,9 @@ class LayerScale(nnx.Module):
         self.lambda1 = nnx.Param(jnp.full((dim,), init_value, param_dtype), out_sharding=("norm",))
 
     def __call__(self, x: Array) -> Array:
-        return x * self.lambda1[...].astype(x.dtype)
+        # Promotes as torch does under autocast (bf16 activation * float32 lambda -> float32), so the scaled
+        # update added to a float32 residual stream is not rounded to bf16 first.
+        return x * self.lambda1[...]
 
 
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {

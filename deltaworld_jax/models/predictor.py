@@ -110,7 +110,9 @@ class Predictor(nnx.Module):
                                  f"{len(self.cfg.rope_axis_sizes)}")
             if any(p.shape[-1] != length for p in pos):
                 raise ValueError(f"{name} lengths {[p.shape for p in pos]} do not match {length} tokens")
-        x = queries.astype(self.dtype)
+        # The residual stream stays float32 under bf16 compute (as torch autocast's residual adds, and as
+        # DeltaTok's blocks): norms and matmuls run in `dtype`, the sums do not round to bf16 per layer.
+        x = queries.astype(jnp.float32)
         kv_tokens = kv_tokens.astype(self.dtype)
         for block in self.blocks:
             x = block(x, kv_tokens, pos_q, pos_k, mask)
