@@ -96,6 +96,7 @@ def main(argv):
     config = _CONFIG.value
     logging.info("mode=%s workdir=%s config:\n%s", _MODE.value, _WORKDIR.value, config)
     from deltaworld_jax.training import trainer  # imported late: flags are parsed, jax not yet initialised
+    from deltaworld_jax.bench import mfu  # noqa: F401  registers the analytic FLOPs: the trainer logs MFU
 
     summary = trainer.run(config, _WORKDIR.value, mode=_MODE.value, only_stages=_STAGES.value or None)
     logging.info("Finished: %s", {k: v for k, v in summary.items() if k not in ("setup", "state", "losses")})

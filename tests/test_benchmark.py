@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from deltaworld_jax.bench import analysis, flops as flops_lib
+from deltaworld_jax.bench import analysis, flops as flops_lib, program
 from deltaworld_jax.training import remat as remat_lib
 from deltaworld_jax.models import layers
 from deltaworld_jax.training import recipe
@@ -189,6 +189,34 @@ def test_peak_table():
     assert step.peak_flops(Dev()) == 197e12
     Dev.platform, Dev.device_kind = "cpu", "cpu"
     assert step.peak_flops(Dev()) is None
+
+
+def test_trainer_mfu_meter_uses_the_analytic_flops_and_the_peak_table():
+    from deltaworld_jax.bench import mfu  # registers the provider
+    from deltaworld_jax.training import mfu as training_mfu
+
+    config = tiny_deltatok_config()
+    setup = program.abstract_setup(program.benchmark_config(config), analysis.single_device_mesh())
+    expected = flops_lib.total(analysis.train_step_flops(analysis.model_dims(setup, config), (32, 32), 4, 2,
+                                                         official=False))
+    assert mfu.analytic_step_flops(config, setup.trainable_module, setup.frozen_module) == pytest.approx(expected)
+
+    class Dev:
+        platform, device_kind = "tpu", "TPU v5 lite"
+
+    class Mesh:
+        devices = np.array([Dev()] * 4)
+
+    meter = training_mfu.MFUMeter.for_training(config, Mesh, setup.trainable_module, setup.frozen_module)
+    logged = meter(2.0)
+    assert logged["model_tflops_per_second"] == pytest.approx(2 * expected / 1e12)
+    assert logged["mfu"] == pytest.approx(2 * expected / (4 * 197e12))
+    Dev.platform = "cpu"  # unknown peak: model FLOP/s only
+    assert set(training_mfu.MFUMeter.for_training(config, Mesh, setup.trainable_module, setup.frozen_module)(2.0)) \
+        == {"model_tflops_per_second"}
+    bad = tiny_world_config("deltaworld")
+    bad.model.use_bom = False  # no analytic count for the learned-query DeltaWorld: no MFU, no error
+    assert training_mfu.MFUMeter.for_training(bad, Mesh, None, None)(2.0) == {}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from flax import nnx
 
 from test_predictor import assert_close, losses_over_steps, make_random, official_state_dict, torch_causal_mask, torch_predictor
 
-from deltaworld_jax.models.dinoworld import DINOWorld, DINOWorldConfig, spatial_positions
+from deltaworld_jax.models.dinoworld import DINOWorld, DINOWorldConfig, spatial_positions, torch_linspace
 from deltaworld_jax.models.predictor import candidate_queries
 
 TINY = dict(hidden_size=32, num_layers=2, num_heads=2, backbone_hidden_size=16, rope_axis_sizes=(4, 4, 4),
@@ -51,6 +51,35 @@ def test_spatial_positions_have_endpoints_and_width_first():
     x, y = spatial_positions((2, 3))
     np.testing.assert_allclose(np.asarray(x), [-1, 0, 1, -1, 0, 1])
     np.testing.assert_allclose(np.asarray(y), [-1, -1, -1, 1, 1, 1])
+
+
+def test_positions_are_torch_linspace_bit_for_bit():
+    """jnp.linspace is 1-3 ulp off torch.linspace at interior points; the official positions are torch's."""
+    for n in range(1, 70):
+        np.testing.assert_array_equal(torch_linspace(-1.0, 1.0, n), torch.linspace(-1, 1, n).numpy(), err_msg=str(n))
+    x, y = spatial_positions((7, 8))
+    np.testing.assert_array_equal(np.asarray(y).reshape(7, 8)[:, 0], torch.linspace(-1, 1, 7).numpy())
+    np.testing.assert_array_equal(np.asarray(x).reshape(7, 8)[0], torch.linspace(-1, 1, 8).numpy())
+
+
+def test_training_forward_matches_official_to_float32_precision():
+    """On a grid whose linspace interior points are not exact (7 x 8), the high-frequency RoPE (periods down to
+    0.01) amplifies any position ulp: with jnp.linspace positions the error was 5e-6, with torch's ~1e-7."""
+    grid, t = (7, 8), 2
+    p = grid[0] * grid[1]
+    model = make_random(lambda: DINOWorld(DINOWorldConfig(**{**TINY, "num_layers": 1}), rngs=nnx.Rngs(2)), seed=2)
+    rng = np.random.default_rng(2)
+    feats = rng.normal(size=(1, t, p, D)).astype(np.float32)
+    times = np.array([[0.0, 0.25]], np.float32)
+    preds = nnx.jit(lambda m, f, ts: m.predict_next_frames(m.train_queries(f, ts, grid, None)[0], f, ts, grid))(
+        model, jnp.asarray(feats), jnp.asarray(times))
+    h, w = torch.meshgrid(torch.linspace(-1, 1, grid[0]), torch.linspace(-1, 1, grid[1]), indexing="ij")
+    pos = [torch.from_numpy(times[:, :1]).repeat_interleave(p, 1), w.flatten()[None], h.flatten()[None]]
+    q = torch.from_numpy(np.array(model.q_embed[...]))[None].expand(1, p, -1)
+    ref = torch_predictor(official_state_dict(model), q, torch.from_numpy(feats[:, 0]), None,
+                          [torch.from_numpy(times[:, 1:]).repeat_interleave(p, 1)] + pos[1:], pos, num_heads=2,
+                          axis_sizes=(4, 4, 4), unrotated=4)
+    assert_close(preds[:, 0], ref.detach().numpy(), rel=1e-6)
 
 
 def test_training_forward_matches_official():

@@ -19,31 +19,10 @@ from flax import nnx
 
 from deltaworld_jax import sharding as sharding_lib
 from deltaworld_jax.bench import analysis, flops as flops_lib, program
+from deltaworld_jax.training import mfu as training_mfu
 
-# Dense bf16 peak FLOP/s per device (datasheets). TPU v4/v5p devices are whole chips (megacore).
-PEAK_BF16_TFLOPS = {
-    "H100": 989.0,  # SXM
-    "H200": 989.0,
-    "A100": 312.0,
-    "TPU v4": 275.0,
-    "TPU v5 lite": 197.0,  # v5e
-    "TPU v5e": 197.0,
-    "TPU v5p": 459.0,
-    "TPU v5": 459.0,  # v5p reports device_kind "TPU v5"
-    "TPU v6 lite": 918.0,  # v6e
-    "TPU v6e": 918.0,
-}
-
-
-def peak_flops(device) -> float | None:
-    """Peak bf16 FLOP/s of `device`, or None where no peak is known (CPUs: report FLOP/s only)."""
-    if device.platform == "cpu":
-        return None
-    kind = device.device_kind
-    for name in sorted(PEAK_BF16_TFLOPS, key=len, reverse=True):
-        if name.lower() in kind.lower():
-            return PEAK_BF16_TFLOPS[name] * 1e12
-    return None
+# The peak table lives with the trainer's MFU meter (training/mfu.py); re-exported for the benchmarks.
+PEAK_BF16_TFLOPS, peak_flops = training_mfu.PEAK_BF16_TFLOPS, training_mfu.peak_flops
 
 
 def random_batch(config, mesh, seed: int = 0) -> dict[str, jax.Array]:

@@ -18,6 +18,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from deltaworld_jax.models import layers
@@ -45,12 +46,31 @@ class DINOWorldConfig(WorldConfig):
     bom_chunk: int | None = 4
 
 
+def torch_linspace(start: float, end: float, steps: int) -> np.ndarray:
+    """float32 `torch.linspace(start, end, steps)`, bit for bit (CPU and CUDA alike): step = (end - start) /
+    (steps - 1) rounded to float32, then start + step * i for the first half and end - step * (steps - 1 - i)
+    for the second, each a fused multiply-add rounded once. `np.linspace` / `jnp.linspace` differ by 1-3 ulp
+    at interior points, which the predictor's high-frequency RoPE amplifies (5e-6 relative on its output).
+    The float64 products and sums here are exact (24-bit step times a small integer), so the single final
+    rounding to float32 is the FMA's."""
+    if steps < 1:
+        raise ValueError(f"linspace needs at least one point, got steps={steps}")
+    start32, end32 = np.float32(start), np.float32(end)
+    if steps == 1:
+        return np.array([start32], np.float32)
+    step = np.float64(np.float32((end32 - start32) / np.float32(steps - 1)))
+    i = np.arange(steps, dtype=np.float64)
+    first = np.float64(start32) + step * i
+    second = np.float64(end32) - step * (steps - 1 - i)
+    return np.where(i < steps // 2, first, second).astype(np.float32)
+
+
 def spatial_positions(grid_hw: tuple[int, int]) -> tuple[Array, Array]:
-    """(x, y) RoPE coordinates of the patches, each [H*W] row-major: linspace(-1, 1) WITH endpoints."""
+    """(x, y) RoPE coordinates of the patches, each [H*W] row-major: linspace(-1, 1) WITH endpoints, as the
+    official code's torch.linspace. Trace-time constants (numpy), so they cost nothing per step."""
     grid_h, grid_w = grid_hw
-    yy, xx = jnp.meshgrid(jnp.linspace(-1.0, 1.0, grid_h, dtype=jnp.float32),
-                          jnp.linspace(-1.0, 1.0, grid_w, dtype=jnp.float32), indexing="ij")
-    return xx.reshape(-1), yy.reshape(-1)
+    yy, xx = np.meshgrid(torch_linspace(-1.0, 1.0, grid_h), torch_linspace(-1.0, 1.0, grid_w), indexing="ij")
+    return jnp.asarray(xx.reshape(-1)), jnp.asarray(yy.reshape(-1))
 
 
 def frame_positions(times_bf: Array, grid_hw: tuple[int, int]) -> tuple[Array, Array, Array]:

@@ -101,7 +101,9 @@ class LayerScale(nnx.Module):
         self.lambda1 = nnx.Param(jnp.full((dim,), init_value, param_dtype), out_sharding=("norm",))
 
     def __call__(self, x: Array) -> Array:
-        return x * self.lambda1[...].astype(x.dtype)
+        # Promotes as torch does under autocast (bf16 activation * float32 lambda -> float32), so the scaled
+        # update added to a float32 residual stream is not rounded to bf16 first.
+        return x * self.lambda1[...]
 
 
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
@@ -189,14 +191,32 @@ def rope_2d(
 
     head_dim/4 frequencies per axis; angles 2*pi*coord*inv_freq laid out [y-freqs, x-freqs] tiled twice,
     for the rotate-half convention. Augmentation applies only when both `augmentation` and `rng` are given
-    (inference mode passes no rng)."""
-    coords = patch_center_coords(*grid_hw)
-    if augmentation is not None and rng is not None:
-        coords = augmentation(coords, rng)
+    (inference mode passes no rng).
+
+    Speed: without augmentation the tables depend on shapes only, so they are numpy constants folded in at
+    trace time (XLA otherwise recomputes cos/sin inside every fused RoPE kernel of every layer). The
+    augmented tables are computed once and materialised (an optimisation barrier) for the same reason."""
+    if augmentation is None or rng is None:
+        return _static_rope_2d(tuple(grid_hw), head_dim, float(theta))
+    coords = augmentation(patch_center_coords(*grid_hw), rng)
     inv_freq = 1.0 / theta ** jnp.arange(0, 1, 4 / head_dim, dtype=jnp.float32)  # [head_dim/4]
     angles = 2 * jnp.pi * coords[:, :, None] * inv_freq[None, None, :]  # [N, 2, head_dim/4]
     angles = jnp.tile(angles.reshape(coords.shape[0], -1), (1, 2))  # [N, head_dim]
-    return jnp.cos(angles), jnp.sin(angles)
+    return jax.lax.optimization_barrier((jnp.cos(angles), jnp.sin(angles)))
+
+
+def _static_rope_2d(grid_hw: tuple[int, int], head_dim: int, theta: float) -> tuple[Array, Array]:
+    """The un-augmented tables in numpy: the same float32 angles as the traced path, cos/sin correctly
+    rounded (evaluated in float64)."""
+    gh, gw = grid_hw
+    ys = (np.arange(gh, dtype=np.float32) + np.float32(0.5)) / np.float32(gh)
+    xs = (np.arange(gw, dtype=np.float32) + np.float32(0.5)) / np.float32(gw)
+    yy, xx = np.meshgrid(ys, xs, indexing="ij")
+    coords = np.float32(2.0) * np.stack([yy.reshape(-1), xx.reshape(-1)], axis=-1) - np.float32(1.0)
+    inv_freq = (np.float32(1.0) / np.float32(theta) ** np.arange(0, 1, 4 / head_dim, dtype=np.float32))
+    angles = np.float32(2 * np.pi) * coords[:, :, None] * inv_freq[None, None, :].astype(np.float32)
+    angles = np.tile(angles.reshape(coords.shape[0], -1), (1, 2)).astype(np.float64)
+    return jnp.asarray(np.cos(angles), jnp.float32), jnp.asarray(np.sin(angles), jnp.float32)
 
 
 def rotate_half(x: Array) -> Array:
@@ -223,25 +243,43 @@ def axis_rope_inv_freq(half: int) -> Array:
     return 1.0 / (10.0 ** jnp.linspace(-2.0, 2.0, half, dtype=jnp.float32))
 
 
+AxisRopeTables = tuple[tuple[Array, Array], ...]  # per axis (cos, sin), each [B, L, 1, size // 2] float32
+
+
+def axis_rope_tables(positions: tuple[Array, ...], axis_sizes: tuple[int, ...]) -> AxisRopeTables:
+    """cos/sin of the predictor's RoPE angles (2*pi*pos*inv_freq) per axis, from one [B, L] position array
+    per axis. Computed ONCE per predictor call and materialised (an optimisation barrier): left to XLA, the
+    cos/sin are recomputed inside the fused RoPE kernel of every layer, for q and k."""
+    if len(positions) != len(axis_sizes):
+        raise ValueError(f"{len(positions)} position arrays for {len(axis_sizes)} RoPE axes")
+    tables = []
+    for pos, size in zip(positions, axis_sizes):
+        angle = 2 * jnp.pi * pos.astype(jnp.float32)[:, :, None, None] * axis_rope_inv_freq(size // 2)
+        tables.append((jnp.cos(angle), jnp.sin(angle)))
+    return jax.lax.optimization_barrier(tuple(tables))
+
+
 def apply_axis_rope(
     x_blhd: Array,
-    positions: tuple[Array, ...],
+    positions: tuple[Array, ...] | None,
     axis_sizes: tuple[int, ...],
     unrotated_size: int,
+    tables: AxisRopeTables | None = None,
 ) -> Array:
     """The predictor's multi-axis RoPE (1-D over time for DeltaWorld, 3-D (t, x, y) for DINO-World).
 
-    x: [B, L, H, hd]; positions: one [B, L] array per axis. Per head, consecutive chunks of `axis_sizes`
-    dims are rotated by their axis' positions (rotate-half within the chunk, angle 2*pi*pos*inv_freq),
-    then `unrotated_size` dims pass through. Anything beyond is dropped, exactly as the official code."""
-    if len(positions) != len(axis_sizes):
-        raise ValueError(f"{len(positions)} position arrays for {len(axis_sizes)} RoPE axes")
+    x: [B, L, H, hd]; positions: one [B, L] array per axis (or `tables` from axis_rope_tables). Per head,
+    consecutive chunks of `axis_sizes` dims are rotated by their axis' positions (rotate-half within the
+    chunk, angle 2*pi*pos*inv_freq), then `unrotated_size` dims pass through. Anything beyond is dropped,
+    exactly as the official code."""
+    if tables is None:
+        tables = axis_rope_tables(positions, axis_sizes)
+    if len(tables) != len(axis_sizes):
+        raise ValueError(f"{len(tables)} RoPE tables for {len(axis_sizes)} RoPE axes")
     x32 = x_blhd.astype(jnp.float32)
     parts, offset = [], 0
-    for pos, size in zip(positions, axis_sizes):
+    for (cos, sin), size in zip(tables, axis_sizes):
         half = size // 2
-        angle = 2 * jnp.pi * pos.astype(jnp.float32)[:, :, None, None] * axis_rope_inv_freq(half)
-        cos, sin = jnp.cos(angle), jnp.sin(angle)
         even = x32[..., offset : offset + half]
         odd = x32[..., offset + half : offset + 2 * half]
         parts += [even * cos - odd * sin, even * sin + odd * cos]
@@ -354,8 +392,9 @@ class CrossAttention(nnx.Module):
         self.kv_proj = linear(kv_size, 2 * hidden_size, axes=("embed", "heads"), **kw)
         self.out_proj = linear(hidden_size, hidden_size, axes=("heads", "embed"), **kw)
 
-    def __call__(self, queries: Array, kv_tokens: Array, pos_q: tuple[Array, ...], pos_k: tuple[Array, ...],
+    def __call__(self, queries: Array, kv_tokens: Array, rope_q: AxisRopeTables, rope_k: AxisRopeTables,
                  mask: Array | None = None, implementation: str | None = None) -> Array:
+        """rope_q / rope_k: axis_rope_tables of the query / key positions (computed once per predictor call)."""
         b, lq, _ = queries.shape
         lk = kv_tokens.shape[1]
         h, hd = self.num_heads, self.head_dim
@@ -363,8 +402,8 @@ class CrossAttention(nnx.Module):
         kv = self.kv_proj(kv_tokens)
         k = kv[..., : self.hidden_size].reshape(b, lk, h, hd)
         v = kv[..., self.hidden_size :].reshape(b, lk, h, hd)
-        q = apply_axis_rope(q, pos_q, self.rope_axis_sizes, self.rope_unrotated_size)
-        k = apply_axis_rope(k, pos_k, self.rope_axis_sizes, self.rope_unrotated_size)
+        q = apply_axis_rope(q, None, self.rope_axis_sizes, self.rope_unrotated_size, tables=rope_q)
+        k = apply_axis_rope(k, None, self.rope_axis_sizes, self.rope_unrotated_size, tables=rope_k)
         out = dot_product_attention(q, k, v, mask=mask, implementation=implementation or self.implementation)
         return self.out_proj(out.reshape(b, lq, h * hd))
 

@@ -75,9 +75,9 @@ class PredictorBlock(nnx.Module):
         self.layer_scale2 = layers.LayerScale(d, init_value=cfg.layer_scale_init, param_dtype=param_dtype,
                                               rngs=rngs)
 
-    def __call__(self, queries: Array, kv_tokens: Array, pos_q: Positions, pos_k: Positions,
-                 mask: Array | None) -> Array:
-        attended = self.attention(self.norm1(queries), kv_tokens, pos_q, pos_k, mask)
+    def __call__(self, queries: Array, kv_tokens: Array, rope_q: layers.AxisRopeTables,
+                 rope_k: layers.AxisRopeTables, mask: Array | None) -> Array:
+        attended = self.attention(self.norm1(queries), kv_tokens, rope_q, rope_k, mask)
         queries = queries + self.layer_scale1(attended)
         return queries + self.layer_scale2(self.mlp(self.norm2(queries)))
 
@@ -110,10 +110,14 @@ class Predictor(nnx.Module):
                                  f"{len(self.cfg.rope_axis_sizes)}")
             if any(p.shape[-1] != length for p in pos):
                 raise ValueError(f"{name} lengths {[p.shape for p in pos]} do not match {length} tokens")
-        x = queries.astype(self.dtype)
+        # The residual stream stays float32 under bf16 compute (as torch autocast's residual adds, and as
+        # DeltaTok's blocks): norms and matmuls run in `dtype`, the sums do not round to bf16 per layer.
+        x = queries.astype(jnp.float32)
         kv_tokens = kv_tokens.astype(self.dtype)
+        rope_q = layers.axis_rope_tables(pos_q, self.cfg.rope_axis_sizes)  # once for all blocks
+        rope_k = layers.axis_rope_tables(pos_k, self.cfg.rope_axis_sizes)
         for block in self.blocks:
-            x = block(x, kv_tokens, pos_q, pos_k, mask)
+            x = block(x, kv_tokens, rope_q, rope_k, mask)
         return self.head(self.norm(x))
 
 

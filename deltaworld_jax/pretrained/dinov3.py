@@ -284,9 +284,9 @@ def as_dtype(value: Any):
 
 def build_vfm(vfm_config: Mapping[str, Any] | Any) -> DINOv3 | PixelPatchVFM:
     """The VFM of a config {kind: "dinov3"|"pixel", preset, weights, patch_size, num_heads, dtype,
-    attention_impl, seed, position_channels (pixel only)}. kind "dinov3" with weights "" is randomly
-    initialised from `preset` (for tests and benchmarks); otherwise `weights` (folder, file or hub id) is
-    loaded and its own config wins."""
+    attention_impl, seed, position_channels (pixel only), overrides}. kind "dinov3" with weights "" is randomly
+    initialised from `preset` with `overrides` (DINOv3Config fields, e.g. {hidden_size: 192, num_layers: 4};
+    for tests and benchmarks); otherwise `weights` (folder, file or hub id) is loaded and its own config wins."""
 
     def get(name: str, default: Any) -> Any:
         value = vfm_config.get(name, default) if hasattr(vfm_config, "get") else getattr(vfm_config, name, default)
@@ -303,5 +303,6 @@ def build_vfm(vfm_config: Mapping[str, Any] | Any) -> DINOv3 | PixelPatchVFM:
     weights = get("weights", "")
     if weights:
         return load_dinov3(weights, dtype=dtype, attention_impl=attention_impl)
-    config = DINOv3Config.preset(get("preset", "vitb16"), attention_impl=attention_impl)
+    overrides = dict(get("overrides", {}))
+    config = DINOv3Config.preset(get("preset", "vitb16"), **{"attention_impl": attention_impl, **overrides})
     return DINOv3(config, dtype=dtype, rngs=nnx.Rngs(int(get("seed", 0))))

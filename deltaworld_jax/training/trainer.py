@@ -31,7 +31,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from deltaworld_jax import sharding as sharding_lib
-from deltaworld_jax.training import checkpointing, metrics as metrics_lib
+from deltaworld_jax.training import checkpointing, metrics as metrics_lib, mfu as mfu_lib
 from deltaworld_jax.training import remat as remat_lib, tasks, train_step as step_lib
 
 MODES = ("train", "eval", "recipe")
@@ -498,6 +498,7 @@ def train(config, workdir: str, *, eval_fn: Callable | None = None, data_fn: Cal
     losses: dict[int, float] = {}
     jitted = None
     batch = None
+    mfu = mfu_lib.MFUMeter.for_training(config, setup.mesh, trainable_module(setup, state), frozen_modules(setup))
     last_log_time, last_log_step = time.time(), step
     stopped_by = "done" if step >= num_steps else None
 
@@ -541,6 +542,7 @@ def train(config, workdir: str, *, eval_fn: Callable | None = None, data_fn: Cal
                     scalars["nonfinite_skipped_total"] = float(nonfinite.total)
                     scalars["steps_per_second"] = rate
                     scalars["examples_per_second"] = rate * int(config.train.batch_size)
+                    scalars.update(mfu(rate))  # model TFLOP/s, and MFU where the device's peak is known
                     scalars.update(data_counters(data_iter))
                     writer.write_scalars(step, scalars)
                 if will_save:
