@@ -41,10 +41,12 @@ VFM_HEADS = VFM_WIDTH // 16
 # benchmarks/demo.md).
 SETTINGS = {
     "": dict(frame_size=FRAME_SIZE, deltatok_steps=2000, deltatok_batch=16, world_steps=2000, world_batch=16,
-             world_clips=500, eval_clips=64, eval_batch=16, log_every=50, num_pictures=4, samples_shown=4),
+             world_clips=500, eval_clips=64, eval_batch=16, log_every=50, num_pictures=4, samples_shown=4,
+             token_check_every=250),
     # Same pipeline and models, 2 steps per stage, 8 eval clips: the test's setting.
     "quick": dict(frame_size=FRAME_SIZE, deltatok_steps=2, deltatok_batch=4, world_steps=2, world_batch=4, world_clips=4,
-                  eval_clips=8, eval_batch=8, log_every=1, num_pictures=2, samples_shown=2),
+                  eval_clips=8, eval_batch=8, log_every=1, num_pictures=2, samples_shown=2,
+                  token_check_every=2),
 }
 
 
@@ -116,6 +118,12 @@ def deltatok_stage(settings: dict) -> ml_collections.ConfigDict:
     # copying, and the tokenizer stayed at copy-last (benchmarks/demo.md).
     c.model.loss_fn = "mse"
     c.data = _data(num_frames=2, settings=settings)
+    # The token check (deltaworld_jax/demo.py:evaluate_tokenizer) every `token_check_every` steps: the log and
+    # <workdir>/token_check.jsonl show when the decoder starts to read its token.
+    c.data.eval.num_synthetic_clips = settings["eval_batch"]
+    c.eval = ml_collections.ConfigDict(dict(every_steps=settings["token_check_every"],
+                                            fn="deltaworld_jax.demo:evaluate_tokenizer", results_dir="@",
+                                            criterion="mse"))
     return c
 
 
@@ -150,7 +158,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         raise ValueError(f"unknown demo setting {arg!r}; expected one of {sorted(SETTINGS)}")
     settings = SETTINGS[arg]
     config = ml_collections.ConfigDict()
+    # --config.seed=S seeds both stages (initialisation, batch order, training noise); the world and its
+    # held-out evaluation clips stay the same, so runs with different seeds are compared on the same clips.
+    # A stage's own --config.stage_configs.<stage>.seed=S still overrides it for that stage alone.
+    config.seed = 0
     config.stages = ["deltatok", "deltaworld"]
     config.stage_configs = ml_collections.ConfigDict({"deltatok": deltatok_stage(settings),
                                                       "deltaworld": deltaworld_stage(settings)})
+    for stage in config.stages:
+        config.stage_configs[stage].seed = config.get_ref("seed") + 0  # a derived reference: see above
     return config

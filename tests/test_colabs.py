@@ -145,5 +145,5 @@ def test_quickstart_runs(tmp_path):
     assert all(np.isfinite(summary[f"{kind}_{which}_loss"]) for kind in ("deltatok", "deltaworld")
                for which in ("first", "final"))
     displays = _outputs(notebook, "display")
-    assert any("best < mean < copy-last" in o["data"].get("text/markdown", "") for o in displays)  # demo table
+    assert any("best vs mean" in o["data"].get("text/markdown", "") for o in displays)  # demo table
     assert sum("image/png" in o["data"].get("text/html", "") for o in displays) >= 4
