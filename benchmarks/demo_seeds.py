@@ -37,7 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", default="0,1,2,3,4")
     p.add_argument("--stages", default="", help="'deltatok': the tokenizer stage only; '' the whole demo")
     p.add_argument("--root", default="/tmp/demo_seeds", help="workdirs: <root>/seed_<S> (must not exist yet)")
-    p.add_argument("--check_every", type=int, default=100, help="steps between token checks (the demo's: 250)")
+    p.add_argument("--check_every", type=int, default=100, help="steps between token checks (the demo: 1000)")
     p.add_argument("--on_margin", type=float, default=0.10,
                    help="the token is 'on' once the own token is this much better than another clip's")
     p.add_argument("--config", default="configs/demo.py")

@@ -42,7 +42,7 @@ VFM_HEADS = VFM_WIDTH // 16
 SETTINGS = {
     "": dict(frame_size=FRAME_SIZE, deltatok_steps=2000, deltatok_batch=16, world_steps=2000, world_batch=16,
              world_clips=500, eval_clips=64, eval_batch=16, log_every=50, num_pictures=4, samples_shown=4,
-             token_check_every=250),
+             token_check_every=1000),  # ~15 s a check; benchmarks/demo_seeds.py checks every 100
     # Same pipeline and models, 2 steps per stage, 8 eval clips: the test's setting.
     "quick": dict(frame_size=FRAME_SIZE, deltatok_steps=2, deltatok_batch=4, world_steps=2, world_batch=4, world_clips=4,
                   eval_clips=8, eval_batch=8, log_every=1, num_pictures=2, samples_shown=2,
