@@ -149,11 +149,13 @@ def test_demo_writes_picture_of_sampled_futures(demo_run):
 
 
 def test_mode_eval_on_the_demo_recipe_evaluates_each_stage_that_declares_one(demo_run):
-    """`--mode=eval` on a config of stages: each stage's workdir, with the stage's own evaluation; the
-    DeltaTok stage declares none and is skipped with that reason."""
+    """`--mode=eval` on a config of stages: each stage's workdir, with the stage's own evaluation (the DeltaTok
+    stage's is the token check, which appends to token_check.jsonl; DeltaWorld's the demo evaluation)."""
     workdir, _ = demo_run
     results = workdir / "demo_results.json"
     before = results.stat().st_mtime_ns
+    checks = workdir / "token_check.jsonl"
+    checks_before = len(checks.read_text().splitlines()) if checks.exists() else 0
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
     proc = subprocess.run([sys.executable, "-m", "deltaworld_jax.main", "--config=configs/demo.py:quick",
@@ -161,7 +163,8 @@ def test_mode_eval_on_the_demo_recipe_evaluates_each_stage_that_declares_one(dem
                           timeout=600)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-5000:]
-    assert "Stage deltatok: not evaluated: declares no evaluation" in log
+    assert "Stage deltatok: evaluating" in log
+    assert len(checks.read_text().splitlines()) == checks_before + 1  # one more token check, on the final step
     assert "Stage deltaworld: evaluating" in log
     assert results.stat().st_mtime_ns > before  # the demo evaluation ran again on the final checkpoint
     assert "c4_h3" in json.loads(results.read_text())["synthetic"]["deltaworld"]
