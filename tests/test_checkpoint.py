@@ -20,29 +20,13 @@ from test_trainer import HERE, JIT_CACHE_ENV, ROOT, toy_config, toy_data
 # it consumes touches <workdir>/consumed_<n> so the parent can time its signals.
 TRAIN_SCRIPT = r"""
 import json, os, sys
-import grain
 import test_trainer as T
 from deltaworld_jax.training import trainer
 workdir, overrides = sys.argv[1], json.loads(sys.argv[2])
 config = T.toy_config(**overrides)
 
-class Marking(grain.DatasetIterator):
-    def __init__(self, parent):
-        super().__init__(parent)
-        self.n = 0
-    errors = property(lambda self: self._parent.errors)
-    def __next__(self):
-        batch = next(self._parent)
-        self.n += 1
-        open(os.path.join(workdir, f"consumed_{self.n}"), "w").close()
-        return batch
-    def get_state(self):
-        return self._parent.get_state()
-    def set_state(self, state):
-        self._parent.set_state(state)
-
 def data_fn(config, **kw):
-    return Marking(T.toy_data(config, **kw))
+    return T.MarkingIterator(T.toy_data(config, **kw), lambda n: os.path.join(workdir, f"consumed_{n}"))
 
 os.makedirs(workdir, exist_ok=True)
 out = trainer.run(config, workdir, data_fn=data_fn)

@@ -29,30 +29,15 @@ def _free_port() -> int:
 # its signals; prints RESULT {...} at the end.
 SIGNAL_WORKER = r"""
 import json, os, sys
-import grain
 import test_trainer as T
 from deltaworld_jax.training import trainer
 import jax
 workdir, marks, overrides = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 config = T.toy_config(**overrides)
 
-class Marking(grain.DatasetIterator):
-    def __init__(self, parent):
-        super().__init__(parent)
-        self.n = 0
-    errors = property(lambda self: self._parent.errors)
-    def __next__(self):
-        batch = next(self._parent)
-        self.n += 1
-        open(os.path.join(marks, f"p{jax.process_index()}_{self.n}"), "w").close()
-        return batch
-    def get_state(self):
-        return self._parent.get_state()
-    def set_state(self, state):
-        self._parent.set_state(state)
-
 os.makedirs(marks, exist_ok=True)
-out = trainer.run(config, workdir, data_fn=lambda config, **kw: Marking(T.toy_data(config, **kw)))
+mark = lambda n: os.path.join(marks, f"p{jax.process_index()}_{n}")
+out = trainer.run(config, workdir, data_fn=lambda config, **kw: T.MarkingIterator(T.toy_data(config, **kw), mark))
 print("RESULT" + json.dumps({"process": jax.process_index(), "step": out["step"], "stopped_by": out["stopped_by"],
                              "losses": {str(k): v for k, v in out["losses"].items()}}))
 """

@@ -117,6 +117,30 @@ def toy_config(**overrides) -> ml_collections.ConfigDict:
     return config
 
 
+class MarkingIterator(grain.DatasetIterator):
+    """Passes batches through and touches `mark_path(n)` after handing out the n-th one, so a parent process
+    can time its signals (SIGTERM, SIGKILL) to the data a training subprocess has consumed."""
+
+    def __init__(self, parent, mark_path):
+        super().__init__(parent)
+        self.n = 0
+        self._mark_path = mark_path
+
+    errors = property(lambda self: self._parent.errors)
+
+    def __next__(self):
+        batch = next(self._parent)
+        self.n += 1
+        open(self._mark_path(self.n), "w").close()
+        return batch
+
+    def get_state(self):
+        return self._parent.get_state()
+
+    def set_state(self, state):
+        self._parent.set_state(state)
+
+
 def toy_data(config, *, process_index: int, process_count: int):
     """A Grain iterator of process-local batches (each process reads only its shard of every batch) in the
     data pipeline's TrainIterator (its skipped-input counters); example i is a function of (seed, i)."""
