@@ -233,7 +233,7 @@ def build_ours(row: str, dtype: str):
 
     from deltaworld_jax import sharding as sharding_lib
     from deltaworld_jax.bench import program
-    from deltaworld_jax.bench.step import materialize, random_batch
+    from deltaworld_jax.bench.step import compile_step, materialize, random_batch
 
     cfg = program.benchmark_config(our_config(row, dtype))
     mesh = sharding_lib.make_mesh(cfg.mesh)
@@ -266,11 +266,7 @@ def build_ours(row: str, dtype: str):
     batch = random_batch(cfg, mesh)
     batch["frames"] = jax.device_put(frames_uint8(b, t), batch["frames"].sharding)
     key = jax.random.PRNGKey(0)
-    _, jitted = program.build_jitted_step(setup, cfg, jax.tree.map(lambda x: x.sharding, batch))
-    with jax.set_mesh(mesh):
-        t0 = time.perf_counter()
-        compiled = jitted.lower(state, frozen, batch, key).compile()
-        compile_s = time.perf_counter() - t0
+    compiled, compile_s = compile_step(setup, cfg, state, frozen, batch, key)
     box = {"state": state}
 
     def step():

@@ -34,8 +34,6 @@ protocol (fixed stride, 4 context frames, horizons 1 and 3), best / mean / copy-
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
 
@@ -52,7 +50,7 @@ from deltaworld_jax.forecast.inputs import (  # noqa: F401
     world_sizes)
 from deltaworld_jax.forecast.outputs import (  # noqa: F401
     HEADER_HEIGHT, decode_features, draw, draw_heads, feature_error, forecast_features, forecast_views,
-    labelled_grid, patch_size_of, score, summarise, summary_markdown, upscale_factor)
+    labelled_grid, patch_size_of, score, summarise, summary_markdown, upscale_factor, write_summary)
 
 _VIDEO = flags.DEFINE_string("video", None, "Input video file (any container PyAV/FFmpeg reads).")
 _VIDEOS = flags.DEFINE_string("videos", None, "A folder of videos to forecast and score (instead of --video).")
@@ -151,12 +149,7 @@ def run(*, video: str, out: str, vfm: str, tokenizer: str, world: str, num_sampl
                     context=context, horizon=horizon, stride=stride, start=start, seed=seed, vfm=vfm,
                     tokenizer=tokenizer, world=world)
     summary = summarise(clip, scores, settings, len(views), agreement)
-    paths["summary_json"] = os.path.join(out, "summary.json")
-    with open(paths["summary_json"], "w") as f:
-        json.dump(summary, f, indent=2)
-    paths["summary_md"] = os.path.join(out, "summary.md")
-    with open(paths["summary_md"], "w") as f:
-        f.write(summary_markdown(summary))
+    paths.update(write_summary(out, "summary", summary, summary_markdown(summary)))
     if summary["scores"]:
         sc = summary["scores"]
         progress(f"error on the last known step: best {sc['best'][-1]:.4f}, mean {sc['mean_of_samples'][-1]:.4f}, "

@@ -17,7 +17,6 @@ per-video rows, skipped videos with the reason, throughput) and pictures/<n>_<vi
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any
@@ -190,13 +189,7 @@ def run_folder(*, videos: str, out: str, vfm: str, tokenizer: str, world: str, n
         "videos_per_minute_after_first_batch": (round(60.0 * steady_clips / steady, 2)
                                                 if steady > 0 and steady_clips > 0 else None),
     }
-    os.makedirs(out, exist_ok=True)
-    written = {"summary_json": os.path.join(out, "folder_summary.json"),
-               "summary_md": os.path.join(out, "folder_summary.md")}
-    with open(written["summary_json"], "w") as f:
-        json.dump(summary, f, indent=2)
-    with open(written["summary_md"], "w") as f:
-        f.write(folder_markdown(summary))
+    written = fo.write_summary(out, "folder_summary", summary, folder_markdown(summary))
     fi.progress(f"{len(rows)} videos scored, {len(skipped)} skipped, {len(listing.ignored)} files ignored, in "
                 f"{elapsed:.1f} s ({summary['videos_per_minute']} videos/min): {written['summary_md']}")
     return written

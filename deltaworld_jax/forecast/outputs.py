@@ -3,6 +3,7 @@ future frames, labelled pictures (grid, animation, segmentation / depth) and the
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -320,6 +321,17 @@ def summarise(clip: Clip, scores: dict | None, settings: dict, num_views: int, h
         "copy_last": [round(float(x), 6) for x in scores["copy_last"].mean(0)],
     }
     return out
+
+
+def write_summary(out: str, stem: str, summary: dict, markdown: str) -> dict[str, str]:
+    """<out>/<stem>.json (the summary) and <out>/<stem>.md (its table for people); returns both paths."""
+    os.makedirs(out, exist_ok=True)
+    paths = {"summary_json": os.path.join(out, f"{stem}.json"), "summary_md": os.path.join(out, f"{stem}.md")}
+    with open(paths["summary_json"], "w") as f:
+        json.dump(summary, f, indent=2)
+    with open(paths["summary_md"], "w") as f:
+        f.write(markdown)
+    return paths
 
 
 def summary_markdown(summary: dict) -> str:
