@@ -12,11 +12,11 @@
 import ml_collections
 
 from deltaworld_jax.data import default_data_config
-from deltaworld_jax.training import recipe
+from configs import common
 
 
 def _tiny(kind: str) -> ml_collections.ConfigDict:
-    c = recipe.base_config()
+    c = common.base_config()
     c.model.kind = kind
     c.model.dtype = "float32"
     c.model.remat = "none"
@@ -38,7 +38,7 @@ def _tiny(kind: str) -> ml_collections.ConfigDict:
 
 
 def _recipe(stage: str) -> ml_collections.ConfigDict:
-    c = recipe.base_config()
+    c = common.base_config()
     c.vfm = ml_collections.ConfigDict(dict(kind="dinov3", preset="vitb16", weights="", dtype="bfloat16"))
     c.model.dtype = "bfloat16"
     c.model.remat = "none"

@@ -242,7 +242,7 @@ def build_ours(row: str, dtype: str):
     state, frozen = materialize(setup, cfg)
     b, t = BATCH[row]
     if row == "forecast":
-        from deltaworld_jax.training.world_tasks import black_features
+        from deltaworld_jax.tasks.world import black_features
 
         modules = setup.task.build_frozen()
         world = nnx.merge(setup.graphdef, state.params, state.extra) if state.extra else nnx.merge(

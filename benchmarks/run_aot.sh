@@ -14,7 +14,7 @@ TPU_PYTHON="${TPU_PYTHON:-python}"
 SPECS=("$@")
 if [[ ${#SPECS[@]} -eq 0 ]]; then
   SPECS=(configs/kinetics.py:stage=deltatok_256 configs/kinetics.py:stage=deltatok_512
-         configs/kinetics.py:stage=deltaworld_512 configs/dinoworld_kinetics.py:stage=dinoworld_512)
+         configs/kinetics.py:stage=deltaworld_512 configs/kinetics.py:stage=dinoworld_512)
 fi
 OUT=benchmarks/results
 mkdir -p "${OUT}"

@@ -23,7 +23,7 @@ from __future__ import annotations
 import ml_collections
 
 from deltaworld_jax.data import default_data_config
-from deltaworld_jax.training import recipe
+from configs import common
 
 # 32x32 frames in 4x4 patches: 64 tokens of 3*4*4 = 48 pixel values plus 16 fixed position channels each
 # (the VFM width 64, so DeltaTok's width too; 4 heads of 16). The position channels are what lets DeltaTok
@@ -92,7 +92,7 @@ def _deltatok_fields() -> dict:
 
 
 def _stage_base(settings: dict, steps: int, batch: int, lr: float, warmup: int) -> ml_collections.ConfigDict:
-    c = recipe.base_config()
+    c = common.base_config()
     c.model.dtype = "float32"  # CPU: bfloat16 is emulated and slower
     c.vfm = _vfm()
     c.optim.lr = lr

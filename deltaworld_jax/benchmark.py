@@ -133,7 +133,11 @@ def cmd_tokens() -> None:
 
     if not _OUTPUT.value:
         raise app.UsageError("tokens needs --output")
-    summary = tokens.write_token_cache(_config(), _OUTPUT.value, num_clips=_NUM_CLIPS.value or None)
+    from deltaworld_jax import tasks
+
+    frozen = tasks.make_task(_config()).build_frozen()
+    summary = tokens.write_token_cache(_config(), _OUTPUT.value, frozen["vfm"], frozen["tokenizer"],
+                                       num_clips=_NUM_CLIPS.value or None)
     print(tokens.format_summary(summary))
     _write_json(summary)
 

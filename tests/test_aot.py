@@ -21,10 +21,10 @@ pytestmark = pytest.mark.skipif(
 
 TINY_CONFIG = textwrap.dedent('''
     import ml_collections
-    from deltaworld_jax.training import recipe
+    from configs import common
 
     def get_config(arg=""):
-        c = recipe.base_config()
+        c = common.base_config()
         c.model.kind = "deltatok"
         c.model.dtype = "bfloat16"
         c.model.num_layers = 1

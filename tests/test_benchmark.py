@@ -15,7 +15,7 @@ from flax import nnx
 from deltaworld_jax.bench import analysis, flops as flops_lib, program
 from deltaworld_jax.training import remat as remat_lib
 from deltaworld_jax.models import layers
-from deltaworld_jax.training import recipe
+from configs import common
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -27,7 +27,7 @@ PREDICTOR = flops_lib.PredictorDims(768, 12, 12, 3072, 768, 768)
 
 def tiny_deltatok_config(**model) -> ml_collections.ConfigDict:
     """DeltaTok on the pixel-patch VFM (8x8 patches -> width 192), 2 blocks per stack, 32x32 frames."""
-    c = recipe.base_config()
+    c = common.base_config()
     c.model.kind = "deltatok"
     c.model.dtype = "float32"
     c.model.num_layers = 2
@@ -251,7 +251,7 @@ def token_cache(tmp_path_factory):
     vfm = PixelPatchVFM(patch_size=8, num_heads=3)
     tok = DeltaTok(DeltaTokConfig(hidden_size=192, num_layers=1, num_heads=3, intermediate_size=128,
                                   layer_scale_init=0.5), rngs=nnx.Rngs(3))
-    summary = tokens.write_token_cache(config, config.data.token_cache, vfm=vfm, tokenizer=tok)
+    summary = tokens.write_token_cache(config, config.data.token_cache, vfm, tok)
     return config, vfm, tok, summary
 
 
@@ -318,7 +318,7 @@ def test_training_from_cached_tokens_gives_the_frames_loss(token_cache):
     from deltaworld_jax.data import token_cache as tokens
     from deltaworld_jax.data import pipeline
     from deltaworld_jax.data.sampling import clip_rng
-    from deltaworld_jax.training import tasks, task_modules, world_tasks  # noqa: F401
+    from deltaworld_jax import tasks
 
     config, vfm, tok, _ = token_cache
     world_cfg = tiny_world_config()

@@ -18,9 +18,8 @@ import ml_collections
 from flax import nnx
 from jax.sharding import Mesh
 
-from deltaworld_jax import sharding as sharding_lib
+from deltaworld_jax import sharding as sharding_lib, tasks
 from deltaworld_jax.training import remat as remat_lib
-from deltaworld_jax.training import tasks
 from deltaworld_jax.training import train_step as step_lib
 
 # The effective batch of every stage of the published recipe (REFERENCE.md).
@@ -38,7 +37,7 @@ def benchmark_config(config: ml_collections.ConfigDict, *, batch_size: int | Non
         cfg.vfm.weights = ""
     if "tokenizer" in cfg and cfg.tokenizer is not None:
         cfg.tokenizer.checkpoint = ""
-        cfg.tokenizer.allow_random = True  # world_tasks: a randomly initialised DeltaTok of the same sizes
+        cfg.tokenizer.allow_random = True  # tasks/deltaworld.py: a randomly initialised DeltaTok of the same sizes
     if batch_size is not None:
         cfg.train.batch_size = int(batch_size)
     if accumulation_steps is not None:
@@ -66,14 +65,8 @@ class AbstractSetup:
     frozen_module: Any
 
 
-def _register_tasks() -> None:
-    # task_modules registers every model family (deltatok, deltaworld, dinoworld).
-    from deltaworld_jax.training import task_modules  # noqa: F401
-
-
 def abstract_setup(config, mesh: Mesh) -> AbstractSetup:
     """As `trainer.build(config, mesh)`, with the frozen modules abstract (nothing is allocated)."""
-    _register_tasks()
     rules = sharding_lib.axis_rules(config.mesh)
     task = remat_lib.apply(tasks.make_task(config), config)
     seed = int(config.get("seed", 0))

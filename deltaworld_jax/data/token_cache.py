@@ -35,7 +35,6 @@ from absl import logging
 from flax import nnx
 from PIL import Image
 
-from deltaworld_jax.bench import model_info
 from deltaworld_jax.models.deltatok import DeltaTok
 
 INDEX = "index.json"
@@ -139,27 +138,15 @@ def _load(array: np.ndarray, dtype: str) -> np.ndarray:
     return array.view(ml_dtypes.bfloat16) if dtype == "bfloat16" else array
 
 
-def frozen_vfm_and_tokenizer(config):
-    """The VFM and DeltaTok that DeltaWorld training of `config` uses (its task's frozen modules)."""
-    from deltaworld_jax.training import tasks
-
-    frozen = tasks.make_task(config).build_frozen()
-    vfm = model_info.vfm_module([frozen])
-    tokenizer = model_info.first([frozen], DeltaTok)
-    if vfm is None or tokenizer is None:
-        raise ValueError(f"config.model.kind={config.model.kind!r}: its frozen modules hold no VFM + DeltaTok pair")
-    return vfm, tokenizer
-
-
-def write_token_cache(config, output: str, *, num_clips: int | None = None, vfm=None, tokenizer=None,
+def write_token_cache(config, output: str, vfm, tokenizer: DeltaTok, *, num_clips: int | None = None,
                       source=None) -> dict[str, Any]:
-    """Tokenise every video of config.data's training source (or the first `num_clips`) into `output`."""
+    """Tokenise every video of config.data's training source (or the first `num_clips`) into `output` with
+    the frozen `vfm` and `tokenizer` (those DeltaWorld training of `config` uses: its task's frozen modules,
+    built by the caller)."""
     from deltaworld_jax.data import pipeline
 
     data = config.data
     source = pipeline.make_train_source(data) if source is None else source
-    if vfm is None or tokenizer is None:
-        vfm, tokenizer = frozen_vfm_and_tokenizer(config)
     size = int(data.frame_size)
     stride_range = tuple(float(s) for s in data.time_stride_range)
     videos = range(len(source) if num_clips is None else min(num_clips, len(source)))

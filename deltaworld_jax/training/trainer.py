@@ -2,7 +2,7 @@
 
 What it owns: jax.distributed, the mesh, sharded construction of the trainable module, placement of the
 frozen modules, the optimiser, the jitted step, checkpoints (full resume, weights-only init, preemption),
-metrics, and the periodic evaluation hook. What a model family provides is a Task (training/tasks.py).
+metrics, and the periodic evaluation hook. What a model family provides is a Task (tasks/base.py).
 
 Every bad config value the trainer can check is checked BEFORE anything is built or compiled
 (`validate_config`), with an error that names the value.
@@ -28,11 +28,10 @@ import numpy as np
 from absl import logging
 from etils import epath
 from flax import nnx
-from jax.experimental import multihost_utils
 
-from deltaworld_jax import sharding as sharding_lib
+from deltaworld_jax import sharding as sharding_lib, tasks
 from deltaworld_jax.training import checkpointing, metrics as metrics_lib, mfu as mfu_lib
-from deltaworld_jax.training import remat as remat_lib, tasks, train_step as step_lib
+from deltaworld_jax.training import remat as remat_lib, train_step as step_lib
 
 MODES = ("train", "eval", "recipe")
 
@@ -104,11 +103,7 @@ def validate_data(config) -> None:
 def validate_config(config, num_devices: int | None = None, mode: str = "train") -> None:
     """Check every value the trainer depends on before any build or compile; raise ValueError naming it.
     mode="eval" skips what only training reads (the source run to start from, the training data)."""
-    from deltaworld_jax.training import task_modules  # noqa: F401  (registers the tasks)
-
-    kind = config.model.get("kind", None)
-    if kind not in tasks._REGISTRY:
-        raise ValueError(f"Unknown config.model.kind {kind!r}; known: {sorted(tasks._REGISTRY)}")
+    task_class = tasks.task_class(config)
     num_devices = jax.device_count() if num_devices is None else num_devices
     sizes = dict(zip(sharding_lib.MESH_AXES, sharding_lib.resolve_mesh_shape(dict(config.mesh.shape), num_devices)))
     sharding_lib.axis_rules(config.mesh)
@@ -132,14 +127,9 @@ def validate_config(config, num_devices: int | None = None, mode: str = "train")
                          f"{optim.warmup_steps}, {optim.weight_decay}, {optim.grad_clip_norm}")
     if int(optim.get("max_consecutive_nonfinite", 10)) < 1:
         raise ValueError(f"config.optim.max_consecutive_nonfinite must be >= 1, got {optim.max_consecutive_nonfinite}")
-    if kind == "deltaworld":
-        checkpoint = config.get("tokenizer", {}).get("checkpoint", "") if config.get("tokenizer", None) else ""
-        allow_random = config.tokenizer.get("allow_random", False) if config.get("tokenizer", None) else False
-        if not checkpoint and not allow_random:
-            raise ValueError("DeltaWorld needs a trained tokenizer: set config.tokenizer.checkpoint to a DeltaTok "
-                             "checkpoint (our run's checkpoints dir, or the official pytorch_model.bin)")
-        if checkpoint and not epath.Path(checkpoint).exists():
-            raise ValueError(f"config.tokenizer.checkpoint={checkpoint!r} does not exist")
+    # What only this model family reads (e.g. DeltaWorld's frozen tokenizer); a Task without its own checks
+    # (a test's toy task) has none.
+    getattr(task_class, "validate", lambda config, mode: None)(config, mode)
     if mode == "eval":
         from deltaworld_jax.training import eval_setup
 
@@ -244,7 +234,7 @@ def default_data_fn(config, *, process_index: int, process_count: int):
     from deltaworld_jax import data
 
     if config.data.get("token_cache", ""):
-        if config.model.kind != "deltaworld":
+        if not getattr(tasks.task_class(config), "trains_from_tokens", False):
             raise ValueError(f"config.data.token_cache is set but config.model.kind={config.model.kind!r}: only "
                              "DeltaWorld trains from precomputed delta tokens")
         from deltaworld_jax.data import token_cache
@@ -337,19 +327,15 @@ class _Preemption:
 
 
 def run(config, workdir: str, mode: str = "train", *, eval_fn: Callable | None = None,
-        data_fn: Callable | None = None, only_stages: Any = None) -> dict:
-    """Train (or evaluate, or run the whole recipe of stages, or `only_stages` of it). Returns a summary."""
+        data_fn: Callable | None = None) -> dict:
+    """Train or evaluate one stage's config (a config of stages is training/recipe.py's; deltaworld_jax.main
+    dispatches). Returns a summary."""
     if mode not in MODES:
         raise ValueError(f"Unknown mode {mode!r}; known: {MODES}")
+    if config.get("stages", None):
+        raise ValueError("This config is a recipe of stages (config.stages): run it with `python -m "
+                         "deltaworld_jax.main` (or training.recipe.run_recipe / evaluate_recipe)")
     maybe_initialize_distributed(config)
-    if mode == "train" and config.get("stages", None):
-        mode = "recipe"  # a config of stages (e.g. configs/demo.py) is a recipe: training it runs its stages
-    if config.get("stages", None) and mode in ("recipe", "eval"):
-        from deltaworld_jax.training import recipe
-
-        if mode == "eval":  # each stage's workdir (or those of only_stages)
-            return recipe.evaluate_recipe(config, workdir, eval_fn=eval_fn, only=only_stages)
-        return recipe.run_recipe(config, workdir, eval_fn=eval_fn, data_fn=data_fn, only=only_stages)
     if mode == "recipe":
         raise ValueError("mode=recipe needs a config of stages (config.stages), e.g. "
                          "configs/kinetics.py:recipe=all; this config is one stage: use mode=train")

@@ -1,4 +1,4 @@
-"""The contract between the one trainer and each model family (DeltaTok, DeltaWorld, DINO-World).
+"""The contract (`Task`) between the one trainer and each model family (DeltaTok, DeltaWorld, DINO-World).
 
 A Task says how to build the TRAINABLE module (the only thing the optimiser and the training checkpoint
 see), how to build/load the FROZEN modules (VFM; the tokenizer when training the world model), and the
@@ -13,10 +13,12 @@ Batches are dicts of arrays:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import jax
 from flax import nnx
+
+from deltaworld_jax.pretrained import build_vfm
 
 Array = jax.Array
 Batch = dict[str, Array]
@@ -31,30 +33,27 @@ class Task(Protocol):
     def build_frozen(self) -> Any:
         """Frozen modules (a module, a tuple/dict of modules, or None), loaded from their own weights."""
 
+    # The batch fields `loss` reads (the data pipeline's or the token cache's).
+    batch_fields: tuple[str, ...]
+
+    @staticmethod
+    def validate(config, mode: str) -> None:
+        """Raise ValueError naming the first bad value of what this family reads from `config` (before
+        anything is built); mode "eval" skips what only training reads."""
+
     def loss(self, trainable: nnx.Module, frozen: Any, batch: Batch, rng: Array) -> tuple[Array, dict[str, Array]]:
         """Scalar float32 loss and a dict of scalar metrics. Pure and jittable; `rng` drives every random
         choice (RoPE augmentation, query noise); `frozen` is used under stop_gradient."""
 
 
-_REGISTRY: dict[str, Callable[[Any], Task]] = {}
+def config_value(config, name: str, default=None):
+    """`config.name` of a ConfigDict or a plain dict; None (unset) reads as `default`."""
+    value = config.get(name, default) if hasattr(config, "get") else getattr(config, name, default)
+    return default if value is None else value
 
 
-def register(kind: str):
-    """Decorator: register a factory `config -> Task` under `config.model.kind == kind`."""
-
-    def wrap(factory):
-        _REGISTRY[kind] = factory
-        return factory
-
-    return wrap
-
-
-def make_task(config) -> Task:
-    """The Task for `config.model.kind`."""
-    # Importing the task modules registers them; they import the models, which import nothing from here.
-    from deltaworld_jax.training import task_modules  # noqa: F401
-
-    kind = config.model.kind
-    if kind not in _REGISTRY:
-        raise ValueError(f"Unknown model kind {kind!r}; known: {sorted(_REGISTRY)}")
-    return _REGISTRY[kind](config)
+def vfm_dims(vfm_config) -> tuple[int, int]:
+    """(hidden_size, num_heads) of the VFM a config describes, from an abstract build (nothing allocated;
+    with `weights` set, the checkpoint's own config decides, as it does for the frozen VFM itself)."""
+    vfm = nnx.eval_shape(lambda: build_vfm(vfm_config))
+    return int(vfm.hidden_size), int(vfm.num_heads)
