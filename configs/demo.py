@@ -122,7 +122,7 @@ def deltatok_stage(settings: dict) -> ml_collections.ConfigDict:
     # <workdir>/token_check.jsonl show when the decoder starts to read its token.
     c.data.eval.num_synthetic_clips = settings["eval_batch"]
     c.eval = ml_collections.ConfigDict(dict(every_steps=settings["token_check_every"],
-                                            fn="deltaworld_jax.demo:evaluate_tokenizer", results_dir="@",
+                                            fn="deltaworld_jax.evaluation.demo:evaluate_tokenizer", results_dir="@",
                                             criterion="mse"))
     return c
 
@@ -143,7 +143,7 @@ def deltaworld_stage(settings: dict) -> ml_collections.ConfigDict:
     c.data.token_cache = "@world_tokens"
     c.eval = ml_collections.ConfigDict(dict(
         every_steps=c.train.get_ref("num_steps"),  # once, at the end
-        fn="deltaworld_jax.demo:evaluate_demo",
+        fn="deltaworld_jax.evaluation.demo:evaluate_demo",
         results_dir="@",  # the recipe's workdir
         ctx_lens=(4,), horizons=(1, 3), num_samples=8, seed=0, max_batches=0,
         criterion="mse",  # scored (and 'best' picked) by squared error on the pixel features

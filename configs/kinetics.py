@@ -51,7 +51,7 @@ and DeltaWorld's tokenizer takes the DeltaTok stages' sizes; a stand-alone Delta
 checkpoints needs --config.tokenizer.<num_layers|intermediate_size|...>=... to match them (an official
 pytorch_model.bin carries its own).
 Evaluation: every stage declares the official validation (config.eval: eval_hook every EVAL_EVERY_STEPS
-steps on datasets "vspw,cityscapes,kitti", the released heads in EVAL_HEADS; training/evaluation.py):
+steps on datasets "vspw,cityscapes,kitti", the released heads in EVAL_HEADS; evaluation/protocol.py):
   --config.data.eval.vspw.root=/data/VSPW --config.data.eval.cityscapes.root=/data/cityscapes \\
   --config.data.eval.kitti.root=/data/kitti --config.eval.heads.vspw=/weights/seg-head-vspw/pytorch_model.bin \\
   --config.eval.heads.cityscapes=... --config.eval.heads.kitti=/weights/depth-head-kitti/pytorch_model.bin \\
@@ -115,10 +115,10 @@ def _base(frame_size: int, num_frames: int) -> ml_collections.ConfigDict:
 
 
 def _eval() -> ml_collections.ConfigDict:
-    """The official validation (training/evaluation.py eval_hook): VSPW, Cityscapes, KITTI clips of 7 frames,
+    """The official validation (evaluation/protocol.py eval_hook): VSPW, Cityscapes, KITTI clips of 7 frames,
     context 4, horizons 1 and 3, read by the released heads. Roots: config.data.eval.<set>.root."""
     return ml_collections.ConfigDict(dict(
-        fn="deltaworld_jax.training.evaluation:eval_hook",
+        fn="deltaworld_jax.evaluation.protocol:eval_hook",
         every_steps=EVAL_EVERY_STEPS,
         datasets="vspw,cityscapes,kitti",  # comma-separated; sets without a root are left out
         heads=ml_collections.ConfigDict(dict(EVAL_HEADS)),

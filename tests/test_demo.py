@@ -87,7 +87,8 @@ class _ShiftTokenizer:
 def test_token_use_verdict_needs_its_margin():
     import jax.numpy as jnp
 
-    from deltaworld_jax import demo, objectives
+    from deltaworld_jax import objectives
+    from deltaworld_jax.evaluation import demo
 
     # 3 clips x 4 frames x 2 patches x 4 dims; each clip shifts by its own constant per step.
     shifts = np.array([1.0, -2.0, 0.5])[:, None, None, None]
@@ -111,7 +112,7 @@ def test_token_use_verdict_needs_its_margin():
 
 
 def test_claim_verdict_needs_its_margins():
-    from deltaworld_jax import demo
+    from deltaworld_jax.evaluation import demo
 
     def results(best, mean, copy):
         return {"synthetic": {"deltaworld": {"c4_h1": {"best": {"loss": best}, "mean": {"loss": mean}},

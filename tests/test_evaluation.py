@@ -11,8 +11,8 @@ from flax import nnx
 
 import deltaworld_jax  # noqa: F401
 from deltaworld_jax.models.heads import DepthHead, SegHead
-from deltaworld_jax.training import evaluation as ev
-from deltaworld_jax.training import forecasters
+from deltaworld_jax.evaluation import protocol as ev
+from deltaworld_jax.evaluation import forecasters
 
 P = 4  # patch size of the tiny pixel VFM
 
@@ -280,7 +280,7 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, os.environ["TESTS"])
 import numpy as np, jax
 import test_evaluation as t
-from deltaworld_jax.training import evaluation as ev
+from deltaworld_jax.evaluation import protocol as ev
 assert jax.local_device_count() == 4
 batch = t._static_batch(b=2, t=3, hw=(8, 12), seed=12)   # 2 wide clips -> 4 crops: one per device
 batch["labels"] = np.random.default_rng(13).integers(0, 5, (2, 3, 6, 9))

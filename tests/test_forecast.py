@@ -178,7 +178,7 @@ def test_world_model_adapters_in_the_protocol(weights):
     """DeltaWorld (N samples: best and mean) and DINO-World (deterministic) through evaluate()."""
     from deltaworld_jax.models.dinov3 import PixelPatchVFM
     from deltaworld_jax.models.dinoworld import DINOWorld, DINOWorldConfig
-    from deltaworld_jax.training import evaluation as ev
+    from deltaworld_jax.evaluation import protocol as ev
 
     cfg = DINOWorldConfig(hidden_size=32, num_layers=1, num_heads=2, backbone_hidden_size=48,
                           rope_axis_sizes=(4, 4, 4), rope_unrotated_size=4, use_bom=False)

@@ -340,7 +340,7 @@ def test_bad_data_settings_are_found_before_anything_is_built(inputs, monkeypatc
 
 
 def test_evaluation_is_declared_by_every_stage_and_off_without_roots(inputs):
-    from deltaworld_jax.training import eval_setup
+    from deltaworld_jax.evaluation import setup as eval_setup
 
     sys.path.insert(0, str(REPO / "configs"))
     import kinetics
@@ -349,7 +349,7 @@ def test_evaluation_is_declared_by_every_stage_and_off_without_roots(inputs):
     full = kinetics.get_config("recipe=all")
     for stage in full.stages:
         config = full.stage_configs[stage]
-        assert config.eval.fn == "deltaworld_jax.training.evaluation:eval_hook"
+        assert config.eval.fn == "deltaworld_jax.evaluation.protocol:eval_hook"
         assert eval_setup.datasets(config.eval) == ("vspw", "cityscapes", "kitti") and config.eval.every_steps > 0
         assert set(config.eval.heads) == {"vspw", "cityscapes", "kitti"}
         off = eval_setup.configure(config, stage)

@@ -58,8 +58,8 @@ def run_folder(*, videos: str, out: str, vfm: str, tokenizer: str, world: str, n
     import jax.numpy as jnp
 
     from deltaworld_jax.data import video as video_io
-    from deltaworld_jax.training.evaluation import split_into_square_crops, vfm_features
-    from deltaworld_jax.training.forecasters import ClipFeatures, DeltaWorldForecaster
+    from deltaworld_jax.evaluation.protocol import split_into_square_crops, vfm_features
+    from deltaworld_jax.evaluation.forecasters import ClipFeatures, DeltaWorldForecaster
 
     horizons = tuple(sorted(set(int(h) for h in horizons)))
     fi.validate(videos=videos, vfm=vfm, tokenizer=tokenizer, world=world, num_samples=num_samples, context=context,

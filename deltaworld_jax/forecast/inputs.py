@@ -136,7 +136,7 @@ def crop_views(frames: np.ndarray, size: int, crop: str, patch: int) -> tuple[np
     if nh == nw:
         return resized[None], {"crop": crop, "frame_hw": (nh, nw), "offsets": [(0, 0)]}
     # The official split (evaluation.split_into_square_crops): squares at the two ends, overlapping.
-    from deltaworld_jax.training.evaluation import split_into_square_crops
+    from deltaworld_jax.evaluation.protocol import split_into_square_crops
 
     views, _, _, _ = split_into_square_crops(resized[None], None)
     offsets = [(0, 0), (0, nw - size)] if nw > nh else [(0, 0), (nh - size, 0)]

@@ -89,7 +89,8 @@ def validate_recipe(config) -> None:
 def run_recipe(config, workdir: str, *, eval_fn: Callable | None = None, data_fn: Callable | None = None,
                only: Any = None) -> dict:
     """Train every stage of `config.stages` in order (or just those in `only`); skip finished ones."""
-    from deltaworld_jax.training import eval_setup, trainer
+    from deltaworld_jax.evaluation import setup as eval_setup
+    from deltaworld_jax.training import trainer
 
     validate_recipe(config)
     _check_only(config, only)
@@ -133,7 +134,8 @@ def evaluate_recipe(config, workdir: str, *, eval_fn: Callable | None = None, on
     checkpoint of <workdir>/<stage> (or only the stages in `only`). A stage that declares no evaluation,
     has no checkpoint yet, or has no validation data is skipped with the reason logged, unless `only` names
     it (then that is an error); nothing to evaluate at all is an error listing every reason."""
-    from deltaworld_jax.training import checkpointing, eval_setup, trainer
+    from deltaworld_jax.evaluation import setup as eval_setup
+    from deltaworld_jax.training import checkpointing, trainer
 
     validate_recipe(config)
     _check_only(config, only)

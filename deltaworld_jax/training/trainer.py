@@ -69,11 +69,11 @@ def maybe_initialize_distributed(config=None) -> None:
 
 
 def validate_data(config) -> None:
-    """The training source (config.data.source / root) and the validation sets (training/eval_setup.py):
+    """The training source (config.data.source / root) and the validation sets (evaluation/setup.py):
     a ValueError naming the value, before anything is built. Configs without data.source (a test's own
     data_fn) are not checked."""
     from deltaworld_jax.data.config import TRAIN_SOURCES
-    from deltaworld_jax.training import eval_setup
+    from deltaworld_jax.evaluation import setup as eval_setup
 
     data = config.get("data", None)
     if data is not None and "source" in data:
@@ -131,7 +131,7 @@ def validate_config(config, num_devices: int | None = None, mode: str = "train")
     # (a test's toy task) has none.
     getattr(task_class, "validate", lambda config, mode: None)(config, mode)
     if mode == "eval":
-        from deltaworld_jax.training import eval_setup
+        from deltaworld_jax.evaluation import setup as eval_setup
 
         eval_setup.check(config)
         return
@@ -342,7 +342,7 @@ def run(config, workdir: str, mode: str = "train", *, eval_fn: Callable | None =
     validate_config(config, mode=mode)
     if mode == "eval":
         return evaluate(config, workdir, eval_fn=eval_fn)
-    from deltaworld_jax.training import eval_setup
+    from deltaworld_jax.evaluation import setup as eval_setup
 
     return train(eval_setup.configure(config), workdir, eval_fn=eval_fn, data_fn=data_fn)
 
@@ -356,7 +356,7 @@ def _checkpointer(config, workdir) -> checkpointing.Checkpointer:
 
 def evaluate(config, workdir: str, *, eval_fn: Callable | None = None) -> dict:
     """Run the evaluation hook once on the latest checkpoint of `workdir`."""
-    from deltaworld_jax.training import eval_setup
+    from deltaworld_jax.evaluation import setup as eval_setup
 
     eval_fn = resolve_eval_fn(config, eval_fn)
     if eval_fn is None:

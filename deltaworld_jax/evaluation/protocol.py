@@ -22,7 +22,7 @@ keys have no suffix, DINO-World, copy-last) only have 'mean'. Each metric pools 
 
 Batches: dicts with `frames` uint8 [B, T, H, W, 3], `timestamps` float32 [B, T] and optionally `labels`
 [B, T, h, w] (integer class ids with 255 = ignore for segmentation; float depth in metres with 0 = invalid).
-Metric states are sums (see metrics_eval.py), so results do not depend on batching or sharding.
+Metric states are sums (see evaluation/metrics.py), so results do not depend on batching or sharding.
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ import numpy as np
 from flax import nnx
 
 from deltaworld_jax.models.heads import DepthHead, SegHead
-from deltaworld_jax.training.metrics_eval import MeanIoU, RootMeanSquaredError, iou_from_confusion
+from deltaworld_jax.evaluation.metrics import MeanIoU, RootMeanSquaredError, iou_from_confusion
 # The forecasters live in forecasters.py; the protocol below and callers use them as evaluation.<name>.
-from deltaworld_jax.training.forecasters import (  # noqa: F401
+from deltaworld_jax.evaluation.forecasters import (  # noqa: F401
     ClipFeatures,
     CopyLast,
     DeltaTokReconstruction,
@@ -480,13 +480,13 @@ def flatten_results(results: dict) -> dict[str, float]:
 
 
 def eval_hook(config, trainable: nnx.Module, frozen: Any, step: int) -> dict[str, Any]:
-    """The trainer's hook (config.eval.fn = 'deltaworld_jax.training.evaluation:eval_hook'): the official
+    """The trainer's hook (config.eval.fn = 'deltaworld_jax.evaluation.protocol:eval_hook'): the official
     protocol on config.eval.datasets ('vspw,cityscapes,kitti' or a sequence; default 'synthetic') with heads config.eval.heads {dataset|'rgb': path};
     returns flat scalars and, for the first config.eval.num_plots clips (default 1), uint8 pictures. When
     config.eval.results_dir is set, also writes eval_results_<step>.json/.md there.
     Other fields: ctx_lens (4,), horizons (1, 3), num_samples (the model's), copy_last (True), max_batches, seed."""
     from deltaworld_jax.data import make_eval_iterator
-    from deltaworld_jax.training import eval_setup, pictures
+    from deltaworld_jax.evaluation import pictures, setup as eval_setup
 
     settings_config = config.eval
     forecasters, vfm = forecasters_for(config.model.kind, trainable, frozen,
