@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from deltaworld_jax.bench import analysis, flops as flops_lib, program
+from benchmarks import analysis
+from deltaworld_jax import aot as program, flops as flops_lib
 from deltaworld_jax.training import remat as remat_lib
 from deltaworld_jax.models import layers
 from configs import common
@@ -96,7 +97,7 @@ def test_world_model_flops_agree_on_real_step_and_forecast(kind):
 
 
 def test_dinov3_vfm_flops_agree_with_xla():
-    from deltaworld_jax.bench import model_info
+    from deltaworld_jax.training import mfu as model_info
     from deltaworld_jax.pretrained import build_vfm
 
     vfm = nnx.eval_shape(lambda: build_vfm(dict(kind="dinov3", preset="vits16", weights="")))
@@ -167,7 +168,7 @@ def test_unknown_remat_policy_is_rejected():
 
 
 def test_step_timer_on_tiny_deltatok():
-    from deltaworld_jax.bench import step
+    from benchmarks import step
 
     config = tiny_deltatok_config(remat="full", num_layers=1)
     result = step.time_step(config, warmup=1, steps=2)
@@ -179,7 +180,7 @@ def test_step_timer_on_tiny_deltatok():
 
 
 def test_peak_table():
-    from deltaworld_jax.bench import step
+    from benchmarks import step
 
     class Dev:
         platform, device_kind = "gpu", "NVIDIA H100 80GB HBM3"
@@ -192,14 +193,14 @@ def test_peak_table():
 
 
 def test_trainer_mfu_meter_uses_the_analytic_flops_and_the_peak_table():
-    from deltaworld_jax.bench import mfu  # registers the provider
-    from deltaworld_jax.training import mfu as training_mfu
+    from deltaworld_jax.training import mfu as training_mfu, trainer
 
     config = tiny_deltatok_config()
-    setup = program.abstract_setup(program.benchmark_config(config), analysis.single_device_mesh())
+    setup = trainer.build(program.benchmark_config(config), analysis.single_device_mesh(), abstract_frozen=True)
+    trainable, frozen = setup.abstract_module, trainer.frozen_modules(setup)
     expected = flops_lib.total(analysis.train_step_flops(analysis.model_dims(setup, config), (32, 32), 4, 2,
                                                          official=False))
-    assert mfu.analytic_step_flops(config, setup.trainable_module, setup.frozen_module) == pytest.approx(expected)
+    assert training_mfu.analytic_step_flops(config, trainable, frozen) == pytest.approx(expected)
 
     class Dev:
         platform, device_kind = "tpu", "TPU v5 lite"
@@ -207,12 +208,12 @@ def test_trainer_mfu_meter_uses_the_analytic_flops_and_the_peak_table():
     class Mesh:
         devices = np.array([Dev()] * 4)
 
-    meter = training_mfu.MFUMeter.for_training(config, Mesh, setup.trainable_module, setup.frozen_module)
+    meter = training_mfu.MFUMeter.for_training(config, Mesh, trainable, frozen)
     logged = meter(2.0)
     assert logged["model_tflops_per_second"] == pytest.approx(2 * expected / 1e12)
     assert logged["mfu"] == pytest.approx(2 * expected / (4 * 197e12))
     Dev.platform = "cpu"  # unknown peak: model FLOP/s only
-    assert set(training_mfu.MFUMeter.for_training(config, Mesh, setup.trainable_module, setup.frozen_module)(2.0)) \
+    assert set(training_mfu.MFUMeter.for_training(config, Mesh, trainable, frozen)(2.0)) \
         == {"model_tflops_per_second"}
     bad = tiny_world_config("deltaworld")
     bad.model.use_bom = False  # no analytic count for the learned-query DeltaWorld: no MFU, no error

@@ -69,7 +69,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       read_threads: threads that load batches in each process (PIL and PyAV release the GIL).
       read_buffer_size: batches read ahead by those threads.
       token_cache: a folder of precomputed delta tokens (data/token_cache.py; `python -m
-        deltaworld_jax.benchmark tokens` writes one). When set, DeltaWorld trains from those tokens alone
+        benchmarks.benchmark tokens` writes one). When set, DeltaWorld trains from those tokens alone
         (the trainer's default data_fn reads them; no VFM or tokenizer in the step). "@<name>" in a recipe
         stage is the folder <workdir>/<name>, written before the stage trains when it does not exist yet.
       token_cache_clips: how many videos of the training source that recipe-built cache tokenises (0: all).

@@ -194,7 +194,7 @@ class TokenCache:
         path = os.path.join(root, INDEX)
         if not os.path.exists(path):
             raise FileNotFoundError(f"no token cache at {root!r} ({INDEX} is missing): write one with `python -m "
-                                    "deltaworld_jax.benchmark tokens --config=... --output=...` or let the recipe "
+                                    "benchmarks.benchmark tokens --config=... --output=...` or let the recipe "
                                     "build it (config.data.token_cache='@<name>')")
         with open(path) as f:
             self.index = json.load(f)

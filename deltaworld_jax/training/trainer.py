@@ -166,13 +166,17 @@ class Setup:
     tx: Any
     schedule: Any
     frozen_graphdef: Any
-    frozen_state: Any
+    frozen_state: Any  # placed arrays; ShapeDtypeStructs when built with abstract_frozen
     frozen_shardings: Any
+    abstract_module: Any  # the trainable module's abstract build (shapes, parameter counts, FLOPs)
 
 
-def build(config, mesh=None) -> Setup:
+def build(config, mesh=None, *, abstract_frozen: bool = False) -> Setup:
     """Mesh, task, abstract + sharded train state layout, optimiser and placed frozen modules. The train
-    state itself is created by `init_state` (fresh) or restored from a checkpoint."""
+    state itself is created by `init_state` (fresh) or restored from a checkpoint.
+
+    abstract_frozen: the frozen modules too are only shapes (nnx.eval_shape: nothing loaded, nothing placed,
+    no mesh context), so the whole step can be lowered for devices that do not exist here (aot.py)."""
     mesh = sharding_lib.make_mesh(config.mesh) if mesh is None else mesh
     rules = sharding_lib.axis_rules(config.mesh)
     # config.model.remat (none | full | dots_saveable | ...) puts the trainable blocks under nnx.remat.
@@ -181,16 +185,23 @@ def build(config, mesh=None) -> Setup:
     # Abstract shapes outside the mesh context: shardings come from OUR rules (sharding.py), not from
     # Flax's eager per-variable sharding.
     abstract_module = nnx.eval_shape(lambda: task.build_trainable(nnx.Rngs(seed)))
-    # The frozen modules too are built (or loaded: DINOv3 weights, a DeltaTok checkpoint) outside the mesh
-    # context. Inside it, Flax's eager sharding reads their LOGICAL axis names ('embed', ...) as mesh axes
-    # and the loaders' abstract builds fail. Their placement comes from our rules below.
-    frozen_module = task.build_frozen()
-    with jax.set_mesh(mesh):
+    if abstract_frozen:
+        # No mesh context either: everything is abstract or explicit NamedShardings, and a concrete op under
+        # a compile-only (topology) mesh would fail.
         layout = step_lib.train_state_layout(config, abstract_module, mesh, rules)
-        frozen_graphdef, frozen_host, frozen_shardings = step_lib.split_frozen(frozen_module, mesh, rules)
-        frozen_state = jax.device_put(frozen_host, frozen_shardings)
+        frozen_graphdef, frozen_state, frozen_shardings = step_lib.split_frozen(
+            nnx.eval_shape(task.build_frozen), mesh, rules)
+    else:
+        # The frozen modules too are built (or loaded: DINOv3 weights, a DeltaTok checkpoint) outside the mesh
+        # context. Inside it, Flax's eager sharding reads their LOGICAL axis names ('embed', ...) as mesh axes
+        # and the loaders' abstract builds fail. Their placement comes from our rules below.
+        frozen_module = task.build_frozen()
+        with jax.set_mesh(mesh):
+            layout = step_lib.train_state_layout(config, abstract_module, mesh, rules)
+            frozen_graphdef, frozen_host, frozen_shardings = step_lib.split_frozen(frozen_module, mesh, rules)
+            frozen_state = jax.device_put(frozen_host, frozen_shardings)
     return Setup(mesh, rules, task, layout.graphdef, layout.abstract_state, layout.state_shardings, layout.tx,
-                 layout.schedule, frozen_graphdef, frozen_state, frozen_shardings)
+                 layout.schedule, frozen_graphdef, frozen_state, frozen_shardings, abstract_module)
 
 
 def init_state(config, setup: Setup, params: Any = None) -> step_lib.TrainState:
