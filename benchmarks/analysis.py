@@ -14,7 +14,7 @@ from deltaworld_jax.models.deltatok import DeltaTok
 from deltaworld_jax.training import mfu as model_info, trainer
 from deltaworld_jax.training.mfu import ModelDims, train_step_flops  # noqa: F401  (the trainer's MFU count)
 
-# The released evaluation setting (REFERENCE.md, official training/world.py): 512x512 crops, 4 context
+# The released evaluation setting (the paper; amazon-far/deltatok training/world.py): 512x512 crops, 4 context
 # frames, 3 predicted frames, 20 samples, wide frames as two overlapping square crops.
 RELEASED_FORECAST = dict(frame_hw=(512, 512), context=4, horizon=3, samples=20, crops=2)
 # Published forecast cost of DeltaWorld (the paper's efficiency comparison), in FLOPs.

@@ -19,6 +19,7 @@ from flax import nnx
 
 from deltaworld_jax import sharding as sharding_lib
 from deltaworld_jax import aot as program, flops as flops_lib
+from deltaworld_jax.data import placement
 from deltaworld_jax.training import mfu as training_mfu, trainer
 
 from benchmarks import analysis
@@ -39,7 +40,7 @@ def random_batch(config, mesh, seed: int = 0) -> dict[str, jax.Array]:
             value = np.concatenate([np.zeros((shape.shape[0], 1)), np.cumsum(strides, 1)], 1).astype(np.float32)
         else:
             value = rng.standard_normal(shape.shape).astype(np.float32)
-        out[key] = jax.device_put(value, sharding_lib.batch_sharding(mesh, value.ndim))
+        out[key] = jax.device_put(value, placement.batch_sharding(mesh, sharding_lib.BATCH_AXES))
     return out
 
 

@@ -24,6 +24,7 @@ import ml_collections
 from jax.sharding import Mesh
 
 from deltaworld_jax import flops as flops_lib, sharding as sharding_lib, tasks
+from deltaworld_jax.data import placement
 from deltaworld_jax.pretrained.runs import abstract_like
 from deltaworld_jax.training import train_step as step_lib, trainer
 
@@ -286,7 +287,7 @@ def frame_hw(config) -> tuple[int, int]:
 
 
 def _with_sharding(shapes: dict, mesh: Mesh) -> dict:
-    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding_lib.batch_sharding(mesh, len(v.shape)))
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=placement.batch_sharding(mesh, sharding_lib.BATCH_AXES))
             for k, v in shapes.items()}
 
 

@@ -164,10 +164,5 @@ def pure_shardings(state: nnx.State, mesh: Mesh, rules) -> dict:
     return nnx.to_pure_dict(state_shardings(state, mesh, rules))
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
-    """Leading (batch) dim split over (data, fsdp), the rest replicated."""
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
-
-
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())

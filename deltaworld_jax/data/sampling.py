@@ -52,18 +52,6 @@ def sample_train_frame_indices(
     return indices, (picked - picked[0]).astype(np.float32)
 
 
-def middle_clip_indices(num_video_frames: int, duration: float, num_frames: int, stride_seconds: float) -> list[int]:
-    """Fixed-stride clip centred in a video (the official evaluation sampling for plain videos)."""
-    fps = (num_video_frames - 1) / duration
-    stride = max(1, round(stride_seconds * fps))
-    span = (num_frames - 1) * stride
-    start = max(0, num_video_frames // 2 - span // 2)
-    start = min(start, num_video_frames - 1 - span)
-    if start < 0:
-        raise ValueError(f"video of {num_video_frames} frames is too short for {num_frames} frames at stride {stride}")
-    return [start + i * stride for i in range(num_frames)]
-
-
 def random_resized_crop_box(
     height: int,
     width: int,

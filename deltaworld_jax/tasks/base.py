@@ -52,7 +52,7 @@ def config_value(config, name: str, default=None):
     return default if value is None else value
 
 
-def vfm_dims(vfm_config) -> tuple[int, int]:
+def vfm_width_and_heads(vfm_config) -> tuple[int, int]:
     """(hidden_size, num_heads) of the VFM a config describes, from an abstract build (nothing allocated;
     with `weights` set, the checkpoint's own config decides, as it does for the frozen VFM itself)."""
     vfm = nnx.eval_shape(lambda: build_vfm(vfm_config))

@@ -19,7 +19,7 @@ from deltaworld_jax import objectives
 from deltaworld_jax.models.deltatok import DeltaTok, DeltaTokConfig, default_intermediate_size
 from deltaworld_jax.pretrained import build_vfm
 from deltaworld_jax.pretrained.dinov3 import as_dtype
-from deltaworld_jax.tasks.base import config_value, vfm_dims
+from deltaworld_jax.tasks.base import config_value, vfm_width_and_heads
 
 Array = jax.Array
 
@@ -93,7 +93,7 @@ class DeltaTokTask:
         """DeltaTok's config; width and heads default to the VFM's (read once, kept as plain ints)."""
         needs_vfm = any(config_value(self.config.model, name) is None for name in _FROM_VFM)
         if needs_vfm and self._vfm_dims is None:
-            self._vfm_dims = vfm_dims(self.config.vfm)
+            self._vfm_dims = vfm_width_and_heads(self.config.vfm)
         return deltatok_config_from(self.config.model, self._vfm_dims if needs_vfm else None)
 
     def build_trainable(self, rngs: nnx.Rngs) -> DeltaTok:

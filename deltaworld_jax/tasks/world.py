@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from deltaworld_jax.pretrained import build_vfm
 from deltaworld_jax.pretrained.dinov3 import as_dtype
-from deltaworld_jax.tasks.base import config_value, vfm_dims
+from deltaworld_jax.tasks.base import config_value, vfm_width_and_heads
 
 Array = jax.Array
 
@@ -64,7 +64,7 @@ class WorldTask:
 
     def _dims(self) -> tuple[int, int]:
         if self._vfm_dims is None:
-            self._vfm_dims = vfm_dims(self.config.vfm)
+            self._vfm_dims = vfm_width_and_heads(self.config.vfm)
         return self._vfm_dims
 
     def model_config(self):
