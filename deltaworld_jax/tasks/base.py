@@ -13,6 +13,7 @@ Batches are dicts of arrays:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Protocol
 
 import jax
@@ -50,6 +51,13 @@ def config_value(config, name: str, default=None):
     """`config.name` of a ConfigDict or a plain dict; None (unset) reads as `default`."""
     value = config.get(name, default) if hasattr(config, "get") else getattr(config, name, default)
     return default if value is None else value
+
+
+def fields_from(cls, config) -> dict[str, Any]:
+    """The values `config` (a ConfigDict or dict holding more than `cls`'s fields: `kind`, `dtype`, ...) sets
+    for the fields of the dataclass `cls`; unset (None) fields are left out, lists become tuples."""
+    values = {f.name: config_value(config, f.name) for f in dataclasses.fields(cls)}
+    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items() if v is not None}
 
 
 def vfm_width_and_heads(vfm_config) -> tuple[int, int]:

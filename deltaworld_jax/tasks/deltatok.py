@@ -8,7 +8,6 @@ float32. The VFM is the frozen module; only DeltaTok is trained.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
@@ -19,11 +18,10 @@ from deltaworld_jax import objectives
 from deltaworld_jax.models.deltatok import DeltaTok, DeltaTokConfig, default_intermediate_size
 from deltaworld_jax.pretrained import build_vfm
 from deltaworld_jax.pretrained.dinov3 import as_dtype
-from deltaworld_jax.tasks.base import config_value, vfm_width_and_heads
+from deltaworld_jax.tasks.base import config_value, fields_from, vfm_width_and_heads
 
 Array = jax.Array
 
-_CONFIG_FIELDS = {f.name for f in dataclasses.fields(DeltaTokConfig)}
 # Fields whose default comes from the VFM (the official code copies the VFM's width and heads).
 _FROM_VFM = ("hidden_size", "num_heads")
 
@@ -31,8 +29,7 @@ _FROM_VFM = ("hidden_size", "num_heads")
 def deltatok_config_from(model_config, vfm_hidden_heads: tuple[int, int] | None = None) -> DeltaTokConfig:
     """DeltaTokConfig from `config.model` (unknown keys such as `kind`, `dtype`, `loss_fn` are ignored).
     hidden_size / num_heads default to the VFM's; intermediate_size to the official template width."""
-    values = {name: config_value(model_config, name) for name in _CONFIG_FIELDS}
-    values = {k: v for k, v in values.items() if v is not None}
+    values = fields_from(DeltaTokConfig, model_config)
     missing = [name for name in _FROM_VFM if name not in values]
     if missing:
         if vfm_hidden_heads is None:

@@ -9,7 +9,6 @@ config.vfm: the frozen VFM (pretrained.build_vfm).
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
@@ -17,15 +16,14 @@ import jax.numpy as jnp
 
 from deltaworld_jax.pretrained import build_vfm
 from deltaworld_jax.pretrained.dinov3 import as_dtype
-from deltaworld_jax.tasks.base import config_value, vfm_width_and_heads
+from deltaworld_jax.tasks.base import config_value, fields_from, vfm_width_and_heads
 
 Array = jax.Array
 
 
 def world_config_from(cls, model_config, vfm_hidden: int | None):
     """DeltaWorldConfig / DINOWorldConfig from `config.model`; backbone_hidden_size defaults to the VFM's."""
-    values = {f.name: config_value(model_config, f.name) for f in dataclasses.fields(cls)}
-    values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items() if v is not None}
+    values = fields_from(cls, model_config)
     if "bom_chunk" in values and not values["bom_chunk"]:
         values["bom_chunk"] = None  # 0 in a config: all K candidates in one pass
     if "backbone_hidden_size" not in values:
