@@ -17,6 +17,8 @@ INSTALL_REQUIRES = [
     "huggingface_hub",
     "jax>=0.7",
     "ml_collections",
+    # bfloat16 numpy arrays of the token cache (data/token_cache.py); jax depends on it too, this says we do.
+    "ml_dtypes",
     "numpy",
     "optax",
     "orbax-checkpoint",
