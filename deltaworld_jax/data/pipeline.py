@@ -32,7 +32,7 @@ from absl import flags, logging
 import grain
 from deltaworld_jax.data import eval_sources
 from deltaworld_jax.data.arrayrecord import ArrayRecordSource
-from deltaworld_jax.data.sampling import (TrainFrameTransform, clip_rng, eval_resize_hw,
+from deltaworld_jax.data.sampling import (TrainFrameTransform, clip_rng, eval_resize_hw, square_crops,
                                           resize_bilinear_like_cv2, sample_train_frame_indices)
 from deltaworld_jax.data.sources import (DATA_EXCEPTIONS, ERROR_KINDS, BrokenInput, FrameFolderSource,
                                          VideoFileSource)
@@ -329,7 +329,8 @@ def split_into_square_crops(batch: dict) -> dict:
     Frames become two overlapping squares at opposite ends (left/right when wide, top/bottom when
     tall): [2B, T, S, S, 3], first crops of every clip, then second crops. Labels become two
     NON-overlapping halves split at the middle, so no pixel is scored twice; when the label size is odd
-    the first half gets one padding row/column of ignore (255, or 0 for depth) at its far edge.
+    the first half gets one padding row/column of ignore (255 for integer labels, 0 for depth) at its far
+    edge (sampling.square_crops).
     Adds is_split, is_wide, overlap (max/min side ratio < 2) and crop_index, all [2B] (all False/0
     when the clips are square and nothing is split).
     """
@@ -339,24 +340,13 @@ def split_into_square_crops(batch: dict) -> dict:
     if height == width:
         return {**batch, "is_split": np.zeros(count, bool), "is_wide": np.zeros(count, bool),
                 "overlap": np.zeros(count, bool), "crop_index": np.zeros(count, np.int32)}
-    wide = width > height
-    size = min(height, width)
-    second = frames[:, :, :, width - size:] if wide else frames[:, :, height - size:, :]
     out = {key: np.concatenate([value, value]) for key, value in batch.items() if key not in ("frames", "labels")}
-    out["frames"] = np.concatenate([frames[:, :, :size, :size], second])
+    out["frames"], labels, overlap, wide = square_crops(frames, batch.get("labels"))
     if "labels" in batch:
-        labels = batch["labels"]
-        label_axis = 3 if wide else 2
-        middle = labels.shape[label_axis] // 2
-        first, last = np.split(labels, [middle], axis=label_axis)
-        if first.shape != last.shape:
-            pad = [(0, 0)] * labels.ndim
-            pad[label_axis] = (0, last.shape[label_axis] - first.shape[label_axis])
-            first = np.pad(first, pad, constant_values=255 if labels.dtype == np.uint8 else 0)
-        out["labels"] = np.concatenate([first, last])
+        out["labels"] = labels
     out["is_split"] = np.ones(2 * count, bool)
     out["is_wide"] = np.full(2 * count, wide)
-    out["overlap"] = np.full(2 * count, max(height, width) / size < 2.0)
+    out["overlap"] = np.full(2 * count, overlap)
     out["crop_index"] = np.repeat(np.arange(2, dtype=np.int32), count)
     return out
 
