@@ -218,7 +218,8 @@ class TrainIterator(grain.DatasetIterator):
         else:
             self._parent.close()
             parent = self._build(int(state["batches"]))
-            self._parents, self._ctx = (parent,), parent._ctx  # pylint: disable=protected-access
+            # Grain's own constructor adopts the new parent and its context (no private attributes written).
+            super().__init__(parent)
         self.batches = int(state["batches"])
         self.errors = {kind: int(state["errors"].get(kind, 0)) for kind in ERROR_KINDS}
 
