@@ -118,6 +118,12 @@ def deltatok_stage(settings: dict) -> ml_collections.ConfigDict:
     # copying, and the tokenizer stayed at copy-last (benchmarks/demo.md).
     c.model.loss_fn = "mse"
     c.data = _data(num_frames=2, settings=settings)
+    # Half of the training pairs start from black: (black, frame), the pair every clip's token sequence starts
+    # with. Its change is the whole frame, so the token gets a strong pair-specific learning signal from the
+    # first step and the decoder learns to read it; with ordinary pairs alone the encoder cannot at first tell
+    # its two frames apart, a moving shape's change sums to about zero over the patches, and whether and when
+    # the token switched on depended on the seed and the machine (benchmarks/demo.md).
+    c.data.synthetic.from_black_probability = 0.5
     # The token check (deltaworld_jax/demo.py:evaluate_tokenizer) every `token_check_every` steps: the log and
     # <workdir>/token_check.jsonl show when the decoder starts to read its token.
     c.data.eval.num_synthetic_clips = settings["eval_batch"]
@@ -132,7 +138,7 @@ def deltaworld_stage(settings: dict) -> ml_collections.ConfigDict:
     c.model.kind = "deltaworld"
     c.model.update(dict(hidden_size=64, num_layers=2, num_heads=2, backbone_hidden_size=VFM_WIDTH, mlp_ratio=4,
                         rope_axis_sizes=(28,), rope_unrotated_size=4, use_bom=True, num_samples_train=16,
-                        num_samples_eval=8, bom_chunk=0, layer_scale_init=0.1))
+                        num_samples_eval=16, bom_chunk=0, layer_scale_init=0.1))
     c.tokenizer = ml_collections.ConfigDict(dict(checkpoint="@deltatok", dtype="float32", **_deltatok_fields()))
     c.data = _data(num_frames=8, settings=settings)
     # DeltaWorld trains from precomputed delta tokens (data/token_cache.py): the recipe tokenises the world
@@ -145,7 +151,7 @@ def deltaworld_stage(settings: dict) -> ml_collections.ConfigDict:
         every_steps=c.train.get_ref("num_steps"),  # once, at the end
         fn="deltaworld_jax.evaluation.demo:evaluate_demo",
         results_dir="@",  # the recipe's workdir
-        ctx_lens=(4,), horizons=(1, 3), num_samples=8, seed=0, max_batches=0,
+        ctx_lens=(4,), horizons=(1, 3), num_samples=16, seed=0, max_batches=0,
         criterion="mse",  # scored (and 'best' picked) by squared error on the pixel features
         num_pictures=settings["num_pictures"],  # clips shown in demo_futures.png
         samples_shown=settings["samples_shown"],  # sampled futures per clip in the picture

@@ -393,6 +393,25 @@ def test_video_tokenizer_chunks_and_padding_do_not_change_the_results(token_cach
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_video_tokenizer_tokenises_a_group_of_videos_as_each_alone(token_cache):
+    """write_token_cache sends videos through the VFM and encoder in groups: each video's tokens are what it
+    gets alone, whatever its length and pair offsets."""
+    from deltaworld_jax.data import token_cache as tokens
+
+    _, vfm, tok, _ = token_cache
+    rng = np.random.default_rng(1)
+    videos = [rng.integers(0, 255, (n, 32, 32, 3), dtype=np.uint8) for n in (5, 3, 7)]
+    offsets = [np.arange(3), np.arange(2), np.arange(4)]
+    worker = tokens.VideoTokenizer(vfm, tok, (32, 32))
+    grouped = worker.videos_tokens(videos, offsets)
+    for frames, offs, (black, pairs) in zip(videos, offsets, grouped):
+        alone_black, alone_pairs = tokens.VideoTokenizer(vfm, tok, (32, 32)).video_tokens(frames, offs)
+        assert black.shape == alone_black.shape and pairs.shape == alone_pairs.shape == (len(frames), len(offs), 192)
+        np.testing.assert_allclose(black, alone_black, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(pairs, alone_pairs, rtol=1e-5, atol=1e-5)
+        assert not pairs[len(frames) - 1, 1:].any()  # past the last frame: zero
+
+
 def test_demo_tokenizer_script_measures_own_other_and_copy():
     """benchmarks/demo_tokenizer.py (the measurement behind the demo's VFM and world) runs end to end."""
     import importlib.util

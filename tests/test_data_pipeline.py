@@ -229,6 +229,34 @@ def test_synthetic_world_through_the_same_loaders():
     np.testing.assert_allclose(batches[0]["timestamps"][0], np.arange(7) * 0.2, atol=1e-6)
 
 
+def test_synthetic_clips_can_start_with_a_cut_from_black():
+    """data.synthetic.from_black_probability: that share of training clips has a black FIRST frame (the pair
+    (black, f0) of every clip's token sequence), drawn per clip and start, the same in every run; the other
+    frames and the other clips are exactly the world's. A probability outside [0, 1] is refused."""
+    from deltaworld_jax.data.pipeline import make_train_source
+
+    config = default_data_config()
+    config.num_frames, config.frame_size, config.read_threads = 2, 16, 1
+    plain = make_train_source(config)
+    config.synthetic.from_black_probability = 0.5
+    cut = make_train_source(config)
+    starts = [(index, first) for index in range(100) for first in (0, 7)]
+    black = [cut.starts_from_black(i, f) for i, f in starts]
+    assert 0.35 < np.mean(black) < 0.65  # 200 draws of p = 0.5
+    assert black == [make_train_source(config).starts_from_black(i, f) for i, f in starts]
+    for (index, first), is_black in list(zip(starts, black))[:12]:
+        a = plain.read_frames(index, [first, first + 3], lambda f: f)
+        b = cut.read_frames(index, [first, first + 3], lambda f: f)
+        assert np.array_equal(a[1], b[1])
+        assert (not b[0].any()) if is_black else np.array_equal(a[0], b[0])
+    batch = take(make_train_iterator(config, seed=0, batch_size_per_process=16), 1)[0]["frames"]
+    first_black = ~batch[:, 0].reshape(16, -1).any(-1)
+    assert first_black.any() and not first_black.all() and batch[:, 1].reshape(16, -1).any(-1).all()
+    config.synthetic.from_black_probability = 1.5
+    with pytest.raises(ValueError, match="from_black_probability must be in"):
+        make_train_source(config)
+
+
 def test_synthetic_eval_frames_are_the_world_rendered_at_eval_size():
     from deltaworld_jax.data.pipeline import make_eval_source
 

@@ -196,12 +196,21 @@ class SyntheticWorld:
         return image.astype(np.uint8)
 
 
+# A key of its own for the cut-from-black draws, so they never share a generator with a clip's world.
+_FROM_BLACK_KEY = 7_000_001
+
+
 class SyntheticSource:
-    """`num_clips` clips of `duration` seconds at `fps`, rendered at height x width, as a clip source."""
+    """`num_clips` clips of `duration` seconds at `fps`, rendered at height x width, as a clip source.
+    With `from_black_probability` > 0, that share of the clips read starts with a cut from black (the first
+    frame read is black): the pair (black, f0) that opens every clip's delta-token sequence."""
 
     def __init__(self, config: WorldConfig, seed: int, num_clips: int, duration: float, fps: float,
-                 height: int, width: int):
+                 height: int, width: int, from_black_probability: float = 0.0):
+        if not 0.0 <= from_black_probability <= 1.0:
+            raise ValueError(f"from_black_probability must be in [0, 1], got {from_black_probability}")
         self.world = SyntheticWorld(config, seed)
+        self.from_black_probability = float(from_black_probability)
         self.root = f"synthetic(seed={seed})"
         self.num_clips, self.fps, self.height, self.width = int(num_clips), float(fps), int(height), int(width)
         self.num_video_frames = max(2, int(round(duration * fps)))
@@ -215,6 +224,16 @@ class SyntheticSource:
     def frame_timestamps(self, index: int) -> np.ndarray:
         return np.arange(self.num_video_frames, dtype=np.float64) / self.fps
 
+    def starts_from_black(self, index: int, first_frame: int) -> bool:
+        """Whether the clip of `index` read from `first_frame` on starts with a cut from black (a fixed function of
+        the world seed, the index and the first frame, drawn with `from_black_probability`)."""
+        rng = clip_rng(self.world.seed, _FROM_BLACK_KEY, index, int(first_frame))
+        return bool(rng.random() < self.from_black_probability)
+
     def read_frames(self, index: int, frame_indices: Sequence[int], transform: FrameTransform) -> list[np.ndarray]:
+        """The frames of clip `index` at `frame_indices`; the first one black where the clip starts from black."""
         states = self.world.states_at(index, [i / self.fps for i in frame_indices])
-        return [transform(self.world.render(s, self.height, self.width)) for s in states]
+        frames = [self.world.render(s, self.height, self.width) for s in states]
+        if self.from_black_probability > 0 and frames and self.starts_from_black(index, frame_indices[0]):
+            frames[0] = np.zeros_like(frames[0])
+        return [transform(f) for f in frames]
