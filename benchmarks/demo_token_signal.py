@@ -31,7 +31,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from deltaworld_jax.data.pipeline import make_train_source  # noqa: E402
-from deltaworld_jax.training import tasks  # noqa: E402
+from deltaworld_jax import tasks  # noqa: E402
 
 
 def load_demo_config(path: str):
