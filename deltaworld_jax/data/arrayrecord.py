@@ -187,11 +187,17 @@ class ArrayRecordSource:
     def read_frames(self, index: int, frame_indices: Sequence[int], transform: FrameTransform) -> list[np.ndarray]:
         first = int(self._first[index])
         records = self._reader(int(self._shard_of[index])).read([first + int(i) for i in frame_indices])
-        frames = []
-        for record in records:
-            try:
-                image = Image.open(io.BytesIO(record))
-            except Exception as error:  # PIL raises UnidentifiedImageError, OSError, SyntaxError...
-                raise BrokenInput("unreadable", self.describe(index), f"{type(error).__name__}: {error}") from error
-            frames.append(transform(image))
-        return frames
+        return decode_jpegs(records, self.describe(index), transform)
+
+
+def decode_jpegs(jpegs: Sequence[bytes], where: str, transform: FrameTransform) -> list[np.ndarray]:
+    """Stored JPEG frames -> transformed frames; the transform decodes them (at reduced size when its
+    crop allows, PIL draft mode). Shared by this format's reader and the TFDS layout's (tfds_sources.py)."""
+    frames = []
+    for jpeg in jpegs:
+        try:
+            image = Image.open(io.BytesIO(jpeg))
+        except Exception as error:  # PIL raises UnidentifiedImageError, OSError, SyntaxError...
+            raise BrokenInput("unreadable", where, f"{type(error).__name__}: {error}") from error
+        frames.append(transform(image))
+    return frames
