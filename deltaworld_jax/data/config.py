@@ -32,7 +32,8 @@ def default_eval_config() -> ml_collections.ConfigDict:
 
     Each set's `source` is "folder" (`root` = the official download) or "tfds" (`root` = a TFDS data_dir
     holding the set built by `tfds build --imports=deltaworld_jax.data.tfds_builders`; its clips were cut
-    at the official strides when it was built, so the set's fps / stride fields do not apply)."""
+    at the official strides when it was built, so the set's fps / stride fields do not apply). `tfds_name`
+    "<builder>/<config>" picks another build than the set's own (tfds_builders.EVAL_BUILDERS; "" = that)."""
     return ml_collections.ConfigDict(dict(
         num_frames=7,
         frame_size=-1,  # int: short side (wide frames are split into two squares); -1: config.data.frame_size
@@ -41,9 +42,11 @@ def default_eval_config() -> ml_collections.ConfigDict:
         batch_size=1,  # clips per process per batch; > 1 needs equal frame and label sizes (not VSPW)
         num_synthetic_clips=64,  # clips of the "synthetic" eval set
         synthetic_stride_seconds=0.2,
-        vspw=ml_collections.ConfigDict(dict(root="", source="folder", fps=15.0, stride_seconds=0.2, label_interval=20)),
-        cityscapes=ml_collections.ConfigDict(dict(root="", source="folder", fps=16.0, stride_seconds=0.1875)),
-        kitti=ml_collections.ConfigDict(dict(root="", source="folder", fps=10.0, stride_seconds=0.2,
+        vspw=ml_collections.ConfigDict(dict(root="", source="folder", tfds_name="", fps=15.0, stride_seconds=0.2,
+                                            label_interval=20)),
+        cityscapes=ml_collections.ConfigDict(dict(root="", source="folder", tfds_name="", fps=16.0,
+                                                  stride_seconds=0.1875)),
+        kitti=ml_collections.ConfigDict(dict(root="", source="folder", tfds_name="", fps=10.0, stride_seconds=0.2,
                                              split_file="")),  # "" = the packaged Eigen test split
     ))
 

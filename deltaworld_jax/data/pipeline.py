@@ -288,7 +288,7 @@ def make_eval_source(data_config, name: str):
         from deltaworld_jax.data.tfds_sources import TfdsClipSource
 
         builder, split = _tfds_eval_builder(name)
-        return TfdsClipSource(builder, c.root, split)
+        return TfdsClipSource(c.get("tfds_name", "") or builder, c.root, split)
     if name == "vspw":
         return eval_sources.VSPWSource(c.root, e.num_frames, c.stride_seconds, c.fps, c.label_interval)
     if name == "cityscapes":

@@ -150,7 +150,9 @@ class Kinetics700Frames(_ManualBuilder):
             features=tfds.features.FeaturesDict({
                 "name": tfds.features.Text(),
                 "jpegs": tfds.features.Tensor(shape=(None,), dtype=np.object_),
-                "timestamps": tfds.features.Tensor(shape=(None,), dtype=np.float64),
+                # As bytes: a tf.Example float list would round the times to float32.
+                "timestamps": tfds.features.Tensor(shape=(None,), dtype=np.float64,
+                                                   encoding=tfds.features.Encoding.BYTES),
                 "height": tfds.features.Scalar(dtype=np.int32),
                 "width": tfds.features.Scalar(dtype=np.int32),
             }),
