@@ -12,7 +12,7 @@ import pytest
 import tensorflow_datasets as tfds
 from test_data_fixtures import frame_number, make_cityscapes, make_kinetics_tree, make_kitti, make_vspw
 
-from deltaworld_jax.data import default_data_config, eval_sources, prepare, tfds_builders
+from deltaworld_jax.data import default_data_config, eval_sources, prepare, tfds_builders, tfds_sources
 from deltaworld_jax.data.arrayrecord import ArrayRecordSource
 from deltaworld_jax.data.pipeline import TrainClipLoader, make_eval_iterator, make_train_iterator
 from deltaworld_jax.data.sampling import clip_rng
@@ -42,26 +42,28 @@ def kinetics_tfds(kinetics, tmp_path_factory):
     return data_dir
 
 
-def names_of(data_source) -> list[str]:
-    return [data_source[i]["name"].decode() for i in range(len(data_source))]
+def frame_records(source: TfdsVideoSource, index: int) -> list[bytes]:
+    first, count = int(source._first[index]), int(source._counts[index])
+    return [record["jpeg"] for record in source._data_source().__getitems__(range(first, first + count))]
 
 
 def test_kinetics_builder_holds_what_prepare_writes_and_skips_broken_videos(kinetics, kinetics_tfds, tmp_path):
-    data_source = tfds.data_source("kinetics700_frames/full", data_dir=str(kinetics_tfds), split="train")
-    assert sorted(names_of(data_source)) == GOOD_VIDEOS  # the 3 broken videos were skipped, not fatal
+    source = TfdsVideoSource("kinetics700_frames/full", str(kinetics_tfds))
+    assert source.names == GOOD_VIDEOS  # the 3 broken videos were skipped, not fatal; sorted order
     builder = tfds.builder("kinetics700_frames/full", data_dir=str(kinetics_tfds))
     assert builder.info.file_format.value == "array_record"
+    assert builder.info.splits["train"].num_examples == 4 * 20  # one record per frame
     prepare.prepare(str(kinetics / "train"), str(tmp_path / "prepared"), num_shards=2, exclude_list="kinetics")
     prepared = ArrayRecordSource(str(tmp_path / "prepared"))
-    for index, name in enumerate(names_of(data_source)):
-        example = data_source[index]
+    for index, name in enumerate(source.names):
         other = prepared.names.index(name)
-        np.testing.assert_array_equal(example["timestamps"], prepared.frame_timestamps(other))
-        # One encoder for both layouts: the very same JPEG bytes.
+        np.testing.assert_array_equal(source.frame_timestamps(index), prepared.frame_timestamps(other))
+        # One encoder for both layouts: the very same JPEG bytes, frame by frame.
         records = prepared._reader(int(prepared._shard_of[other])).read(
             [int(prepared._first[other]) + i for i in range(20)])
-        assert list(example["jpegs"]) == records
-        assert (example["height"], example["width"]) == (32, 32)
+        assert frame_records(source, index) == records
+        frames = source.read_frames(index, [19, 4, 4], lambda image: np.asarray(image.convert("RGB")))
+        assert [frame_number(f) for f in frames] == [19, 4, 4]
 
 
 def test_tfds_source_gives_the_clips_of_the_prepared_source(kinetics, kinetics_tfds, tmp_path):
@@ -72,7 +74,7 @@ def test_tfds_source_gives_the_clips_of_the_prepared_source(kinetics, kinetics_t
     config.num_frames, config.frame_size = 3, 16
     load = TrainClipLoader(source, config, seed=0, shard=range(len(source)))
     load_prepared = TrainClipLoader(prepared, config, seed=0, shard=range(len(prepared)))
-    for index, name in enumerate(names_of(source._data_source())):
+    for index, name in enumerate(source.names):
         ours = load.load_clip(index, clip_rng(7, index))
         theirs = load_prepared.load_clip(prepared.names.index(name), clip_rng(7, index))
         np.testing.assert_array_equal(ours["frames"], theirs["frames"])
@@ -100,23 +102,27 @@ def test_beam_direct_runner_builds_the_same_dataset(kinetics, kinetics_tfds, tmp
     beam = pytest.importorskip("apache_beam")  # the `beam` extra
     options = beam.options.pipeline_options.PipelineOptions(["--runner=DirectRunner"])
     build(tfds.builder("kinetics700_frames/full", data_dir=str(tmp_path)), kinetics, beam_options=options)
-    by_beam = tfds.data_source("kinetics700_frames/full", data_dir=str(tmp_path), split="train")
-    local = tfds.data_source("kinetics700_frames/full", data_dir=str(kinetics_tfds), split="train")
-    assert sorted(names_of(by_beam)) == GOOD_VIDEOS
-    for index, name in enumerate(names_of(by_beam)):
-        other = local[names_of(local).index(name)]
-        assert list(by_beam[index]["jpegs"]) == list(other["jpegs"])
+    by_beam = TfdsVideoSource("kinetics700_frames/full", str(tmp_path))
+    local = TfdsVideoSource("kinetics700_frames/full", str(kinetics_tfds))
+    assert by_beam.names == local.names == GOOD_VIDEOS
+    for index in range(len(local)):
+        assert frame_records(by_beam, index) == frame_records(local, index)
+        np.testing.assert_array_equal(by_beam.frame_timestamps(index), local.frame_timestamps(index))
 
     # Broken videos are counted in the pipeline's metrics.
-    builder = tfds_builders.Kinetics700Frames(config="full", data_dir=str(tmp_path / "unused"))
+    builder = tfds_builders.Kinetics700Frames(config="full", data_dir=str(tmp_path / "pipeline"))
     builder._with_beam = True
-    inputs = [(name, str(kinetics / "train" / name)) for name in ("class0/garbage.mp4", "class1/vid01.mp4")]
+    builder.data_path.mkdir(parents=True)
+    inputs = [(i, name, str(kinetics / "train" / name)) for i, name in enumerate(["class0/garbage.mp4",
+                                                                                  "class1/vid01.mp4"])]
     pipeline = beam.Pipeline(options=options)
     _ = pipeline | builder._generate_examples(inputs)
     result = pipeline.run()
     result.wait_until_finish()
     counters = result.metrics().query(beam.metrics.MetricsFilter().with_name(tfds_builders.SKIPPED_COUNTER[1]))
     assert [c.committed for c in counters["counters"]] == [1]
+    index = tfds_sources.read_video_index(builder.data_path)  # written by the pipeline's index branch
+    assert index["names"].tolist() == ["class1/vid01.mp4"] and index["video"].tolist() == [1]
 
 
 # The `tfds` console script of tensorflow-datasets 4.9.10 imports apache_beam (its convert_format subcommand)
@@ -140,8 +146,7 @@ def test_tfds_build_command_line(kinetics, tmp_path):
         [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(names_of(tfds.data_source("kinetics700_frames/full", data_dir=str(tmp_path), split="train"))) \
-        == GOOD_VIDEOS
+    assert TfdsVideoSource("kinetics700_frames/full", str(tmp_path)).names == GOOD_VIDEOS
     assert list(tmp_path.glob("kinetics700_frames/full/1.0.0/*.array_record-*"))
 
 

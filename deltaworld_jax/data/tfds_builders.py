@@ -8,12 +8,15 @@ r"""TFDS builders of the training and evaluation sets, written as ArrayRecord fo
       --data_dir=gs://b/tfds --beam_pipeline_options="runner=DataflowRunner,project=P,region=R,..."
 
 Builders (names as TFDS registers them):
-  kinetics700_frames         one example per training video: name, the JPEG bytes of every frame in
-                             presentation order (frames are NOT decoded when an example is read; the
-                             loader decodes only the sampled ones), timestamps float64 [F] (seconds from
-                             the first frame), height, width. Configs: `full` (frames at their size) and
-                             `short320` (short side 320). What `python -m deltaworld_jax.data.prepare`
-                             writes per video, through the same decoder (prepare.encode_input).
+  kinetics700_frames         the prepared format's layout in TFDS: one example per FRAME (its JPEG bytes,
+                             video and frame number), a video's frames contiguous and in presentation order
+                             (integer keys, no TFDS shuffling), plus a per-video index next to the records
+                             (tfds_sources.VIDEO_INDEX_GLOB: names, frame counts, timestamps, sizes), so a
+                             clip reads only its sampled frames. Configs: `full` (frames at their size) and
+                             `short320` (short side 320). Frames come from the decoder `python -m
+                             deltaworld_jax.data.prepare` uses (prepare.encode_input). One example per video
+                             was measured first and dropped: a 2-frame clip then reads and parses the
+                             whole video (8x fewer clips per CPU-second, benchmarks/RESULTS.md).
   vspw_clips, cityscapes_sequence_clips, kitti_eigen_clips
                              one example per official evaluation clip, exactly what the folder source of
                              eval_sources.py loads (it is run to make them): frames uint8 [T, H, W, 3],
@@ -38,7 +41,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
-from deltaworld_jax.data import eval_sources, prepare
+from deltaworld_jax.data import eval_sources, prepare, tfds_sources
 from deltaworld_jax.data.sources import DATA_EXCEPTIONS, BrokenInput
 
 FILE_FORMAT = "array_record"  # random access for Grain; `tfds build --file_format=...` may still choose another
@@ -55,16 +58,21 @@ def _beam_count_skipped() -> None:
     beam.metrics.Metrics.counter(*SKIPPED_COUNTER).inc()
 
 
-def _video_example(item, *, short_side: int, jpeg_quality: int):
-    """[(key, example)] of one video, or [] when it cannot be read (a Beam FlatMap and the local loop)."""
-    name, path = item
+def _video_frames(item, *, short_side: int, jpeg_quality: int):
+    """([(key, frame example)], index entry) of one video, or None when it cannot be read. Key =
+    video * FRAME_SLOTS + frame, so sorted keys put each video's frames together and in order."""
+    video_index, name, path = item
     try:
         jpegs, timestamps, (width, height) = prepare.encode_input(path, "videos", short_side, jpeg_quality)
     except (BrokenInput, *DATA_EXCEPTIONS) as error:
         _skip(name, error)
-        return []
-    return [(name, {"name": name, "jpegs": np.asarray(jpegs, dtype=object),
-                    "timestamps": np.asarray(timestamps, np.float64), "height": height, "width": width})]
+        return None
+    if len(jpegs) >= tfds_sources.FRAME_SLOTS:
+        _skip(name, ValueError(f"{len(jpegs)} frames, more than the layout's {tfds_sources.FRAME_SLOTS}"))
+        return None
+    examples = [(video_index * tfds_sources.FRAME_SLOTS + frame, {"jpeg": jpeg, "video": video_index, "frame": frame})
+                for frame, jpeg in enumerate(jpegs)]
+    return examples, tfds_sources.VideoEntry(video_index, name, np.asarray(timestamps, np.float64), height, width)
 
 
 def _clip_example(index: int, *, source):
@@ -146,29 +154,69 @@ class Kinetics700Frames(_ManualBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
-            description="Kinetics-700 train videos as JPEG frames (decoded only when sampled).",
+            description="Kinetics-700 train videos as JPEG frames, one example per frame, plus a per-video index.",
             features=tfds.features.FeaturesDict({
-                "name": tfds.features.Text(),
-                "jpegs": tfds.features.Tensor(shape=(None,), dtype=np.object_),
-                # As bytes: a tf.Example float list would round the times to float32.
-                "timestamps": tfds.features.Tensor(shape=(None,), dtype=np.float64,
-                                                   encoding=tfds.features.Encoding.BYTES),
-                "height": tfds.features.Scalar(dtype=np.int32),
-                "width": tfds.features.Scalar(dtype=np.int32),
+                "jpeg": tfds.features.Tensor(shape=(), dtype=np.object_),  # bytes, decoded only when sampled
+                "video": tfds.features.Scalar(dtype=np.int64),
+                "frame": tfds.features.Scalar(dtype=np.int64),
             }),
+            disable_shuffling=True,  # records in key order: each video's frames contiguous (tfds_sources.py)
             homepage="https://github.com/cvdfoundation/kinetics-dataset")
 
     def _split_generators(self, dl_manager):
         root = self._manual_root(dl_manager)
         videos = root / "train" if (root / "train").is_dir() else root
         inputs = prepare.list_inputs(str(videos), "videos", fps=0.0, exclude_list=self.builder_config.exclude_list)
-        inputs = [(name, str(path)) for name, path in inputs]
-        return {"train": self._generate_examples(inputs)}
+        # Video numbers from the sorted listing: the same in every build and on every Beam worker.
+        return {"train": self._generate_examples([(i, name, str(path)) for i, (name, path) in enumerate(inputs)])}
 
     def _generate_examples(self, inputs):
         c = self.builder_config
-        return self._examples(inputs, functools.partial(_video_example, short_side=c.short_side,
-                                                        jpeg_quality=c.jpeg_quality))
+        encode = functools.partial(_video_frames, short_side=c.short_side, jpeg_quality=c.jpeg_quality)
+        index_dir = str(self.data_path)  # during a build: the folder that becomes the dataset's
+        if self._with_beam:
+            import apache_beam as beam
+
+            return beam.Create(inputs) | _frames_and_index(encode, index_dir)
+        return self._local_frames(inputs, encode, index_dir)
+
+    def _local_frames(self, inputs, encode, index_dir: str):
+        entries, skipped = [], 0
+        for item in inputs:
+            result = encode(item)
+            if result is None:
+                skipped += 1
+                continue
+            yield from result[0]
+            entries.append(result[1])
+        tfds_sources.write_video_index(entries, index_dir)
+        logging.info("%s: %d of %d videos skipped as unreadable", self.name, skipped, len(inputs))
+
+
+def _frames_and_index(encode, index_dir: str):
+    """Beam: videos -> frame examples, and the per-video index written in files of VIDEOS_PER_INDEX_FILE."""
+    import apache_beam as beam
+
+    def encoded(item):
+        result = encode(item)
+        if result is None:
+            _beam_count_skipped()
+            return []
+        return [result]
+
+    def write_index_file(number, entries):
+        tfds_sources.write_video_index(list(entries), index_dir, file_number=number)
+
+    @beam.ptransform_fn
+    def frames_and_index(videos):
+        results = videos | "Encode" >> beam.FlatMap(encoded)
+        _ = (results
+             | "IndexEntries" >> beam.Map(lambda r: (r[1].video // tfds_sources.VIDEOS_PER_INDEX_FILE, r[1]))
+             | "GroupIndexFiles" >> beam.GroupByKey()
+             | "WriteIndexFiles" >> beam.MapTuple(write_index_file))
+        return results | "Frames" >> beam.FlatMap(lambda r: r[0])
+
+    return frames_and_index()  # pylint: disable=no-value-for-parameter
 
 
 class _EvalClipsBuilder(_ManualBuilder, skip_registration=True):
