@@ -13,9 +13,11 @@ disk per clip (the sampled frames' records vs the whole video's example).
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 import time
+from unittest import mock
 from pathlib import Path
 
 import av
@@ -28,6 +30,7 @@ from deltaworld_jax.data import prepare, tfds_builders  # noqa: F401  (registers
 from deltaworld_jax.data.arrayrecord import ArrayRecordSource
 from deltaworld_jax.data.config import default_data_config
 from deltaworld_jax.data.pipeline import make_train_iterator
+from deltaworld_jax.data.tfds_sources import TfdsVideoSource
 
 _NUM_VIDEOS = flags.DEFINE_integer("num_videos", 6, "Generated videos.")
 _SECONDS = flags.DEFINE_float("seconds", 10.0, "Length of each video (Kinetics clips are 10 s).")
@@ -84,11 +87,42 @@ def evict(folder: Path) -> None:
                 os.close(fd)
 
 
-def measure(config, num_frames: int, cold: bool) -> tuple[float, float]:
+def record_reads(prepared: ArrayRecordSource, tfds_dir: str, clips: int = 2000) -> None:
+    """The readers alone (no JPEG decode): microseconds of CPU to fetch a 2-frame clip's two records."""
+    rng = np.random.default_rng(0)
+    videos = rng.integers(len(prepared), size=clips)
+    wanted = [(prepared.names[v], sorted(int(i) for i in rng.choice(int(prepared._counts[v]), 2, replace=False)))
+              for v in videos]
+
+    def prepared_read(name, frames):
+        v = prepared.names.index(name)
+        return prepared._reader(int(prepared._shard_of[v])).read([int(prepared._first[v]) + i for i in frames])
+
+    def tfds_read(source):
+        return lambda name, frames: source._records([int(source._first[source.names.index(name)]) + i
+                                                     for i in frames])
+
+    timings = {}
+    for name, read in (("arrayrecord (prepare)", prepared_read),
+                       ("TFDS layout, direct", tfds_read(TfdsVideoSource(TFDS_NAME, tfds_dir))),
+                       ("TFDS layout, tfds.data_source", tfds_read(TfdsVideoSource(TFDS_NAME, tfds_dir,
+                                                                                   reader="data_source")))):
+        read(*wanted[0])
+        start = time.process_time()
+        for video, frames in wanted:
+            read(video, frames)
+        timings[name] = (time.process_time() - start) / clips * 1e6
+    print("record fetch, 2 per clip, warm cache: " + ", ".join(f"{k} {v:.0f} us" for k, v in timings.items()))
+
+
+def measure(config, num_frames: int, cold: bool, tfds_reader: str = "arrayrecord") -> tuple[float, float]:
     config = config.copy_and_resolve_references()
     config.num_frames, config.frame_size, config.exclude_list = num_frames, 256, ""
     config.read_threads, config.read_buffer_size = 1, 1
-    iterator = make_train_iterator(config, seed=0, batch_size_per_process=_BATCH_SIZE.value, num_workers=0)
+    # The pipeline builds TfdsVideoSource with its default reader; the other one is swapped in for this measure.
+    with mock.patch.object(TfdsVideoSource, "__init__", functools.partialmethod(TfdsVideoSource.__init__,
+                                                                                reader=tfds_reader)):
+        iterator = make_train_iterator(config, seed=0, batch_size_per_process=_BATCH_SIZE.value, num_workers=0)
     next(iterator)  # warm-up
     wall = cpu = 0.0
     for _ in range(_NUM_BATCHES.value):
@@ -117,11 +151,14 @@ def main(argv):
         builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(tmp / "manual")))
         built = time.perf_counter()
         source = ArrayRecordSource(str(tmp / "arrayrecord"))
-        frame_bytes = np.mean([len(r) for r in source._reader(0).read(list(range(20)))])
-        example_bytes = sum(os.path.getsize(p) for p in (tmp / "tfds").rglob("*.array_record*")) / len(source)
+        num_records = int(sum(source._counts))
+        frame_bytes = sum(os.path.getsize(p) for p in (tmp / "arrayrecord").glob("*.array_record")) / num_records
+        tfds_frame_bytes = sum(os.path.getsize(p) for p in (tmp / "tfds").rglob("*.array_record*")) / num_records
         print(f"{_NUM_VIDEOS.value} videos {_HEIGHT.value}x{_WIDTH.value}, {_SECONDS.value:g} s at {_FPS} fps, "
-              f"short side {_SHORT_SIDE}: JPEG {frame_bytes / 1e3:.0f} kB, TFDS example {example_bytes / 1e6:.1f} MB; "
-              f"videos {written - start:.0f} s, prepare {prepared - written:.0f} s, tfds build {built - prepared:.0f} s")
+              f"short side {_SHORT_SIDE}: {num_records} frames, record {frame_bytes / 1e3:.1f} kB (prepare) / "
+              f"{tfds_frame_bytes / 1e3:.1f} kB (TFDS); videos {written - start:.0f} s, prepare "
+              f"{prepared - written:.0f} s, tfds build {built - prepared:.0f} s")
+        record_reads(source, str(tmp / "tfds"))
         print(f"cpu cores {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}, batch {_BATCH_SIZE.value}, "
               f"{_NUM_BATCHES.value} batches, 1 process, 1 read thread, 256 px")
         arrayrecord = default_data_config()
@@ -131,9 +168,11 @@ def main(argv):
         print(f"{'reader':<32} {'cache':>5} {'frames':>6} {'clips/cpu-s':>12} {'clips/s':>8} {'bytes/clip':>11}")
         for cold in (False, True) if _COLD.value else (False,):
             for num_frames in map(int, _FRAMES.value):
-                for name, config, read in (("arrayrecord (prepare)", arrayrecord, num_frames * frame_bytes),
-                                           ("tfds.data_source (TFDS layout)", through_tfds, example_bytes)):
-                    per_cpu, per_wall = measure(config, num_frames, cold)
+                for name, config, reader, read in (
+                        ("arrayrecord (prepare)", arrayrecord, "", num_frames * frame_bytes),
+                        ("TFDS layout, direct", through_tfds, "arrayrecord", num_frames * tfds_frame_bytes),
+                        ("TFDS layout, tfds.data_source", through_tfds, "data_source", num_frames * tfds_frame_bytes)):
+                    per_cpu, per_wall = measure(config, num_frames, cold, reader or "arrayrecord")
                     print(f"{name:<32} {'cold' if cold else 'warm':>5} {num_frames:>6} {per_cpu:>12.1f} "
                           f"{per_wall:>8.1f} {read / 1e3:>8.0f} kB", flush=True)
 

@@ -62,8 +62,10 @@ def test_kinetics_builder_holds_what_prepare_writes_and_skips_broken_videos(kine
         records = prepared._reader(int(prepared._shard_of[other])).read(
             [int(prepared._first[other]) + i for i in range(20)])
         assert frame_records(source, index) == records
-        frames = source.read_frames(index, [19, 4, 4], lambda image: np.asarray(image.convert("RGB")))
-        assert [frame_number(f) for f in frames] == [19, 4, 4]
+        for reader in TfdsVideoSource.READERS:  # the direct ArrayRecord reader and tfds.data_source agree
+            frames = TfdsVideoSource("kinetics700_frames/full", str(kinetics_tfds), reader=reader).read_frames(
+                index, [19, 4, 4], lambda image: np.asarray(image.convert("RGB")))
+            assert [frame_number(f) for f in frames] == [19, 4, 4]
 
 
 def test_tfds_source_gives_the_clips_of_the_prepared_source(kinetics, kinetics_tfds, tmp_path):
@@ -205,3 +207,20 @@ def test_eval_clip_order_is_the_official_one(tmp_path):
 def test_unprepared_tfds_source_names_the_build_command(tmp_path):
     with pytest.raises(FileNotFoundError, match="tfds build --imports=deltaworld_jax.data.tfds_builders"):
         TfdsVideoSource("kinetics700_frames/full", str(tmp_path))
+
+
+def test_a_build_whose_index_does_not_match_its_records_is_refused(kinetics_tfds, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(kinetics_tfds, copy)
+    version_dir = next(copy.glob("kinetics700_frames/full/*/"))
+    index = dict(np.load(version_dir / "videos-00000.npz"))
+    index["num_frames"] = index["num_frames"] - 1
+    np.savez(version_dir / "videos-00000.npz", **index)
+    with pytest.raises(ValueError, match="unfinished or mixed build"):
+        TfdsVideoSource("kinetics700_frames/full", str(copy))
+    for index_file in version_dir.glob("videos-*.npz"):
+        index_file.unlink()
+    with pytest.raises(FileNotFoundError, match="no per-video index"):
+        TfdsVideoSource("kinetics700_frames/full", str(copy))
