@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -224,3 +225,12 @@ def test_a_build_whose_index_does_not_match_its_records_is_refused(kinetics_tfds
         index_file.unlink()
     with pytest.raises(FileNotFoundError, match="no per-video index"):
         TfdsVideoSource("kinetics700_frames/full", str(copy))
+
+
+def test_trainer_checks_the_tfds_root_before_building(tmp_path):
+    from deltaworld_jax.training.trainer import validate_data
+
+    config = ml_collections.ConfigDict({"data": default_data_config()})
+    config.data.source, config.data.root = "tfds", str(tmp_path / "missing")
+    with pytest.raises(ValueError, match="TFDS data_dir"):
+        validate_data(config)
