@@ -1,9 +1,12 @@
-r"""TFDS builders of the training and evaluation sets, written as ArrayRecord for Grain (`tfds.data_source`).
+r"""TFDS builders of the training and evaluation sets, written as ArrayRecord for Grain (tfds_sources.py).
 
-  # One machine (the manual_dir holds the official download, see each builder's MANUAL_DOWNLOAD_INSTRUCTIONS):
-  tfds build --imports=deltaworld_jax.data.tfds_builders kinetics700_frames \
+  # One machine (the manual_dir holds the official download, see each builder's MANUAL_DOWNLOAD_INSTRUCTIONS;
+  # pip install -e ".[beam]" first: tensorflow-datasets 4.9.10's `tfds` command imports apache_beam and
+  # mlcroissant. In Python, builder.download_and_prepare(download_config=DownloadConfig(manual_dir=...))
+  # needs neither):
+  tfds build --imports=deltaworld_jax.data.tfds_builders kinetics700_frames/short320 \
       --manual_dir=/data/kinetics700 --data_dir=/data/tfds
-  # Many machines: the same build as an Apache Beam pipeline (pip install -e ".[beam]"), e.g. on Dataflow:
+  # Many machines: the same build as an Apache Beam pipeline, e.g. on Dataflow:
   tfds build --imports=deltaworld_jax.data.tfds_builders kinetics700_frames --manual_dir=gs://b/k700 \
       --data_dir=gs://b/tfds --beam_pipeline_options="runner=DataflowRunner,project=P,region=R,..."
 
