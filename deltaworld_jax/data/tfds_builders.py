@@ -6,8 +6,10 @@ r"""TFDS builders of the training and evaluation sets, written as ArrayRecord fo
   # needs neither):
   tfds build --imports=deltaworld_jax.data.tfds_builders kinetics700_frames/short320 \
       --manual_dir=/data/kinetics700 --data_dir=/data/tfds
-  # Many machines: the same build as an Apache Beam pipeline, e.g. on Dataflow:
-  tfds build --imports=deltaworld_jax.data.tfds_builders kinetics700_frames --manual_dir=gs://b/k700 \
+  # Many machines: the same build as an Apache Beam pipeline, e.g. on Dataflow. The videos are listed and
+  # decoded (PyAV) from a file system path, so --manual_dir must be mounted alike on every worker (gcsfuse,
+  # NFS); --data_dir may be a bucket.
+  tfds build --imports=deltaworld_jax.data.tfds_builders kinetics700_frames --manual_dir=/mnt/k700 \
       --data_dir=gs://b/tfds --beam_pipeline_options="runner=DataflowRunner,project=P,region=R,..."
 
 Builders (names as TFDS registers them):
@@ -127,7 +129,7 @@ class _ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             yield from examples
         logging.info("%s: %d of %d inputs skipped as unreadable", self.name, skipped, len(items))
 
-    def _manual_root(self, dl_manager, *expected: str) -> Path:
+    def _manual_root(self, dl_manager) -> Path:
         root = Path(os.fspath(dl_manager.manual_dir))
         if not root.is_dir():
             raise FileNotFoundError(f"{self.name}: manual_dir {root} does not exist; "
