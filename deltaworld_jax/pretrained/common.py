@@ -38,7 +38,7 @@ def _import_torch(path: str = "<checkpoint>"):
         import torch
     except ImportError as e:
         raise ImportError(
-            f"reading the PyTorch checkpoint {path} needs torch, which is not installed. Either install it "
+            f"reading the PyTorch checkpoint {path} needs `torch`, which is not installed. Either install it "
             '(pip install -e ".[torch]"), or convert the checkpoint once on a machine that has torch: '
             f"python -m deltaworld_jax.pretrained.convert --input={path} --output=<name>.safetensors "
             "and load the .safetensors file here (safetensors need no torch).") from e
