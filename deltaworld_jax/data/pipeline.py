@@ -85,7 +85,11 @@ def make_train_source(data_config):
                                  min_frames=min_frames)
     if kind == "arrayrecord":
         return ArrayRecordSource(data_config.root, min_frames=min_frames)
-    raise ValueError(f"unknown config.data.source {kind!r}: expected synthetic, videos, frames or arrayrecord")
+    if kind == "tfds":
+        from deltaworld_jax.data.tfds_sources import TfdsVideoSource  # tensorflow_datasets only when asked for
+
+        return TfdsVideoSource(data_config.tfds_name, data_config.root, min_frames=min_frames)
+    raise ValueError(f"unknown config.data.source {kind!r}: expected synthetic, videos, frames, arrayrecord or tfds")
 
 
 # First key of every generator the loader draws, so shuffle and clip generators never share a seed.
@@ -282,11 +286,22 @@ def make_eval_source(data_config, name: str):
     c = e[name]
     if not c.root:
         raise ValueError(f"config.data.eval.{name}.root is empty: set it to the {name} folder")
+    if c.get("source", "folder") == "tfds":  # root is a TFDS data_dir holding the set's builder (tfds_builders.py)
+        from deltaworld_jax.data.tfds_sources import TfdsClipSource
+
+        builder, split = _tfds_eval_builder(name)
+        return TfdsClipSource(c.get("tfds_name", "") or builder, c.root, split)
     if name == "vspw":
         return eval_sources.VSPWSource(c.root, e.num_frames, c.stride_seconds, c.fps, c.label_interval)
     if name == "cityscapes":
         return eval_sources.CityscapesSource(c.root, e.num_frames, c.stride_seconds, c.fps)
     return eval_sources.KITTISource(c.root, e.num_frames, c.stride_seconds, c.fps, c.split_file)
+
+
+def _tfds_eval_builder(name: str) -> tuple[str, str]:
+    from deltaworld_jax.data.tfds_builders import EVAL_BUILDERS  # registers the builders with TFDS
+
+    return EVAL_BUILDERS[name]
 
 
 def _synthetic_only(data_config):

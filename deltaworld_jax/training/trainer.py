@@ -89,6 +89,7 @@ def validate_data(config) -> None:
             cached = False
         if source != "synthetic" and not cached:
             what = ("the folder written by `python -m deltaworld_jax.data.prepare`" if source == "arrayrecord" else
+                    "the TFDS data_dir holding config.data.tfds_name" if source == "tfds" else
                     "the folder of the training videos" if source == "videos" else "the folder of frame folders")
             if not root:
                 raise ValueError(f"config.data.root is empty: the {source!r} source reads {what} "
