@@ -118,12 +118,14 @@ def deltatok_stage(settings: dict) -> ml_collections.ConfigDict:
     # copying, and the tokenizer stayed at copy-last (benchmarks/demo.md).
     c.model.loss_fn = "mse"
     c.data = _data(num_frames=2, settings=settings)
-    # Half of the training pairs start from black: (black, frame), the pair every clip's token sequence starts
-    # with. Its change is the whole frame, so the token gets a strong pair-specific learning signal from the
-    # first step and the decoder learns to read it; with ordinary pairs alone the encoder cannot at first tell
-    # its two frames apart, a moving shape's change sums to about zero over the patches, and whether and when
-    # the token switched on depended on the seed and the machine (benchmarks/demo.md).
-    c.data.synthetic.from_black_probability = 0.5
+    # A quarter of the training pairs open with a cut from black (black, frame), the pair every clip's token
+    # sequence starts with, and a quarter with a scene cut (another clip's frame, frame). Their change is the
+    # whole frame, so the token gets a strong pair-specific learning signal from the first steps and the
+    # decoder learns to read it; with ordinary pairs alone the encoder cannot at first tell its two frames
+    # apart, nothing of a pair's change can be read from its initial token, and whether and when the token
+    # switched on depended on the seed and the machine (benchmarks/demo.md, benchmarks/demo_token_signal.py).
+    c.data.synthetic.from_black_probability = 0.25
+    c.data.synthetic.cut_probability = 0.25
     # The token check (deltaworld_jax/demo.py:evaluate_tokenizer) every `token_check_every` steps: the log and
     # <workdir>/token_check.jsonl show when the decoder starts to read its token.
     c.data.eval.num_synthetic_clips = settings["eval_batch"]

@@ -24,11 +24,13 @@ def default_synthetic_config() -> ml_collections.ConfigDict:
         appear_probability=0.3,  # share of events that add a shape, while a slot is free
         speed_range=(0.15, 0.6),  # world heights per second
         radius_range=(0.06, 0.14),  # world heights
-        # Share of training clips that start with a cut from black: their first frame is rendered black, so
-        # the pair (black, f0) that every clip's delta-token sequence starts with is trained too. The demo's
-        # DeltaTok stage uses 0.5: the change from black is the whole frame, which sends the tokenizer a strong
-        # pair-specific signal from the first step (benchmarks/demo.md: without it the token can stay unused).
+        # Cuts, for a tokenizer's training pairs: the share of training clips whose first frame is black (a cut
+        # from black: the pair (black, f0) that every clip's delta-token sequence starts with), and the share whose
+        # first frame is another clip's (a scene cut). Their change is the whole frame, so the token gets a strong
+        # pair-specific learning signal from the first steps (configs/demo.py uses 0.25 and 0.25;
+        # benchmarks/demo.md: without them the demo's token could stay unused).
         from_black_probability=0.0,
+        cut_probability=0.0,
     ))
 
 
