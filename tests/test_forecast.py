@@ -205,3 +205,13 @@ def test_position_channels_reach_the_pixel_vfm(weights):
     with pytest.raises(ValueError, match="hidden_size"):
         forecast.load_models(weights["vfm"], weights["tokenizer"], weights["world"], patch_size=4, position_channels=16,
                              world_num_heads=2, world_rope_axis_sizes=(12,), world_rope_unrotated_size=4)
+
+
+def test_a_weights_folder_prefers_safetensors_which_needs_no_torch(tmp_path):
+    from deltaworld_jax.forecast import inputs
+
+    for name in ("pytorch_model.bin", "model.safetensors", "config.json"):
+        (tmp_path / name).write_bytes(b"x")
+    assert inputs._weights_in(str(tmp_path), "tokenizer") == str(tmp_path / "model.safetensors")
+    (tmp_path / "model.safetensors").unlink()
+    assert inputs._weights_in(str(tmp_path), "tokenizer") == str(tmp_path / "pytorch_model.bin")

@@ -173,7 +173,9 @@ def stitch(images: list[np.ndarray], layout: dict) -> np.ndarray:
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
-_PREFERRED = ("pytorch_model.bin", "model.safetensors", "model.pth", "model.pt")
+# safetensors first: it loads without torch (`python -m deltaworld_jax.pretrained.convert` writes it next to a
+# release's pytorch_model.bin) and without unpickling.
+_PREFERRED = ("model.safetensors", "pytorch_model.bin", "model.pth", "model.pt")
 
 
 def is_hub_id(source: str) -> bool:
