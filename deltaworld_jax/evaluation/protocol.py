@@ -40,7 +40,7 @@ import numpy as np
 from flax import nnx
 
 from deltaworld_jax.data.sampling import square_crops
-from deltaworld_jax.models.heads import DepthHead, SegHead
+from deltaworld_jax.models.heads import DepthHead, SegHead, on_patch_grid
 from deltaworld_jax.evaluation.metrics import MeanIoU, RootMeanSquaredError, iou_from_confusion
 # The forecasters live in forecasters.py; the protocol below and callers use them as evaluation.<name>.
 from deltaworld_jax.evaluation.forecasters import (  # noqa: F401
@@ -152,13 +152,9 @@ def _per_clip_loss(criterion, preds, targets):
 
 @partial(nnx.jit, static_argnames=("grid_hw", "target_hw", "overlap", "is_wide"))
 def _head_on_labels(head, feats_bnd, *, grid_hw, target_hw, overlap, is_wide):
-    return upsample_to_labels(_apply_head(head, feats_bnd, grid_hw), target_hw, overlap, is_wide)
-
-
-def _apply_head(head, feats_bnd: Array, grid_hw) -> Array:
-    b, n, d = feats_bnd.shape
-    out = head(feats_bnd.reshape(b, *grid_hw, d))
-    return out if out.ndim == 4 else out[..., None]  # depth [B, h, w] -> [B, h, w, 1]
+    out = on_patch_grid(head, feats_bnd, grid_hw)
+    out = out if out.ndim == 4 else out[..., None]  # depth [B, h, w] -> [B, h, w, 1]
+    return upsample_to_labels(out, target_hw, overlap, is_wide)
 
 
 def _square_batch(batch: Mapping[str, Any]):

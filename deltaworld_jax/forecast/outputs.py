@@ -86,13 +86,6 @@ def score(out: dict[str, Any]) -> dict[str, Any] | None:
             "copy_last": feature_error(np.broadcast_to(out["context"][:, -1:], truth.shape), truth)}
 
 
-def _head_maps(head, feats: np.ndarray, grid_hw) -> np.ndarray:
-    from deltaworld_jax.evaluation import pictures
-
-    f = np.asarray(feats, np.float32)
-    return np.asarray(pictures.apply_head(head, f.reshape(-1, *grid_hw, f.shape[-1])))
-
-
 # ----------------------------------------------------------------------------------------------------
 # Pictures
 # ----------------------------------------------------------------------------------------------------
@@ -109,9 +102,7 @@ def decode_features(models: dict[str, Any], result: dict[str, Any], fit_on: np.n
         head = models["rgb_head"]
 
         def rgb(f):
-            f = np.asarray(f, np.float32)
-            pixels = np.asarray(pictures.apply_head(head, f.reshape(-1, *grid_hw, f.shape[-1])))
-            return [pictures.rgb_image(x) for x in pixels]
+            return [pictures.rgb_image(x) for x in pictures.head_maps(head, f, grid_hw)]
 
         return rgb, "rgb"
     if isinstance(vfm, PixelPatchVFM):
@@ -246,7 +237,7 @@ def draw_heads(models: dict[str, Any], views: list[dict], layout: dict, frames_t
         if all(v.get("best") is not None for v in views):
             rows_src = {"frames": rows_src["frames"], "best": lambda v: v["rollouts"][v["best"]],
                         "mean": rows_src["mean"]}
-        maps = {row: [_head_maps(head, fn(v), grid_hw) for v in views] for row, fn in rows_src.items()}
+        maps = {row: [pictures.head_maps(head, fn(v), grid_hw) for v in views] for row, fn in rows_src.items()}
         if name == "seg_head":
             maps = {row: [m.argmax(-1) for m in ms] for row, ms in maps.items()}
         else:
