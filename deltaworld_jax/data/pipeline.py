@@ -74,8 +74,8 @@ def make_train_source(data_config):
     if kind == "synthetic":
         c = data_config.synthetic
         height, width = synthetic_render_size(data_config)
-        return SyntheticSource(synthetic_world_config(c, width / height), c.seed, c.num_clips, c.duration, c.fps, height, width,
-                               from_black_probability=c.from_black_probability,
+        return SyntheticSource(synthetic_world_config(c, width / height), c.seed, c.num_clips, c.duration, c.fps,
+                               height, width, from_black_probability=c.from_black_probability,
                                cut_probability=c.cut_probability)
     if not data_config.root:
         raise ValueError(f"config.data.root must name the folder of the {kind!r} source")

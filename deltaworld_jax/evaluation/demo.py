@@ -167,7 +167,7 @@ def uncertain_futures_picture(outputs: list[dict], vfm: Any, num_clips: int,
         clip_rows, clip_names = futures_rows(output, vfm, int(clip), samples_shown)
         rows += clip_rows
         names += [f"clip {int(clip)}: {n}" if i == 0 else n for i, n in enumerate(clip_names)]
-    return pictures.labelled_grid(rows, names, max_cell=DISPLAY_SIZE)
+    return pictures.grid_with_row_names(rows, names, max_cell=DISPLAY_SIZE)
 
 
 CRITERION_NAMES = {"": "the models' own criterion (smooth-L1, beta 0.1)", "smooth_l1": "smooth-L1 (beta 0.1)",

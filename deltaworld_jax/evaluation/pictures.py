@@ -208,10 +208,10 @@ def futures_picture(context: Sequence[np.ndarray | None], truth: Sequence[np.nda
     rows, names = forecast_rows(context, truth, futures)
     if frames is not None:
         rows, names = [list(frames)] + rows, ["frames"] + names
-    return labelled_grid(rows, names) if with_names else grid_image(rows)
+    return grid_with_row_names(rows, names) if with_names else grid_image(rows)
 
 
-def labelled_grid(rows: Sequence[Sequence[np.ndarray | None]], names: Sequence[str],
+def grid_with_row_names(rows: Sequence[Sequence[np.ndarray | None]], names: Sequence[str],
                   max_cell: int = 256) -> np.ndarray:
     """uint8 grid of `rows` (as wide as the longest row) with each row's name on a strip to its left."""
     image = grid_image(rows, max(len(r) for r in rows), max_cell)

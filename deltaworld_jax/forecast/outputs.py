@@ -64,9 +64,11 @@ def forecast_features(models: dict[str, Any], frames: np.ndarray, timestamps: np
 
 
 def feature_error(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """smooth-L1 (beta 0.1, the DeltaWorld criterion) averaged over patches and channels."""
-    d = np.abs(np.asarray(pred, np.float64) - np.asarray(target, np.float64))
-    return np.where(d < 0.1, 0.5 * d * d / 0.1, d - 0.05).mean(axis=(-2, -1))
+    """The DeltaWorld criterion (evaluation.forecasters.world_criterion: smooth-L1, beta 0.1) averaged over
+    patches and channels, as numpy."""
+    from deltaworld_jax.evaluation.forecasters import world_criterion
+
+    return np.asarray(world_criterion(np.asarray(pred), np.asarray(target)).mean(axis=(-2, -1)))
 
 
 def score(out: dict[str, Any]) -> dict[str, Any] | None:
