@@ -353,15 +353,21 @@ def headline(results: dict) -> list[dict]:
     """One row per (dataset, model, selection, c/h): the metric of the LAST predicted frame (the published
     '1 frame' / '3 frames' numbers) and the mean loss over the horizon."""
     rows = []
+    for dataset, model, ch, selection, entry in result_entries(results):
+        last = max((k for k in entry if k.startswith("t")), key=lambda k: int(k[1:]))
+        metric = {k: v for k, v in entry[last].items() if k != "loss"}
+        rows.append(dict(dataset=dataset, model=model, selection=selection, setting=ch, step=last,
+                         loss=entry["loss"], **metric))
+    return rows
+
+
+def result_entries(results: dict):
+    """(dataset, model, c{ctx}_h{horizon}, selection, entry) for every entry of a results tree."""
     for dataset, models in results.items():
         for model, chs in models.items():
             for ch, selections in chs.items():
                 for selection, entry in selections.items():
-                    last = max((k for k in entry if k.startswith("t")), key=lambda k: int(k[1:]))
-                    metric = {k: v for k, v in entry[last].items() if k != "loss"}
-                    rows.append(dict(dataset=dataset, model=model, selection=selection, setting=ch, step=last,
-                                     loss=entry["loss"], **metric))
-    return rows
+                    yield dataset, model, ch, selection, entry
 
 
 def write_results(results: dict, workdir: str, name: str = "eval_results") -> tuple[str, str]:
@@ -433,16 +439,13 @@ def load_heads(paths: Mapping[str, str], vfm: nnx.Module) -> dict[str, nnx.Modul
 def flatten_results(results: dict) -> dict[str, float]:
     """{'<dataset>/<model>/<c_h>/<selection>/<t or mean>_<metric>': value} for scalar writers."""
     flat = {}
-    for dataset, models in results.items():
-        for model, chs in models.items():
-            for ch, selections in chs.items():
-                for selection, entry in selections.items():
-                    prefix = f"{dataset}/{model}/{ch}/{selection}"
-                    for step, values in entry.items():
-                        if step == "loss":
-                            flat[f"{prefix}/loss"] = values
-                        else:
-                            flat.update({f"{prefix}/{step}_{k}": v for k, v in values.items()})
+    for dataset, model, ch, selection, entry in result_entries(results):
+        prefix = f"{dataset}/{model}/{ch}/{selection}"
+        for step, values in entry.items():
+            if step == "loss":
+                flat[f"{prefix}/loss"] = values
+            else:
+                flat.update({f"{prefix}/{step}_{k}": v for k, v in values.items()})
     return flat
 
 
