@@ -12,6 +12,9 @@ INSTALL_REQUIRES = [
     "av",
     "clu",
     "etils[epath]",
+    # tensorflow-datasets 4.9.10 imports importlib_resources on every Python (its builders' code_path) but
+    # declares it only for Python < 3.9; a fresh install without it fails in tfds.builder(...).
+    "importlib_resources",
     "flax>=0.12",
     "grain>=0.2.12",
     "huggingface_hub",
@@ -38,8 +41,10 @@ TORCH_REQUIRES = ["torch>=2.4,<2.14"]
 # `tfds build` of the data sets (deltaworld_jax/data/tfds_builders.py) with Apache Beam on many machines
 # (Dataflow, Spark, Flink) or its DirectRunner. tensorflow-datasets 4.9.10's `tfds` command also imports
 # apache_beam and mlcroissant before running any subcommand, so the command line needs this extra too.
-# Not in the test extra: apache-beam 2.77 caps protobuf < 7, pillow < 13 and pyarrow < 26, which would
-# move the whole test environment; the two tests that need it skip without it.
+# apache-beam 2.77 caps protobuf < 7, pillow < 13 and pyarrow < 26: with it pip resolves protobuf 6.33.6,
+# pillow 12.3.0 and pyarrow 25.0.1, inside every other requirement's range (jax, tensorflow-cpu 2.21,
+# tensorboard, tensorflow-datasets, orbax, grain: `pip check` clean). .ci/run installs it with the test extra,
+# so the Beam DirectRunner tests of tests/test_tfds_builders.py run there (they skip where Beam is absent).
 BEAM_REQUIRES = ["apache-beam>=2.60", "mlcroissant"]
 
 TEST_REQUIRES = [

@@ -27,7 +27,7 @@ from PIL import Image
 from deltaworld_jax.data import prepare
 from deltaworld_jax.data.config import default_data_config
 from deltaworld_jax.data.pipeline import make_train_iterator
-from deltaworld_jax.data.synthetic import SyntheticWorld, WorldConfig
+from deltaworld_jax.data.synthetic import SyntheticWorld, SyntheticWorldConfig
 
 _SOURCE = flags.DEFINE_string("source", "all", "synthetic, videos, frames, arrayrecord, or all.")
 _ROOT = flags.DEFINE_string("root", "", "Folder of the source (default: generate data sets in a temp folder).")
@@ -45,7 +45,7 @@ _FPS = 25
 
 def textured_frames(video: int, num_frames: int, height: int, width: int):
     """Synthetic-world shapes over a smooth, panning texture (compresses like real footage, not flat)."""
-    world = SyntheticWorld(WorldConfig(aspect=width / height, event_rate=1.0), seed=video)
+    world = SyntheticWorld(SyntheticWorldConfig(aspect=width / height, event_rate=1.0), seed=video)
     rng = np.random.default_rng(video)
     coarse = rng.integers(0, 256, (height // 8 + 2, (width + num_frames * 2) // 8 + 2, 3), dtype=np.uint8)
     texture = np.asarray(Image.fromarray(coarse).resize((coarse.shape[1] * 8, coarse.shape[0] * 8),

@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from deltaworld_jax.data.synthetic import SyntheticWorld, WorldConfig
+from deltaworld_jax.data.synthetic import SyntheticWorld, SyntheticWorldConfig
 from deltaworld_jax.models.deltatok import DeltaTok, DeltaTokConfig
 from deltaworld_jax.models.dinov3 import PixelPatchVFM
 
@@ -60,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> dict[str, float]:
     size, patch, dt = 32, 4, 0.2
     speed = tuple(float(s) for s in args.speed.split(","))
-    world_config = WorldConfig(initial_shapes=args.initial_shapes, speed_range=speed, radius_range=(0.12, 0.22),
+    world_config = SyntheticWorldConfig(initial_shapes=args.initial_shapes, speed_range=speed, radius_range=(0.12, 0.22),
                                event_rate=args.event_rate)
     t0 = time.perf_counter()
     train = render_pairs(SyntheticWorld(world_config, seed=0), args.train_pairs, size, dt, seed=1)

@@ -27,8 +27,11 @@ def base_config() -> ml_collections.ConfigDict:
         lr=1e-3, warmup_steps=5000, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip_norm=0.0,
         accumulation_steps=1, max_consecutive_nonfinite=10))  # non-finite updates are skipped; this many in a row stop
     # compilation_cache: JAX's persistent compilation cache ('' off; relative = under the workdir, or gs://...)
+    # profile_steps: a profiler trace of that many steps (0: none), profile_after_steps after the run (re)starts,
+    # written to <workdir>/plugins/profile/ (training/metrics.py Profiler: clu's periodic_actions.Profile).
     c.train = ml_collections.ConfigDict(dict(batch_size=1024, num_steps=1, log_every_steps=50, init_from="",
-                                             resume_from="", write_metrics=True, compilation_cache="jax_cache"))
+                                             resume_from="", write_metrics=True, compilation_cache="jax_cache",
+                                             profile_steps=0, profile_after_steps=5))
     # Official: `last` every 500 steps, plus every 50,000 steps kept forever.
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep_last=2, keep_period=50_000,
                                                   async_save=True))

@@ -1,4 +1,5 @@
-"""Training objectives: log-cosh (DeltaTok), smooth-L1 (DeltaWorld, DINO-World), best-of-K selection.
+"""Training objectives: log-cosh (DeltaTok), smooth-L1 (DeltaWorld, DINO-World), best-of-K selection
+(of candidates in training, of sampled futures in evaluation).
 
 All losses are elementwise (no reduction) and computed in float32, like the official criteria with
 `reduction="none"`; callers average."""
@@ -40,3 +41,10 @@ def best_of_k(losses: Array, candidates: Array) -> tuple[Array, Array]:
         candidates, index.reshape(index.shape + (1,) * (candidates.ndim - index.ndim)), axis=index.ndim
     )
     return jnp.squeeze(chosen, axis=index.ndim), index
+
+
+def best_of_samples(rollouts_bshnd: Array, targets_bhnd: Array, criterion) -> tuple[Array, Array]:
+    """The official best-of-N of sampled futures: per clip, the sample whose LAST predicted frame has the lowest
+    mean elementwise `criterion` (pred, target) to the truth. Returns (best rollout [B, horizon, N, D], index [B])."""
+    losses = jnp.mean(criterion(rollouts_bshnd[:, :, -1], targets_bhnd[:, None, -1]), axis=(-2, -1))  # [B, S]
+    return best_of_k(losses, rollouts_bshnd)

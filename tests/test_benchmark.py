@@ -3,6 +3,7 @@ compiled train step, remat policies, the step timer, and the analytic model at t
 
 from __future__ import annotations
 
+import functools
 import pathlib
 
 import jax
@@ -16,6 +17,7 @@ from benchmarks import analysis
 from deltaworld_jax import aot as program, flops as flops_lib
 from deltaworld_jax.training import remat as remat_lib
 from deltaworld_jax.models import layers
+from deltaworld_jax.data.sampling import center_square
 from configs import common
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -280,7 +282,7 @@ def test_cached_tokens_equal_tokenizing_the_sampled_frames(token_cache):
     assert summary["num_videos"] == 2 and summary["frames"] == 24
     cache = tokens.TokenCache(config.data.token_cache)
     source = pipeline.make_train_source(config.data)
-    transform = tokens.center_square_transform(32)
+    transform = functools.partial(center_square, size=32)
     for video in range(2):
         clip = cache.load_clip(video, 4, config.data.time_stride_range, clip_rng(5, video))
         frames = np.stack(source.read_frames(video, clip["frame_indices"], transform))[None]
@@ -329,7 +331,7 @@ def test_training_from_cached_tokens_gives_the_frames_loss(token_cache):
     frozen = {"vfm": vfm, "tokenizer": tok}
     cache = tokens.TokenCache(config.data.token_cache)
     source = pipeline.make_train_source(config.data)
-    transform = tokens.center_square_transform(32)
+    transform = functools.partial(center_square, size=32)
     clips = [cache.load_clip(v, 4, config.data.time_stride_range, clip_rng(9, v)) for v in (0, 1)]
     frames = np.stack([np.stack(source.read_frames(v, c["frame_indices"], transform)) for v, c in zip((0, 1), clips)])
     times = np.stack([c["timestamps"] for c in clips])

@@ -10,7 +10,7 @@ from PIL import Image
 from deltaworld_jax.data.pipeline import split_into_square_crops
 from deltaworld_jax.data.sampling import (TrainFrameTransform, clip_rng, eval_resize_hw, random_resized_crop_box,
                                           resize_bilinear_like_cv2, sample_train_frame_indices)
-from deltaworld_jax.data.synthetic import SyntheticWorld, WorldConfig
+from deltaworld_jax.data.synthetic import SyntheticWorld, SyntheticWorldConfig
 
 
 def test_train_sampling_strides_and_relative_timestamps():
@@ -113,12 +113,12 @@ def test_square_crops_split_frames_overlapping_and_labels_in_halves():
 
 
 def test_synthetic_world_is_deterministic_per_seed_and_index():
-    world = SyntheticWorld(WorldConfig(), seed=7)
+    world = SyntheticWorld(SyntheticWorldConfig(), seed=7)
     a = [world.render(s, 24, 40) for s in world.states_at(3, [0.0, 0.5, 2.0])]
-    b = [world.render(s, 24, 40) for s in SyntheticWorld(WorldConfig(), seed=7).states_at(3, [2.0, 0.5, 0.0])[::-1]]
+    b = [world.render(s, 24, 40) for s in SyntheticWorld(SyntheticWorldConfig(), seed=7).states_at(3, [2.0, 0.5, 0.0])[::-1]]
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert a[0].shape == (24, 40, 3) and a[0].dtype == np.uint8
-    other_seed = world.render(SyntheticWorld(WorldConfig(), seed=8).state_at(3, 0.5), 24, 40)
+    other_seed = world.render(SyntheticWorld(SyntheticWorldConfig(), seed=8).state_at(3, 0.5), 24, 40)
     other_clip = world.render(world.state_at(4, 0.5), 24, 40)
     assert not np.array_equal(a[1], other_seed) and not np.array_equal(a[1], other_clip)
     # Shapes stay inside the walls however long they bounce.
@@ -129,7 +129,7 @@ def test_synthetic_world_is_deterministic_per_seed_and_index():
 
 
 def test_synthetic_futures_branch_only_through_events():
-    stochastic = SyntheticWorld(WorldConfig(event_rate=3.0), seed=0)
+    stochastic = SyntheticWorld(SyntheticWorldConfig(event_rate=3.0), seed=0)
     state = stochastic.state_at(0, 1.0)
     _, frames = stochastic.sample_futures(state, 4, [0.5, 1.0, 2.0], seed=1, height=32, width=32)
     assert frames.shape == (4, 3, 32, 32, 3)
@@ -137,7 +137,7 @@ def test_synthetic_futures_branch_only_through_events():
     assert any(differs)
     _, again = stochastic.sample_futures(state, 4, [0.5, 1.0, 2.0], seed=1, height=32, width=32)
     assert np.array_equal(frames, again)  # the futures themselves are reproducible
-    deterministic = SyntheticWorld(WorldConfig(event_rate=0.0), seed=0)
+    deterministic = SyntheticWorld(SyntheticWorldConfig(event_rate=0.0), seed=0)
     _, frames = deterministic.sample_futures(deterministic.state_at(0, 1.0), 3, [0.5, 2.0], height=32, width=32)
     assert all(np.array_equal(frames[0], frames[k]) for k in range(3))
     # A future sampled from the clip's own state agrees with the clip up to the first new event.

@@ -13,7 +13,7 @@ from flax import nnx
 from test_predictor import assert_close, losses_over_steps, make_random, official_state_dict, torch_causal_mask, torch_predictor
 
 from deltaworld_jax.models.deltatok import DeltaTok, DeltaTokConfig
-from deltaworld_jax.models.deltaworld import DeltaWorld, DeltaWorldConfig, best_of_samples, mean_of_samples
+from deltaworld_jax.models.deltaworld import DeltaWorld, DeltaWorldConfig
 from deltaworld_jax.models.predictor import candidate_queries, noise_queries
 from deltaworld_jax.objectives import smooth_l1
 
@@ -178,19 +178,6 @@ def test_rollout_follows_the_official_step_loop(rollout_setup):
         return jnp.stack(out, 1).reshape(B, s, horizon, -1, D)
 
     np.testing.assert_allclose(np.asarray(preds), np.asarray(reference(world, tok)), rtol=1e-5, atol=1e-6)
-
-
-def test_best_and_mean_of_samples():
-    rng = np.random.default_rng(5)
-    rollouts = rng.normal(size=(2, 4, 3, 5, 6)).astype(np.float32)
-    targets = rng.normal(size=(2, 3, 5, 6)).astype(np.float32)
-    rollouts[0, 2, -1] = targets[0, -1] + 0.01  # sample 2 is best for clip 0 (on the last frame only)
-    rollouts[1, 1, :-1] = targets[1, :-1]  # sample 1 is perfect EXCEPT on the last frame: not chosen for that
-    rollouts[1, 3, -1] = targets[1, -1]
-    best, index = best_of_samples(jnp.asarray(rollouts), jnp.asarray(targets))
-    np.testing.assert_array_equal(np.asarray(index), [2, 3])
-    np.testing.assert_array_equal(np.asarray(best), rollouts[[0, 1], [2, 3]])
-    np.testing.assert_allclose(np.asarray(mean_of_samples(jnp.asarray(rollouts))), rollouts.mean(1), rtol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------------

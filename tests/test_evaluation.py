@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 import deltaworld_jax  # noqa: F401
-from deltaworld_jax.models.heads import DepthHead, SegHead
+from deltaworld_jax.models.heads import DepthHead, SegHead, on_patch_grid
 from deltaworld_jax.data.sampling import square_crops
 from deltaworld_jax.evaluation import protocol as ev
 from deltaworld_jax.evaluation import forecasters
@@ -110,8 +110,8 @@ def _static_batch(b=2, t=7, hw=(8, 8), seed=0):
 
 def _oracle_labels(head, vfm, frames, label_hw):
     feats = vfm(frames[:, 0])
-    out = ev._apply_head(head, feats, (frames.shape[2] // P, frames.shape[3] // P))
-    up = ev.resize_bilinear(out, label_hw)
+    out = on_patch_grid(head, feats, (frames.shape[2] // P, frames.shape[3] // P))
+    up = ev.resize_bilinear(out if out.ndim == 4 else out[..., None], label_hw)
     labels = np.asarray(jnp.argmax(up, -1)) if isinstance(head, SegHead) else np.asarray(up[..., 0])
     return np.repeat(labels[:, None], frames.shape[1], axis=1)
 
@@ -184,6 +184,21 @@ def test_select_samples_best_uses_last_frame():
     sel = ev.select_samples(ev.Forecast(rollouts, targets, targets[:, :1], 1), ev.world_criterion)
     assert int(sel["best"][1][0]) == 1
     np.testing.assert_allclose(sel["mean"][0], 0.5)
+
+
+def test_best_and_mean_of_random_samples():
+    """select_samples (objectives.best_of_samples): the best sample is the closest on the LAST frame only."""
+    rng = np.random.default_rng(5)
+    rollouts = rng.normal(size=(2, 4, 3, 5, 6)).astype(np.float32)
+    targets = rng.normal(size=(2, 3, 5, 6)).astype(np.float32)
+    rollouts[0, 2, -1] = targets[0, -1] + 0.01  # sample 2 is best for clip 0 (on the last frame only)
+    rollouts[1, 1, :-1] = targets[1, :-1]  # sample 1 is perfect EXCEPT on the last frame: not chosen for that
+    rollouts[1, 3, -1] = targets[1, -1]
+    sel = ev.select_samples(ev.Forecast(jnp.asarray(rollouts), jnp.asarray(targets), None, 1), ev.world_criterion)
+    best, index = sel["best"]
+    np.testing.assert_array_equal(np.asarray(index), [2, 3])
+    np.testing.assert_array_equal(np.asarray(best), rollouts[[0, 1], [2, 3]])
+    np.testing.assert_allclose(np.asarray(sel["mean"][0]), rollouts.mean(1), rtol=1e-6)
 
 
 def test_wide_static_video_copy_last_equals_truth():

@@ -252,6 +252,23 @@ def test_non_finite_updates_are_skipped_counted_and_never_saved(tmp_path):
     print("blow-up: kept steps", kept, "; resumed with lr 1e-3:", sane["losses"])
 
 
+def test_profile_steps_write_a_trace_and_are_off_by_default(tmp_path):
+    """config.train.profile_steps=2 (clu's periodic_actions.Profile): a profiler trace of steps 2-3 lands under
+    <workdir>/plugins/profile/ (TensorBoard's profile tab); off by default, a run writes none."""
+    assert common.base_config().train.profile_steps == 0
+    plain = trainer.run(toy_config(**{"train.num_steps": 2}), str(tmp_path / "plain"), data_fn=toy_data)
+    assert plain["step"] == 2 and not (tmp_path / "plain" / "plugins").exists()
+    traced = trainer.run(toy_config(**{"train.num_steps": 4, "train.profile_steps": 2, "train.profile_after_steps": 1}),
+                         str(tmp_path / "traced"), data_fn=toy_data)
+    assert traced["step"] == 4
+    traces = list((tmp_path / "traced" / "plugins" / "profile").glob("*/*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0, traces
+    # A run that ends inside the trace window closes the trace (the next trace can start).
+    short = trainer.run(toy_config(**{"train.num_steps": 2, "train.profile_steps": 5, "train.profile_after_steps": 0}),
+                        str(tmp_path / "short"), data_fn=toy_data)
+    assert short["step"] == 2 and list((tmp_path / "short" / "plugins" / "profile").glob("*/*.xplane.pb"))
+
+
 def test_persistent_compilation_cache_is_on_for_real_runs(tmp_path, monkeypatch):
     """config.train.compilation_cache: relative -> under the workdir (the default 'jax_cache'), absolute or
     gs:// as given, '' off; a cache the caller configured (JAX_COMPILATION_CACHE_DIR, a test session) wins."""
@@ -281,6 +298,7 @@ def test_persistent_compilation_cache_is_on_for_real_runs(tmp_path, monkeypatch)
     ({"optim.lr": 0.0}, "optim.lr must be positive"),
     ({"model.kind": "deltaworld"}, "config.tokenizer.checkpoint"),
     ({"train.init_from": "/nonexistent/run"}, "init_from='/nonexistent/run' does not exist"),
+    ({"train.profile_steps": -1}, "profile_steps and profile_after_steps must be >= 0"),
 ])
 def test_bad_config_values_fail_before_compile(tmp_path, overrides, message, monkeypatch):
     config = toy_config(**overrides)

@@ -48,7 +48,7 @@ _LAZY = {
     "EvalIterator": "deltaworld_jax.data.pipeline",
     "place_batch": "deltaworld_jax.data.placement",
     "SyntheticWorld": "deltaworld_jax.data.synthetic",
-    "WorldConfig": "deltaworld_jax.data.synthetic",
+    "SyntheticWorldConfig": "deltaworld_jax.data.synthetic",
 }
 
 __all__ = ["default_data_config", "default_eval_config", "default_synthetic_config", *_LAZY]

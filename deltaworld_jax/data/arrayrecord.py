@@ -170,16 +170,21 @@ class ArrayRecordSource:
         return cached_reader(self._readers, self.shard_paths, shard)
 
     def frame_timestamps(self, index: int) -> np.ndarray:
-        count = int(self._counts[index])
-        if count < self.min_frames:
-            raise BrokenInput("too_short", self.describe(index), f"{count} frames, need at least {self.min_frames}")
-        start = int(self._ts_offsets[index])
-        return self._timestamps[start:start + count]
+        return video_timestamps(self._timestamps, int(self._ts_offsets[index]), int(self._counts[index]),
+                                self.min_frames, self.describe(index))
 
     def read_frames(self, index: int, frame_indices: Sequence[int], transform: FrameTransform) -> list[np.ndarray]:
         first = int(self._first[index])
         records = self._reader(int(self._shard_of[index])).read([first + int(i) for i in frame_indices])
         return decode_jpegs(records, self.describe(index), transform)
+
+
+def video_timestamps(timestamps: np.ndarray, start: int, count: int, min_frames: int, where: str) -> np.ndarray:
+    """A video's `count` frame times from `start` in the array holding every video's times; a video shorter
+    than `min_frames` is BrokenInput (named by `where`)."""
+    if count < min_frames:
+        raise BrokenInput("too_short", where, f"{count} frames, need at least {min_frames}")
+    return timestamps[start:start + count]
 
 
 def cached_reader(readers: dict[int, ArrayRecordReader], paths: Sequence[str], shard: int) -> ArrayRecordReader:

@@ -36,7 +36,7 @@ from deltaworld_jax.data.sampling import (TrainFrameTransform, clip_rng, eval_re
                                           resize_bilinear_like_cv2, sample_train_frame_indices)
 from deltaworld_jax.data.sources import (DATA_EXCEPTIONS, ERROR_KINDS, BrokenInput, FrameFolderSource,
                                          VideoFileSource)
-from deltaworld_jax.data.synthetic import SyntheticSource, WorldConfig
+from deltaworld_jax.data.synthetic import SyntheticSource, SyntheticWorldConfig
 
 
 def _ensure_absl_flags_parsed() -> None:
@@ -60,9 +60,9 @@ def synthetic_render_size(data_config) -> tuple[int, int]:
     return (c.height or math.ceil(out_h * grow)), (c.width or math.ceil(out_w * grow))
 
 
-def world_config(synthetic_config, aspect: float) -> WorldConfig:
+def synthetic_world_config(synthetic_config, aspect: float) -> SyntheticWorldConfig:
     c = synthetic_config
-    return WorldConfig(aspect=aspect, max_shapes=c.max_shapes, initial_shapes=c.initial_shapes,
+    return SyntheticWorldConfig(aspect=aspect, max_shapes=c.max_shapes, initial_shapes=c.initial_shapes,
                        event_rate=c.event_rate, speed_range=tuple(c.speed_range),
                        radius_range=tuple(c.radius_range), appear_probability=c.appear_probability)
 
@@ -74,8 +74,8 @@ def make_train_source(data_config):
     if kind == "synthetic":
         c = data_config.synthetic
         height, width = synthetic_render_size(data_config)
-        return SyntheticSource(world_config(c, width / height), c.seed, c.num_clips, c.duration, c.fps, height, width,
-                               from_black_probability=c.from_black_probability,
+        return SyntheticSource(synthetic_world_config(c, width / height), c.seed, c.num_clips, c.duration, c.fps,
+                               height, width, from_black_probability=c.from_black_probability,
                                cut_probability=c.cut_probability)
     if not data_config.root:
         raise ValueError(f"config.data.root must name the folder of the {kind!r} source")

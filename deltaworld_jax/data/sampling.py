@@ -165,6 +165,24 @@ def eval_resize_hw(height: int, width: int, frame_size: int | Sequence[int], max
     return min(int(round(height * scale)), max_size), min(int(round(width * scale)), max_size)
 
 
+def short_side_hw(height: int, width: int, size: int) -> tuple[int, int]:
+    """(h, w) of a frame resized so its short side is `size` (aspect kept, rounded; never below `size`)."""
+    scale = size / min(height, width)
+    return max(size, round(height * scale)), max(size, round(width * scale))
+
+
+def center_square(frame: Image.Image | np.ndarray, size: int) -> np.ndarray:
+    """uint8 [size, size, 3]: the short side resized to `size` (bilinear), then the centred square cut out.
+    The one centre crop of the forecasts (--crop=center) and of the token cache's frames."""
+    image = frame if isinstance(frame, Image.Image) else Image.fromarray(np.asarray(frame))
+    image = image.convert("RGB")
+    h, w = short_side_hw(image.height, image.width, size)
+    if (h, w) != (image.height, image.width):
+        image = image.resize((w, h), Image.BILINEAR)
+    top, left = (h - size) // 2, (w - size) // 2
+    return np.asarray(image, np.uint8)[top:top + size, left:left + size]
+
+
 def square_crops(frames: np.ndarray, labels: np.ndarray | None = None):
     """[B, T, H, W, 3] -> ([2B, T, s, s, 3] (all first crops, then all second crops), labels [2B, T, lh, ~lw/2]
     or [2B, T, ~lh/2, lw], overlap, is_wide). Square frames are returned unchanged with is_wide None.

@@ -34,7 +34,9 @@ EVENT_KINDS = ("turn", "speed", "appear")
 
 
 @dataclasses.dataclass(frozen=True)
-class WorldConfig:
+class SyntheticWorldConfig:
+    """The synthetic world's rules: shapes, their speeds and sizes, how often events happen."""
+
     aspect: float = 1.0  # world width / height; the world spans x in [0, aspect], y in [0, 1]
     max_shapes: int = 6
     initial_shapes: int = 3
@@ -70,7 +72,7 @@ def _fold(unfolded: np.ndarray, low: np.ndarray, high: np.ndarray):
 
 
 class SyntheticWorld:
-    def __init__(self, config: WorldConfig = WorldConfig(), seed: int = 0):
+    def __init__(self, config: SyntheticWorldConfig = SyntheticWorldConfig(), seed: int = 0):
         self.config = config
         self.seed = int(seed)
 
@@ -207,7 +209,7 @@ class SyntheticSource:
     `cut_probability` with a cut from another clip (the first frame read is another clip's, as at a scene cut
     in real video)."""
 
-    def __init__(self, config: WorldConfig, seed: int, num_clips: int, duration: float, fps: float,
+    def __init__(self, config: SyntheticWorldConfig, seed: int, num_clips: int, duration: float, fps: float,
                  height: int, width: int, from_black_probability: float = 0.0, cut_probability: float = 0.0):
         for name, value in (("from_black_probability", from_black_probability), ("cut_probability", cut_probability)):
             if not 0.0 <= value <= 1.0:

@@ -27,8 +27,8 @@ from typing import NamedTuple
 import numpy as np
 from etils import epath
 
-from deltaworld_jax.data.arrayrecord import cached_reader, decode_jpegs
-from deltaworld_jax.data.sources import BrokenInput, FrameTransform
+from deltaworld_jax.data.arrayrecord import cached_reader, decode_jpegs, video_timestamps
+from deltaworld_jax.data.sources import FrameTransform
 
 FRAME_SLOTS = 2 ** 20  # frames a video may have (keys are video * FRAME_SLOTS + frame)
 VIDEOS_PER_INDEX_FILE = 4096
@@ -162,11 +162,8 @@ class TfdsVideoSource(_LazyDataSource):
         return f"{self.describe_dataset()}:{self.names[index]}"
 
     def frame_timestamps(self, index: int) -> np.ndarray:
-        count = int(self._counts[index])
-        if count < self.min_frames:
-            raise BrokenInput("too_short", self.describe(index), f"{count} frames, need at least {self.min_frames}")
-        start = int(self._first[index])
-        return self._timestamps[start:start + count]
+        return video_timestamps(self._timestamps, int(self._first[index]), int(self._counts[index]),
+                                self.min_frames, self.describe(index))
 
     def _records(self, positions: list[int]) -> list[tuple[bytes, int, int]]:
         """(jpeg, video, frame) of the records at `positions` of the split."""

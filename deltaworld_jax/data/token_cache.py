@@ -21,6 +21,7 @@ Layout: <output>/index.json and one <output>/video_<i>.npz per video (timestamps
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -33,8 +34,7 @@ import ml_dtypes
 import numpy as np
 from absl import logging
 from flax import nnx
-from PIL import Image
-
+from deltaworld_jax.data.sampling import center_square
 from deltaworld_jax.models.deltatok import DeltaTok
 
 INDEX = "index.json"
@@ -47,22 +47,6 @@ def max_index_gap(timestamps: np.ndarray, stride_range: tuple[float, float]) -> 
     if dt.size == 0:
         return 0
     return int(math.ceil((stride_range[1] + dt.max()) / dt.min()))
-
-
-def center_square_transform(frame_size: int):
-    """Deterministic frame transform: center crop to a square, bilinear resize to frame_size, uint8 HWC."""
-
-    def transform(frame) -> np.ndarray:
-        image = frame if isinstance(frame, Image.Image) else Image.fromarray(np.asarray(frame))
-        w, h = image.size
-        side = min(w, h)
-        left, top = (w - side) // 2, (h - side) // 2
-        image = image.crop((left, top, left + side, top + side)).convert("RGB")
-        if side != frame_size:
-            image = image.resize((frame_size, frame_size), Image.BILINEAR)
-        return np.asarray(image, np.uint8)
-
-    return transform
 
 
 class VideoTokenizer:
@@ -164,7 +148,7 @@ def write_token_cache(config, output: str, vfm, tokenizer: DeltaTok, *, num_clip
     stride_range = tuple(float(s) for s in data.time_stride_range)
     videos = range(len(source) if num_clips is None else min(num_clips, len(source)))
     worker = VideoTokenizer(vfm, tokenizer, (size, size))
-    transform = center_square_transform(size)
+    transform = functools.partial(center_square, size=size)
     os.makedirs(output, exist_ok=True)
     dtype = None
     t0 = time.perf_counter()

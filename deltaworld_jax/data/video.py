@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Iterator, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import av
 import numpy as np
@@ -126,9 +126,7 @@ def index_frames(path: str) -> FrameIndex:
     if os.path.getsize(path) == 0:
         raise UnreadableVideo("empty file")
     with av.open(path) as container:
-        if not container.streams.video:
-            raise UnreadableVideo("no video stream")
-        stream = container.streams.video[0]
+        stream = video_stream(container)
         time_base = float(stream.time_base)
         pts, key_pts, missing = [], [], 0
         for packet in container.demux(stream):
@@ -249,13 +247,18 @@ def _read_from_start(path: str, needed: set[int], threads: int) -> dict[int, np.
     return decoded
 
 
+def video_stream(container) -> Any:
+    """The container's first video stream; UnreadableVideo when it has none."""
+    if not container.streams.video:
+        raise UnreadableVideo("no video stream")
+    return container.streams.video[0]
+
+
 def decode_all(path: str) -> Iterator[tuple[int, float, av.VideoFrame]]:
     """Every frame in decode order as (pts, time_base, frame); sort by pts for presentation order and
     subtract the smallest pts for times from the first frame (see `relative_times`)."""
     with av.open(path) as container:
-        if not container.streams.video:
-            raise UnreadableVideo("no video stream")
-        stream = container.streams.video[0]
+        stream = video_stream(container)
         stream.thread_type = "AUTO"
         time_base = float(stream.time_base)
         for frame in container.decode(stream):

@@ -153,7 +153,8 @@ def sample_spread(output: dict) -> np.ndarray:
     return last.std(axis=1).mean(axis=(-2, -1))
 
 
-def futures_picture(outputs: list[dict], vfm: Any, num_clips: int, samples_shown: int) -> np.ndarray | None:
+def uncertain_futures_picture(outputs: list[dict], vfm: Any, num_clips: int,
+                              samples_shown: int) -> np.ndarray | None:
     """uint8 picture of the longest-horizon DeltaWorld forecast for the `num_clips` clips of the batch whose
     sampled futures differ the most (where the world is uncertain), one block of rows per clip."""
     world = [o for o in outputs if o["model"] == "deltaworld"]
@@ -166,8 +167,7 @@ def futures_picture(outputs: list[dict], vfm: Any, num_clips: int, samples_shown
         clip_rows, clip_names = futures_rows(output, vfm, int(clip), samples_shown)
         rows += clip_rows
         names += [f"clip {int(clip)}: {n}" if i == 0 else n for i, n in enumerate(clip_names)]
-    grid = pictures.grid_image(rows, max(len(r) for r in rows), max_cell=DISPLAY_SIZE)
-    return pictures.label_rows(grid, names, grid.shape[0] // len(rows))
+    return pictures.grid_with_row_names(rows, names, max_cell=DISPLAY_SIZE)
 
 
 CRITERION_NAMES = {"": "the models' own criterion (smooth-L1, beta 0.1)", "smooth_l1": "smooth-L1 (beta 0.1)",
@@ -264,8 +264,8 @@ def evaluate_demo(config, trainable: Any, frozen: Any, step: int) -> dict[str, A
 
     def draw(dataset: str, index: int, outputs: list[dict]) -> None:
         if index == 0 and jax.process_index() == 0:
-            picture[0] = futures_picture(outputs, vfm, int(settings.get("num_pictures", 4)),
-                                         int(settings.get("samples_shown", 4)))
+            picture[0] = uncertain_futures_picture(outputs, vfm, int(settings.get("num_pictures", 4)),
+                                                   int(settings.get("samples_shown", 4)))
             if config.model.kind == "deltaworld" and outputs:
                 longest = max(outputs, key=lambda o: o["horizon"])
                 forecast = longest["forecast"]

@@ -15,11 +15,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from deltaworld_jax.objectives import best_of_k, log_cosh, smooth_l1
+from deltaworld_jax.objectives import best_of_samples, log_cosh, smooth_l1
 
 Array = jax.Array
-
-
 
 
 class ClipFeatures(NamedTuple):
@@ -143,10 +141,7 @@ def select_samples(forecast: Forecast, criterion: Callable) -> dict[str, tuple[A
 
 @partial(jax.jit, static_argnums=2)
 def _select_samples(rollouts, targets, criterion):
-    forecast = Forecast(rollouts, targets, None, 0)
     selections = {"mean": (jnp.mean(rollouts.astype(jnp.float32), axis=1), None)}
     if rollouts.shape[1] > 1:
-        last = rollouts[:, :, -1]
-        losses = jnp.mean(criterion(last, forecast.targets[:, None, -1]), axis=(-2, -1))  # [B, S]
-        selections["best"] = best_of_k(losses, rollouts)
+        selections["best"] = best_of_samples(rollouts, targets, criterion)
     return selections

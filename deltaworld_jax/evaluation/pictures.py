@@ -19,6 +19,8 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
+from deltaworld_jax.models.heads import SegHead, on_patch_grid
+
 # ----------------------------------------------------------------------------------------------------
 # Colourings
 # ----------------------------------------------------------------------------------------------------
@@ -206,21 +208,23 @@ def futures_picture(context: Sequence[np.ndarray | None], truth: Sequence[np.nda
     rows, names = forecast_rows(context, truth, futures)
     if frames is not None:
         rows, names = [list(frames)] + rows, ["frames"] + names
-    num_cols = max(len(r) for r in rows)
-    image = grid_image(rows, num_cols)
-    return label_rows(image, names, image.shape[0] // len(rows)) if with_names else image
+    return grid_with_row_names(rows, names) if with_names else grid_image(rows)
 
 
-def _head_outputs(head, feats_tnd: np.ndarray, grid_hw: tuple[int, int]) -> np.ndarray:
-    """A head on features [T, N, D] laid out on the patch grid (one compiled call, not op by op)."""
-    feats = np.asarray(feats_tnd, np.float32)
-    return np.asarray(apply_head(head, feats.reshape(feats.shape[0], *grid_hw, feats.shape[-1])))
+def grid_with_row_names(rows: Sequence[Sequence[np.ndarray | None]], names: Sequence[str],
+                  max_cell: int = 256) -> np.ndarray:
+    """uint8 grid of `rows` (as wide as the longest row) with each row's name on a strip to its left."""
+    image = grid_image(rows, max(len(r) for r in rows), max_cell)
+    return label_rows(image, names, image.shape[0] // len(rows))
 
 
-@nnx.jit
-def apply_head(head, feats):
-    """head(feats), compiled once per head structure and shape (eager calls would compile op by op)."""
-    return head(feats)
+def head_maps(head, feats_tnd: np.ndarray, grid_hw: tuple[int, int]) -> np.ndarray:
+    """A head on features [T, N, D] laid out on the patch grid (models.heads.on_patch_grid) as numpy, in one
+    call compiled once per head structure and shape (eager calls would compile op by op)."""
+    return np.asarray(_jit_on_patch_grid(head, np.asarray(feats_tnd, np.float32), tuple(grid_hw)))
+
+
+_jit_on_patch_grid = nnx.jit(on_patch_grid, static_argnums=2)
 
 
 def evaluation_pictures(output: dict, head=None, rgb_head=None, index: int = 0,
@@ -232,8 +236,6 @@ def evaluation_pictures(output: dict, head=None, rgb_head=None, index: int = 0,
     <task>_<sel>: frames / ground-truth labels / head on the true features / head on the prediction
     rgb_<sel>:    frames / RGB decode of the true features / RGB decode of the prediction
     samples_<task>: truth, best, mean and the first `max_samples` sampled futures side by side."""
-    from deltaworld_jax.models.heads import SegHead
-
     forecast, grid_hw = output["forecast"], tuple(output["clip"].grid_hw)
     context = np.asarray(forecast.context[index], np.float32)
     truth = np.asarray(forecast.targets[index], np.float32)
@@ -253,7 +255,7 @@ def evaluation_pictures(output: dict, head=None, rgb_head=None, index: int = 0,
 
     def task_images(feats_list, gt_labels=None):
         """(ground-truth images or None, one image list per features), depth on ONE shared scale."""
-        outs = [_head_outputs(head, f, grid_hw) for f in feats_list]
+        outs = [head_maps(head, f, grid_hw) for f in feats_list]
         if isinstance(head, SegHead):
             gt = None if gt_labels is None else list(colour_segmentation(gt_labels))
             return gt, [[colour_segmentation(o) for o in out.argmax(-1)] for out in outs], "seg"
@@ -273,7 +275,7 @@ def evaluation_pictures(output: dict, head=None, rgb_head=None, index: int = 0,
                                                       frames=frames)
 
     if rgb_head is not None:
-        decode = lambda f: [rgb_image(x) for x in _head_outputs(rgb_head, f, grid_hw)]
+        decode = lambda f: [rgb_image(x) for x in head_maps(rgb_head, f, grid_hw)]
         true_rgb = decode(all_truth)
         for name, pred in predictions.items():
             pictures[f"rgb_{name}"] = grid_image([frames, true_rgb, blanks + decode(pred)], len(frames))

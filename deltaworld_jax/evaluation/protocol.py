@@ -40,7 +40,7 @@ import numpy as np
 from flax import nnx
 
 from deltaworld_jax.data.sampling import square_crops
-from deltaworld_jax.models.heads import DepthHead, SegHead
+from deltaworld_jax.models.heads import DepthHead, SegHead, on_patch_grid
 from deltaworld_jax.evaluation.metrics import MeanIoU, RootMeanSquaredError, iou_from_confusion
 # The forecasters live in forecasters.py; the protocol below and callers use them as evaluation.<name>.
 from deltaworld_jax.evaluation.forecasters import (  # noqa: F401
@@ -152,13 +152,9 @@ def _per_clip_loss(criterion, preds, targets):
 
 @partial(nnx.jit, static_argnames=("grid_hw", "target_hw", "overlap", "is_wide"))
 def _head_on_labels(head, feats_bnd, *, grid_hw, target_hw, overlap, is_wide):
-    return upsample_to_labels(_apply_head(head, feats_bnd, grid_hw), target_hw, overlap, is_wide)
-
-
-def _apply_head(head, feats_bnd: Array, grid_hw) -> Array:
-    b, n, d = feats_bnd.shape
-    out = head(feats_bnd.reshape(b, *grid_hw, d))
-    return out if out.ndim == 4 else out[..., None]  # depth [B, h, w] -> [B, h, w, 1]
+    out = on_patch_grid(head, feats_bnd, grid_hw)
+    out = out if out.ndim == 4 else out[..., None]  # depth [B, h, w] -> [B, h, w, 1]
+    return upsample_to_labels(out, target_hw, overlap, is_wide)
 
 
 def _square_batch(batch: Mapping[str, Any]):
@@ -357,15 +353,21 @@ def headline(results: dict) -> list[dict]:
     """One row per (dataset, model, selection, c/h): the metric of the LAST predicted frame (the published
     '1 frame' / '3 frames' numbers) and the mean loss over the horizon."""
     rows = []
+    for dataset, model, ch, selection, entry in result_entries(results):
+        last = max((k for k in entry if k.startswith("t")), key=lambda k: int(k[1:]))
+        metric = {k: v for k, v in entry[last].items() if k != "loss"}
+        rows.append(dict(dataset=dataset, model=model, selection=selection, setting=ch, step=last,
+                         loss=entry["loss"], **metric))
+    return rows
+
+
+def result_entries(results: dict):
+    """(dataset, model, c{ctx}_h{horizon}, selection, entry) for every entry of a results tree."""
     for dataset, models in results.items():
         for model, chs in models.items():
             for ch, selections in chs.items():
                 for selection, entry in selections.items():
-                    last = max((k for k in entry if k.startswith("t")), key=lambda k: int(k[1:]))
-                    metric = {k: v for k, v in entry[last].items() if k != "loss"}
-                    rows.append(dict(dataset=dataset, model=model, selection=selection, setting=ch, step=last,
-                                     loss=entry["loss"], **metric))
-    return rows
+                    yield dataset, model, ch, selection, entry
 
 
 def write_results(results: dict, workdir: str, name: str = "eval_results") -> tuple[str, str]:
@@ -437,16 +439,13 @@ def load_heads(paths: Mapping[str, str], vfm: nnx.Module) -> dict[str, nnx.Modul
 def flatten_results(results: dict) -> dict[str, float]:
     """{'<dataset>/<model>/<c_h>/<selection>/<t or mean>_<metric>': value} for scalar writers."""
     flat = {}
-    for dataset, models in results.items():
-        for model, chs in models.items():
-            for ch, selections in chs.items():
-                for selection, entry in selections.items():
-                    prefix = f"{dataset}/{model}/{ch}/{selection}"
-                    for step, values in entry.items():
-                        if step == "loss":
-                            flat[f"{prefix}/loss"] = values
-                        else:
-                            flat.update({f"{prefix}/{step}_{k}": v for k, v in values.items()})
+    for dataset, model, ch, selection, entry in result_entries(results):
+        prefix = f"{dataset}/{model}/{ch}/{selection}"
+        for step, values in entry.items():
+            if step == "loss":
+                flat[f"{prefix}/loss"] = values
+            else:
+                flat.update({f"{prefix}/{step}_{k}": v for k, v in values.items()})
     return flat
 
 

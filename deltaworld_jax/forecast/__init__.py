@@ -46,7 +46,7 @@ from deltaworld_jax.forecast import folder as forecast_folder
 from deltaworld_jax.forecast.inputs import (  # noqa: F401
     CROPS, DEFAULT_CROP, RELEASED_RGB_HEADS, RELEASED_WORLD_HEADS, RELEASED_WORLD_ROPE, RELEASED_WORLD_UNROTATED,
     Clip, ForecastInputError, check_source, crop_views, full_resize, is_hub_id, load_clip, load_models, progress,
-    read_clip, read_training_checkpoint, resize_frames, resolve_weights, square_resize, stitch, validate,
+    read_clip, read_training_checkpoint, resize_frames, resolve_weights, stitch, validate,
     world_sizes)
 from deltaworld_jax.forecast.outputs import (  # noqa: F401
     HEADER_HEIGHT, decode_features, draw, draw_heads, feature_error, forecast_features, forecast_views,

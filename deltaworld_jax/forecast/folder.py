@@ -30,15 +30,6 @@ from deltaworld_jax.forecast import outputs as fo
 SELECTIONS = ("best", "mean", "copy_last")
 
 
-def _clip_losses(rollouts: np.ndarray, targets: np.ndarray, context_last: np.ndarray) -> dict[str, np.ndarray]:
-    """Per clip-view and step [B, h]: best (chosen on the last step), mean of samples, copy-last."""
-    per_sample = fo.feature_error(rollouts, targets[:, None])  # [B, S, h]
-    best = np.argmin(per_sample[:, :, -1], axis=1)
-    return {"best": per_sample[np.arange(len(best)), best], "mean": fo.feature_error(rollouts.mean(1), targets),
-            "copy_last": fo.feature_error(np.broadcast_to(context_last[:, None], targets.shape), targets),
-            "best_sample": best}
-
-
 def _layout(frame_hw: tuple[int, int], crop: str) -> dict:
     h, w = frame_hw
     if crop != "two_squares" or h == w:
@@ -58,7 +49,7 @@ def run_folder(*, videos: str, out: str, vfm: str, tokenizer: str, world: str, n
     import jax.numpy as jnp
 
     from deltaworld_jax.data import video as video_io
-    from deltaworld_jax.data.sampling import square_crops
+    from deltaworld_jax.data.sampling import short_side_hw, square_crops
     from deltaworld_jax.evaluation.protocol import vfm_features
     from deltaworld_jax.evaluation.forecasters import ClipFeatures, DeltaWorldForecaster
 
@@ -119,7 +110,7 @@ def run_folder(*, videos: str, out: str, vfm: str, tokenizer: str, world: str, n
             result = forecaster(clip, ctx_len=context, horizon=h, rng=key)
             rollouts, targets = np.asarray(result.rollouts), np.asarray(result.targets)
             ctx = np.asarray(result.context)
-            per_h[h] = (_clip_losses(rollouts, targets, ctx[:, -1]), rollouts, targets, ctx)
+            per_h[h] = (fo.score({"rollouts": rollouts, "truth": targets, "context": ctx}), rollouts, targets, ctx)
         batch_times.append(time.perf_counter() - t0)
         batches_run[0] += 1
         if batches_run[0] == 1:
@@ -156,9 +147,7 @@ def run_folder(*, videos: str, out: str, vfm: str, tokenizer: str, world: str, n
             logging.warning("skipping %s: %s", name, e)
             continue
         if crop == "two_squares":
-            h, w = clip.frames.shape[1:3]
-            scale = size / min(h, w)
-            frames = fi.resize_frames(clip.frames, (max(size, round(h * scale)), max(size, round(w * scale))))
+            frames = fi.resize_frames(clip.frames, short_side_hw(*clip.frames.shape[1:3], size))
         else:
             frames = fi.crop_views(clip.frames, size, crop, patch)[0][0]
         shape = frames.shape

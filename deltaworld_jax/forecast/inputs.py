@@ -15,6 +15,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
+from deltaworld_jax.data.sampling import center_square, short_side_hw, square_crops
 CROPS = ("full", "two_squares", "center")
 # The official evaluation's split: each view a square, as the released models were trained (512 x 512 crops),
 # and the whole frame covered. benchmarks/footage.md: with the only weights at hand offline (demo-size models
@@ -100,15 +101,6 @@ def resize_frames(frames: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     return np.stack([np.asarray(Image.fromarray(f).resize((hw[1], hw[0]), Image.BILINEAR)) for f in frames])
 
 
-def square_resize(frames: np.ndarray, size: int) -> np.ndarray:
-    """Resize the short side to `size` (bilinear) and centre-crop a size x size square."""
-    h, w = frames.shape[1:3]
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    top, left = (nh - size) // 2, (nw - size) // 2
-    return resize_frames(frames, (nh, nw))[:, top:top + size, left:left + size]
-
-
 def full_resize(frames: np.ndarray, size: int, patch: int) -> np.ndarray:
     """The whole frame, short side `size`, long side the nearest whole number of patches (the aspect ratio
     changes by under half a patch)."""
@@ -123,21 +115,18 @@ def crop_views(frames: np.ndarray, size: int, crop: str, patch: int) -> tuple[np
     """Frames [T, H, W, 3] -> views [V, T, h, w, 3] the model sees, and how to put pictures back together
     ({'crop', 'frame_hw': resized frame size, 'offsets': each view's (top, left) in it})."""
     if crop == "center":
-        return square_resize(frames, size)[None], {"crop": crop, "frame_hw": (size, size), "offsets": [(0, 0)]}
+        square = np.stack([center_square(f, size) for f in frames])
+        return square[None], {"crop": crop, "frame_hw": (size, size), "offsets": [(0, 0)]}
     if crop == "full":
         full = full_resize(frames, size, patch)
         return full[None], {"crop": crop, "frame_hw": full.shape[1:3], "offsets": [(0, 0)]}
     if crop != "two_squares":
         raise ForecastInputError(f"--crop={crop!r}: expected one of {', '.join(CROPS)}")
-    h, w = frames.shape[1:3]
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    nh, nw = short_side_hw(*frames.shape[1:3], size)
     resized = resize_frames(frames, (nh, nw))
     if nh == nw:
         return resized[None], {"crop": crop, "frame_hw": (nh, nw), "offsets": [(0, 0)]}
     # The official split (data.sampling.square_crops): squares at the two ends, overlapping.
-    from deltaworld_jax.data.sampling import square_crops
-
     views, _, _, _ = square_crops(resized[None], None)
     offsets = [(0, 0), (0, nw - size)] if nw > nh else [(0, 0), (nh - size, 0)]
     return views, {"crop": crop, "frame_hw": (nh, nw), "offsets": offsets}

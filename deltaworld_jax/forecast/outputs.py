@@ -64,9 +64,11 @@ def forecast_features(models: dict[str, Any], frames: np.ndarray, timestamps: np
 
 
 def feature_error(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """smooth-L1 (beta 0.1, the DeltaWorld criterion) averaged over patches and channels."""
-    d = np.abs(np.asarray(pred, np.float64) - np.asarray(target, np.float64))
-    return np.where(d < 0.1, 0.5 * d * d / 0.1, d - 0.05).mean(axis=(-2, -1))
+    """The DeltaWorld criterion (evaluation.forecasters.world_criterion: smooth-L1, beta 0.1) averaged over
+    patches and channels, as numpy."""
+    from deltaworld_jax.evaluation.forecasters import world_criterion
+
+    return np.asarray(world_criterion(np.asarray(pred), np.asarray(target)).mean(axis=(-2, -1)))
 
 
 def score(out: dict[str, Any]) -> dict[str, Any] | None:
@@ -86,13 +88,6 @@ def score(out: dict[str, Any]) -> dict[str, Any] | None:
             "copy_last": feature_error(np.broadcast_to(out["context"][:, -1:], truth.shape), truth)}
 
 
-def _head_maps(head, feats: np.ndarray, grid_hw) -> np.ndarray:
-    from deltaworld_jax.evaluation import pictures
-
-    f = np.asarray(feats, np.float32)
-    return np.asarray(pictures.apply_head(head, f.reshape(-1, *grid_hw, f.shape[-1])))
-
-
 # ----------------------------------------------------------------------------------------------------
 # Pictures
 # ----------------------------------------------------------------------------------------------------
@@ -109,9 +104,7 @@ def decode_features(models: dict[str, Any], result: dict[str, Any], fit_on: np.n
         head = models["rgb_head"]
 
         def rgb(f):
-            f = np.asarray(f, np.float32)
-            pixels = np.asarray(pictures.apply_head(head, f.reshape(-1, *grid_hw, f.shape[-1])))
-            return [pictures.rgb_image(x) for x in pixels]
+            return [pictures.rgb_image(x) for x in pictures.head_maps(head, f, grid_hw)]
 
         return rgb, "rgb"
     if isinstance(vfm, PixelPatchVFM):
@@ -246,7 +239,7 @@ def draw_heads(models: dict[str, Any], views: list[dict], layout: dict, frames_t
         if all(v.get("best") is not None for v in views):
             rows_src = {"frames": rows_src["frames"], "best": lambda v: v["rollouts"][v["best"]],
                         "mean": rows_src["mean"]}
-        maps = {row: [_head_maps(head, fn(v), grid_hw) for v in views] for row, fn in rows_src.items()}
+        maps = {row: [pictures.head_maps(head, fn(v), grid_hw) for v in views] for row, fn in rows_src.items()}
         if name == "seg_head":
             maps = {row: [m.argmax(-1) for m in ms] for row, ms in maps.items()}
         else:

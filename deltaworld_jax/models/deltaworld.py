@@ -175,16 +175,3 @@ class DeltaWorld(nnx.Module):
         preds = jnp.stack(predictions, axis=1).reshape(b, num_samples, horizon, n, -1)
         return preds, feats_btnd[:, ctx_len:]
 
-
-def best_of_samples(rollouts_bshnd: Array, targets_bhnd: Array, beta: float = 0.1) -> tuple[Array, Array]:
-    """The official best-of-N: per clip, the sample whose LAST predicted frame has the lowest mean smooth-L1
-    to the ground truth. Returns (best rollout [B, horizon, N, D], index [B])."""
-    last = rollouts_bshnd[:, :, -1]
-    losses = jnp.mean(smooth_l1(last, targets_bhnd[:, None, -1], beta), axis=(-2, -1))
-    index = jnp.argmin(losses, axis=1)
-    return jnp.take_along_axis(rollouts_bshnd, index[:, None, None, None, None], axis=1)[:, 0], index
-
-
-def mean_of_samples(rollouts_bshnd: Array) -> Array:
-    """The official mean-of-N: the average of the samples' features [B, horizon, N, D]."""
-    return jnp.mean(rollouts_bshnd.astype(jnp.float32), axis=1)

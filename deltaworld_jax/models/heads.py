@@ -263,3 +263,12 @@ class RGBHead(nnx.Module):
         p = self.patch_size
         pixels = pixels.reshape(b, h, w, p, p, 3).transpose(0, 1, 3, 2, 4, 5).reshape(b, h * p, w * p, 3)
         return pixels * self.img_std[...] + self.img_mean[...]
+
+
+def on_patch_grid(head: nnx.Module, feats_bnd: Array, grid_hw: tuple[int, int]) -> Array:
+    """Any head on patch features [B, N, D] laid out as the patch grid [B, h, w, D] (the one layout every
+    head reads): seg logits [B, h, w, C], depth [B, h, w], RGB pixels [B, h*p, w*p, 3]."""
+    h, w = grid_hw
+    if feats_bnd.shape[-2] != h * w:
+        raise ValueError(f"features {feats_bnd.shape} do not hold the {h} x {w} patches of grid {grid_hw}")
+    return head(feats_bnd.reshape(-1, h, w, feats_bnd.shape[-1]))

@@ -48,6 +48,40 @@ def create_progress(num_train_steps: int, writer, every_steps: int):
     return periodic_actions.ReportProgress(num_train_steps=num_train_steps, writer=writer, every_steps=every_steps)
 
 
+class Profiler:
+    """A profiler trace of `num_steps` training steps (clu's periodic_actions.Profile), starting once the run's
+    first `after_steps` steps after `first_step` (where it (re)started) are done, at least the first (which
+    compiles), so compilation and warm-up stay out of it. The trace goes to `<logdir>/plugins/profile/<run>/`
+    (TensorBoard's profile tab, or XProf / Perfetto). Call it after every step with the step just done;
+    `close()` ends a trace the run stopped in the middle of."""
+
+    def __init__(self, logdir: str, num_steps: int, first_step: int, after_steps: int = 5):
+        from clu import periodic_actions
+
+        if num_steps < 1 or after_steps < 0:
+            raise ValueError(f"a profile needs num_steps >= 1 and after_steps >= 0, got {num_steps}, {after_steps}")
+        # Steps only (no minimum duration, no time trigger): one trace per run.
+        self._profile = periodic_actions.Profile(logdir=logdir, num_profile_steps=num_steps, profile_duration_ms=None,
+                                                 first_profile=first_step + max(1, after_steps), every_secs=None)
+
+    def __call__(self, step: int) -> None:
+        self._profile(step)
+
+    def close(self) -> None:
+        try:
+            jax.profiler.stop_trace()  # the trace still open when training ended first
+        except RuntimeError:  # none running: the trace ended on its own (or never started)
+            pass
+
+
+def create_profiler(config, workdir: str, first_step: int):
+    """`config.train.profile_steps` > 0: a Profiler writing under `workdir`; else None (the default)."""
+    num_steps = int(config.train.get("profile_steps", 0))
+    if num_steps == 0:
+        return None
+    return Profiler(workdir, num_steps, first_step, int(config.train.get("profile_after_steps", 5)))
+
+
 class NonFiniteLossError(FloatingPointError):
     """Training kept producing non-finite losses or gradients: `consecutive` updates in a row up to `step` were
     skipped (the train step never applies them), and no state they touched was saved; the last good

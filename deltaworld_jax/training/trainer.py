@@ -120,6 +120,9 @@ def validate_config(config, num_devices: int | None = None, mode: str = "train")
         raise ValueError(f"config.train.batch_size={batch} is not divisible by the {jax.process_count()} processes")
     if int(config.train.num_steps) <= 0:
         raise ValueError(f"config.train.num_steps must be positive, got {config.train.num_steps}")
+    profile = (int(config.train.get("profile_steps", 0)), int(config.train.get("profile_after_steps", 5)))
+    if min(profile) < 0:
+        raise ValueError(f"config.train.profile_steps and profile_after_steps must be >= 0, got {profile}")
     optim = config.optim
     if not optim.lr > 0:
         raise ValueError(f"config.optim.lr must be positive, got {optim.lr}")
@@ -493,6 +496,7 @@ def train(config, workdir: str, *, eval_fn: Callable | None = None, data_fn: Cal
     preemption = _Preemption(setup.mesh)
     step = int(jax.device_get(state.step))
     start_step = step
+    profiler = metrics_lib.create_profiler(config, str(workdir), first_step=start_step)
     losses: dict[int, float] = {}
     jitted = None
     batch = None
@@ -546,6 +550,8 @@ def train(config, workdir: str, *, eval_fn: Callable | None = None, data_fn: Cal
                 if will_save:
                     save()
                 progress(step)
+                if profiler is not None:
+                    profiler(step)
                 if eval_fn is not None and config.eval.every_steps and step % config.eval.every_steps == 0:
                     results = eval_fn(config, trainable_module(setup, state), frozen_modules(setup), step)
                     _write_eval(writer, step, results)
@@ -556,6 +562,8 @@ def train(config, workdir: str, *, eval_fn: Callable | None = None, data_fn: Cal
             with jax.set_mesh(setup.mesh):
                 save()
     finally:
+        if profiler is not None:
+            profiler.close()
         preemption.restore()
         checkpointer.close()  # waits for the in-flight save: the last good checkpoint is complete
         writer.flush()
