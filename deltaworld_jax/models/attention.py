@@ -199,7 +199,9 @@ def _padded_length_and_block(length: int) -> tuple[int, int]:
     return padded, next(b for b in _BLOCK_CHOICES if padded % b == 0)
 
 
+@functools.lru_cache(maxsize=None)
 def _splash_mask_class():
+    """One class for the whole process: splash caches its mask processing on mask equality."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
 
     class SplashFrameCausalMask(mask_lib.Mask):
@@ -225,9 +227,12 @@ def _splash_mask_class():
     return SplashFrameCausalMask
 
 
-@functools.lru_cache(maxsize=64)
 def _splash_kernel(mask: FrameCausalMask, num_heads: int, block_q: int, block_kv: int, interpret: bool):
-    """The splash kernel (with its block-sparse mask metadata) for one padded mask and head count."""
+    """The splash kernel (with its block-sparse mask metadata) for one padded mask and head count.
+
+    Built anew in every trace and never cached here: the kernel holds its metadata as jax arrays, which
+    inside a trace are that trace's values (a cached kernel would leak them into other traces). The numpy
+    work of turning the mask into blocks is cached by splash itself, on the mask's equality."""
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
     head_mask = _splash_mask_class()(mask)
