@@ -213,3 +213,20 @@ def test_splash_under_a_mesh_runs_per_device_shard():
     done = subprocess.run([sys.executable, "-c", SHARDED_SPLASH], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0 and done.stdout.strip().endswith("OK"), done.stderr[-3000:]
+
+
+def test_traced_flops_count_the_splash_kernel_over_its_grid():
+    """flops.jaxpr_matmul_flops counts a Pallas kernel once per grid point: splash's forward equals the XLA
+    path's matmuls; its backward recomputes q k^T in both the dq and the dkv kernel (flash attention): 1.5x."""
+    from deltaworld_jax import flops
+
+    x = jax.ShapeDtypeStruct((2, 256, 3, 64), jnp.float32)
+
+    def loss(impl):
+        return lambda q, k, v: jnp.sum(attention.dot_product_attention(q, k, v, implementation=impl))
+
+    fwd = {impl: flops.jaxpr_matmul_flops(loss(impl), x, x, x)[0] for impl in ("xla", "splash")}
+    both = {impl: flops.jaxpr_matmul_flops(jax.grad(loss(impl), argnums=(0, 1, 2)), x, x, x)[0]
+            for impl in ("xla", "splash")}
+    assert fwd["splash"] == fwd["xla"] == 2 * 2 * (2 * 3 * 256 * 256 * 64)
+    assert both["splash"] == 1.5 * both["xla"]
