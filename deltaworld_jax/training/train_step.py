@@ -50,27 +50,28 @@ def split_trainable(module: nnx.Module):
 
 
 def _microbatches(batch: dict, accumulation: int, mesh: Mesh | None) -> dict:
-    """[B, ...] -> [B/A, A, ...]: micro-batch i is [:, i] (= batch[i::A]), so each device's contiguous block
-    of the batch yields its share of every micro-batch without any communication. A reshape of the leading
-    dim only, never a transposed copy: on TPU a copy of the uint8 frames [A, B/A, T, H, W, 3] is laid out
-    with its minor dim of 3 padded to the 128 lanes (32 GiB per device for DINO-World's 512px clips)."""
+    """[B, ...] -> [B/A, A, prod(...)]: micro-batch i is [:, i] (= batch[i::A]; `_microbatch` restores its
+    shape), so each device's contiguous block of the batch yields its share of every micro-batch without any
+    communication. Only the leading dim is split and the trailing dims are flattened, never transposed: on
+    TPU an array whose minor dim is the 3 colour channels is laid out padded to the 128 lanes, and a
+    transposed copy of DINO-World's uint8 512px clips took 32 GiB per device that way."""
 
     def split(x):
         b = x.shape[0]
         if b % accumulation:
             raise ValueError(f"batch dim {b} is not divisible by accumulation_steps={accumulation}")
-        x = x.reshape((b // accumulation, accumulation) + x.shape[1:])
+        x = x.reshape((b // accumulation, accumulation, -1))
         if mesh is not None:
-            spec = PartitionSpec(sharding_lib.BATCH_AXES, *([None] * (x.ndim - 1)))
-            x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+            x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(sharding_lib.BATCH_AXES)))
         return x
 
     return jax.tree.map(split, batch)
 
 
-def _microbatch(micro: dict, index) -> dict:
-    """Micro-batch `index` of `_microbatches`' layout: [B/A, ...]."""
-    return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, index, axis=1, keepdims=False), micro)
+def _microbatch(micro: dict, batch: dict, index) -> dict:
+    """Micro-batch `index` of `_microbatches(batch, ...)`, in the shapes of `batch`'s leaves: [B/A, ...]."""
+    return jax.tree.map(lambda m, x: jax.lax.dynamic_index_in_dim(m, index, axis=1, keepdims=False)
+                        .reshape((m.shape[0],) + x.shape[1:]), micro, batch)
 
 
 def make_train_step(
@@ -109,7 +110,7 @@ def make_train_step(
 
             def body(carry, index):
                 grads_sum, loss_sum, aux_sum = carry
-                one = _microbatch(micro, index)
+                one = _microbatch(micro, batch, index)
                 (l, a), g = grad_fn(state.params, state.extra, frozen_state, one,
                                     jax.random.fold_in(step_key, index))
                 grads_sum = jax.tree.map(jnp.add, grads_sum, g)
@@ -117,7 +118,7 @@ def make_train_step(
                 return (grads_sum, loss_sum + l, aux_sum), None
 
             aux_shape = jax.eval_shape(
-                lambda: loss_fn(state.params, state.extra, frozen_state, _microbatch(micro, 0),
+                lambda: loss_fn(state.params, state.extra, frozen_state, _microbatch(micro, batch, 0),
                                 step_key)[1])
             zeros_aux = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), aux_shape)
             zeros_grads = jax.tree.map(jnp.zeros_like, state.params)
