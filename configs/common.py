@@ -17,8 +17,11 @@ MESH_RULES = (
     ("norm", None),
 )
 
-# The default attention kernel of every module (see models/attention.py): chosen per backend at trace time.
-ATTENTION_IMPL = "auto"
+# The default attention kernel of every module (see models/attention.py). "auto" (splash on TPU, cuDNN on GPU,
+# xla on CPU) is checked on CPU (splash in Pallas interpret mode) and by TPU ahead-of-time compiles, not yet on
+# TPU or GPU hardware, so the default stays "xla"; --config.model.attention_impl=auto (and vfm./tokenizer.)
+# opts in.
+ATTENTION_IMPL = "xla"
 
 
 def base_config() -> ml_collections.ConfigDict:
