@@ -217,7 +217,8 @@ def test_splash_under_a_mesh_runs_per_device_shard():
 
 def test_traced_flops_count_the_splash_kernel_over_its_grid():
     """flops.jaxpr_matmul_flops counts a Pallas kernel once per grid point: splash's forward equals the XLA
-    path's matmuls; its backward recomputes q k^T in both the dq and the dkv kernel (flash attention): 1.5x."""
+    path's matmuls; its backward recomputes q k^T in both the dq and the dkv kernel (flash attention): 1.5x the
+    XLA path's forward + backward."""
     from deltaworld_jax import flops
 
     x = jax.ShapeDtypeStruct((2, 256, 3, 64), jnp.float32)
@@ -229,4 +230,4 @@ def test_traced_flops_count_the_splash_kernel_over_its_grid():
     both = {impl: flops.jaxpr_matmul_flops(jax.grad(loss(impl), argnums=(0, 1, 2)), x, x, x)[0]
             for impl in ("xla", "splash")}
     assert fwd["splash"] == fwd["xla"] == 2 * 2 * (2 * 3 * 256 * 256 * 64)
-    assert both["splash"] == 1.5 * both["xla"]
+    assert 1.5 * both["xla"] <= both["splash"] <= 1.501 * both["xla"]  # + the backward's small row sums
