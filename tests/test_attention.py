@@ -231,3 +231,15 @@ def test_traced_flops_count_the_splash_kernel_over_its_grid():
             for impl in ("xla", "splash")}
     assert fwd["splash"] == fwd["xla"] == 2 * 2 * (2 * 3 * 256 * 256 * 64)
     assert 1.5 * both["xla"] <= both["splash"] <= 1.501 * both["xla"]  # + the backward's small row sums
+
+
+def test_traced_flops_count_a_shard_map_body_once_per_device():
+    from jax.sharding import AbstractMesh, PartitionSpec as P
+
+    from deltaworld_jax import flops
+
+    mesh = AbstractMesh((1, 4, 1), ("data", "fsdp", "tensor"))
+    x = jax.ShapeDtypeStruct((8, 16, 32), jnp.float32)
+    per_device = jax.shard_map(lambda a: a @ jnp.ones((32, 32)), mesh=mesh, in_specs=P("fsdp"), out_specs=P("fsdp"))
+    assert flops.jaxpr_matmul_flops(per_device, x)[0] == flops.jaxpr_matmul_flops(
+        lambda a: a @ jnp.ones((32, 32)), x)[0] == 2 * 8 * 16 * 32 * 32
