@@ -32,14 +32,16 @@ def _tiny(kind: str) -> ml_collections.ConfigDict:
                             rope_axis_sizes=(28,) if kind == "deltaworld" else (10, 10, 8)))
     if kind == "deltaworld":
         c.model.update(dict(num_samples_train=16, bom_chunk=0))
-        c.tokenizer = ml_collections.ConfigDict(dict(checkpoint="", allow_random=True, num_layers=2,
+        c.tokenizer = ml_collections.ConfigDict(dict(checkpoint="", allow_random=True, attention_impl=common.ATTENTION_IMPL,
+                                                     num_layers=2,
                                                      intermediate_size=256))
     return c
 
 
 def _recipe(stage: str) -> ml_collections.ConfigDict:
     c = common.base_config()
-    c.vfm = ml_collections.ConfigDict(dict(kind="dinov3", preset="vitb16", weights="", dtype="bfloat16"))
+    c.vfm = ml_collections.ConfigDict(dict(kind="dinov3", preset="vitb16", weights="", dtype="bfloat16",
+                                           attention_impl=common.ATTENTION_IMPL))
     c.model.dtype = "bfloat16"
     c.model.remat = "none"
     c.train.batch_size = 1024
@@ -55,7 +57,8 @@ def _recipe(stage: str) -> ml_collections.ConfigDict:
                                                 token_cache=""))
         c.optim.lr, c.optim.weight_decay = 1e-4, 0.4
         if stage == "deltaworld":
-            c.tokenizer = ml_collections.ConfigDict(dict(checkpoint="", allow_random=True, dtype="bfloat16"))
+            c.tokenizer = ml_collections.ConfigDict(dict(checkpoint="", allow_random=True, dtype="bfloat16",
+                                                         attention_impl=common.ATTENTION_IMPL))
     return c
 
 

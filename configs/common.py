@@ -17,12 +17,21 @@ MESH_RULES = (
     ("norm", None),
 )
 
+# The default attention kernel of every module (see models/attention.py). "auto" (splash on TPU, cuDNN on GPU,
+# xla on CPU) is checked on CPU (splash in Pallas interpret mode) and by TPU ahead-of-time compiles, not yet on
+# TPU or GPU hardware, so the default stays "xla"; --config.model.attention_impl=auto (and vfm./tokenizer.)
+# opts in.
+ATTENTION_IMPL = "xla"
+
 
 def base_config() -> ml_collections.ConfigDict:
     """Trainer defaults shared by every config: the official optimiser, checkpoint and logging recipe."""
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.model = ml_collections.ConfigDict({"kind": "", "dtype": "bfloat16"})
+    # attention_impl: the attention kernel of the trained model (models/attention.py): auto (splash on TPU,
+    # cuDNN on GPU for bf16/fp16, xla on CPU) | xla | cudnn | splash | reference. The frozen modules have
+    # their own key: config.vfm.attention_impl, config.tokenizer.attention_impl (DeltaWorld).
+    c.model = ml_collections.ConfigDict({"kind": "", "dtype": "bfloat16", "attention_impl": ATTENTION_IMPL})
     c.optim = ml_collections.ConfigDict(dict(
         lr=1e-3, warmup_steps=5000, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip_norm=0.0,
         accumulation_steps=1, max_consecutive_nonfinite=10))  # non-finite updates are skipped; this many in a row stop

@@ -98,7 +98,8 @@ BASELINE_RECIPES = {"dinoworld": DINOWORLD_STAGES}
 def _base(frame_size: int, num_frames: int) -> ml_collections.ConfigDict:
     c = common.base_config()
     c.model.dtype = "bfloat16"
-    c.vfm = ml_collections.ConfigDict(dict(kind="dinov3", preset="vitb16", weights=VFM_WEIGHTS, dtype="bfloat16"))
+    c.vfm = ml_collections.ConfigDict(dict(kind="dinov3", preset="vitb16", weights=VFM_WEIGHTS, dtype="bfloat16",
+                                           attention_impl=common.ATTENTION_IMPL))
     c.data = default_data_config()
     c.data.source = "arrayrecord"
     c.data.root = DATA_ROOT
@@ -161,7 +162,8 @@ def _deltaworld(lr: float, num_steps: int) -> ml_collections.ConfigDict:
         num_samples_train=256, num_samples_eval=20, bom_chunk=64))
     # The frozen tokenizer: an official pytorch_model.bin (sizes read from its tensors) or our DeltaTok run's
     # checkpoints (sizes: the DeltaTok fields below, which must match that run's config.model).
-    c.tokenizer = ml_collections.ConfigDict(dict(checkpoint="", dtype="bfloat16", **deltatok_sizes()))
+    c.tokenizer = ml_collections.ConfigDict(dict(checkpoint="", dtype="bfloat16",
+                                                 attention_impl=common.ATTENTION_IMPL, **deltatok_sizes()))
     c.optim.lr = lr
     c.optim.weight_decay = 0.4
     c.optim.grad_clip_norm = 0.0

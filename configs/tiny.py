@@ -63,6 +63,7 @@ def stage(kind: str) -> ml_collections.ConfigDict:
         c.optim.weight_decay = 0.4
         if kind == "deltaworld":
             c.tokenizer = ml_collections.ConfigDict(dict(checkpoint="", allow_random=True, dtype="float32",
+                                                         attention_impl=common.ATTENTION_IMPL,
                                                          **_deltatok_fields()))
     else:
         raise ValueError(f"Unknown tiny config {kind!r}: deltatok | deltaworld | dinoworld | recipe")

@@ -250,6 +250,17 @@ def _count(jaxpr, stats: dict[str, int]) -> float:
         elif name == "while":
             stats["while_loops"] = stats.get("while_loops", 0) + 1  # trip count unknown: body counted once
             flops += _count(eqn.params["body_jaxpr"].jaxpr, stats)
+        elif name == "shard_map":
+            # The body sees one device's shard and runs once per device of the axes it maps over.
+            mesh = eqn.params["mesh"]
+            axes = eqn.params.get("newly_manual_axes") or mesh.axis_names
+            body = eqn.params["jaxpr"]
+            flops += math.prod(mesh.shape[a] for a in axes) * _count(getattr(body, "jaxpr", body), stats)
+        elif name == "pallas_call":
+            # A Pallas kernel (splash attention) runs its body once per grid point: counted as if no block were
+            # skipped (splash skips fully masked blocks, so this is an upper bound for masked attention).
+            body = eqn.params["jaxpr"]
+            flops += math.prod(eqn.params["grid_mapping"].grid) * _count(getattr(body, "jaxpr", body), stats)
         else:
             flops += sum(_count(sub, stats) for sub in _sub_jaxprs(eqn.params))
     return flops

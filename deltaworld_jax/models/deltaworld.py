@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from deltaworld_jax.models import layers
@@ -80,7 +81,7 @@ class DeltaWorld(nnx.Module):
         num_frames = timestamps_bt.shape[1]
         pos_q = (timestamps_bt[:, 1:],)  # frame i >= 1 is predicted at its own time
         pos_k = (timestamps_bt[:, :-1],)  # from the tokens of frames 0..T-2
-        return pos_q, pos_k, jnp.arange(1, num_frames), jnp.arange(num_frames - 1)
+        return pos_q, pos_k, np.arange(1, num_frames), np.arange(num_frames - 1)  # static frame ids
 
     def predict_next_tokens(self, queries_bfd: Array, tokens_btd: Array, timestamps_bt: Array) -> Array:
         """The loss pass: one query per frame 1..T-1 -> predicted tokens [B, T-1, D] (frame-causal)."""

@@ -52,7 +52,8 @@ class DINOv3Config:
     pos_embed_jitter: float | None = None
     pos_embed_rescale: float | None = 2.0
     initializer_range: float = 0.02
-    # dot_product_attention implementation: "xla", "cudnn" (GPU, bf16), None (let JAX choose), "reference".
+    # The attention kernel (models/attention.py): "xla", "auto" (per backend), "cudnn", "splash", "reference";
+    # None: "xla".
     attention_impl: str | None = "xla"
 
     def __post_init__(self):

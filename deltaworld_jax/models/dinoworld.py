@@ -116,8 +116,8 @@ class DINOWorld(nnx.Module):
         kv = feats_btnd[:, :-1].reshape(b, (t - 1) * p, d)
         pos_q = frame_positions(timestamps_bt[:, 1:], grid_hw)
         pos_k = frame_positions(timestamps_bt[:, :-1], grid_hw)
-        q_frames = jnp.repeat(jnp.arange(1, t), p)
-        k_frames = jnp.repeat(jnp.arange(t - 1), p)
+        q_frames = np.repeat(np.arange(1, t), p)  # static frame ids: the mask stays a FrameCausalMask
+        k_frames = np.repeat(np.arange(t - 1), p)
         return kv, pos_q, pos_k, q_frames, k_frames
 
     def predict_next_frames(self, queries_bfd: Array, feats_btnd: Array, timestamps_bt: Array,
@@ -140,7 +140,7 @@ class DINOWorld(nnx.Module):
         pos_q_bfp = tuple(pos.reshape(b, t - 1, p) for pos in frame_positions(timestamps_bt[:, 1:], grid_hw))
         queries, index, best_loss = select_best_queries(
             self.predictor, rng, num_candidates=self.cfg.num_samples_train, chunk_size=self.cfg.bom_chunk,
-            kv_tokens=kv, pos_q_bfp=pos_q_bfp, pos_k=pos_k, q_frames=jnp.arange(1, t), k_frames=k_frames,
+            kv_tokens=kv, pos_q_bfp=pos_q_bfp, pos_k=pos_k, q_frames=np.arange(1, t), k_frames=k_frames,
             targets_bfpd=feats_btnd[:, 1:], loss_fn=smooth_l1_loss_fn(self.cfg.loss_beta))
         return queries, {"bom_best_loss": jnp.mean(best_loss),
                          "bom_index_mean": jnp.mean(index.astype(jnp.float32))}

@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from deltaworld_jax.models import attention
+
 Array = jax.Array
 
 # ----------------------------------------------------------------------------------------------------
@@ -293,22 +295,9 @@ def apply_axis_rope(
 # ----------------------------------------------------------------------------------------------------
 
 
-def dot_product_attention(
-    q: Array, k: Array, v: Array, *, mask: Array | None = None, implementation: str | None = "xla"
-) -> Array:
-    """softmax(q k^T / sqrt(hd)) v with [B, L, H, hd] inputs; mask is boolean (True = attend),
-    broadcastable to [B, H, Lq, Lk].
-
-    implementation: "xla" (any backend), "cudnn" (fused flash attention on GPU, bf16/fp16 only), or
-    "reference" (explicit einsum + float32 softmax; used by tests as the ground truth)."""
-    scale = q.shape[-1] ** -0.5
-    if implementation == "reference":
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
-        if mask is not None:
-            logits = jnp.where(mask, logits, -jnp.inf)
-        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=implementation)
+# dot_product_attention(q, k, v, mask=, implementation=) lives in models/attention.py (one kernel per backend
+# behind the `implementation` option); re-exported here, where the attention modules use it.
+dot_product_attention = attention.dot_product_attention
 
 
 @dataclasses.dataclass(frozen=True)

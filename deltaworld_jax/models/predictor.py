@@ -18,9 +18,11 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from deltaworld_jax.models import layers
+from deltaworld_jax.models.attention import FrameCausalMask, frame_causal_mask  # noqa: F401 (re-exported)
 from deltaworld_jax.objectives import smooth_l1
 
 Array = jax.Array
@@ -41,7 +43,7 @@ class PredictorConfig:
     layer_scale_init: float = 1e-5
     norm_eps: float = 1e-5
     init_std: float = 0.02  # the backbone's initializer_range; also the scale of the noise queries
-    attention_impl: str | None = "xla"
+    attention_impl: str | None = "xla"  # models/attention.py
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -76,7 +78,7 @@ class PredictorBlock(nnx.Module):
                                               rngs=rngs)
 
     def __call__(self, queries: Array, kv_tokens: Array, rope_q: layers.AxisRopeTables,
-                 rope_k: layers.AxisRopeTables, mask: Array | None) -> Array:
+                 rope_k: layers.AxisRopeTables, mask: FrameCausalMask | Array | None) -> Array:
         attended = self.attention(self.norm1(queries), kv_tokens, rope_q, rope_k, mask)
         queries = queries + self.layer_scale1(attended)
         return queries + self.layer_scale2(self.mlp(self.norm2(queries)))
@@ -96,9 +98,10 @@ class Predictor(nnx.Module):
                                   init_std=cfg.init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, queries: Array, kv_tokens: Array, pos_q: Positions, pos_k: Positions,
-                 mask: Array | None = None) -> Array:
+                 mask: FrameCausalMask | Array | None = None) -> Array:
         """queries [B, Lq, hidden]; kv_tokens [B, Lk, backbone]; pos_q / pos_k: one [B, Lq] / [B, Lk] array
-        per RoPE axis; mask: boolean, True = attend, broadcastable to [B, heads, Lq, Lk] (None: all).
+        per RoPE axis; mask: a FrameCausalMask, or boolean, True = attend, broadcastable to
+        [B, heads, Lq, Lk] (None: all).
         Returns [B, Lq, backbone]."""
         if queries.ndim != 3 or queries.shape[-1] != self.cfg.hidden_size:
             raise ValueError(f"queries must be [B, Lq, {self.cfg.hidden_size}], got {queries.shape}")
@@ -124,12 +127,6 @@ class Predictor(nnx.Module):
 # ----------------------------------------------------------------------------------------------------
 # Query machinery shared by DeltaWorld and DINO-World
 # ----------------------------------------------------------------------------------------------------
-
-
-def frame_causal_mask(q_frames: Array, k_frames: Array) -> Array:
-    """Boolean [1, 1, Lq, Lk] mask, True = attend: a query for frame i sees the keys of frames < i
-    (official `causal_mask`: -inf where k_index >= q_index)."""
-    return (k_frames[None, :] < q_frames[:, None])[None, None]
 
 
 def noise_queries(rng: Array, shape: tuple[int, ...], hidden_size: int, init_std: float,
@@ -174,7 +171,8 @@ def candidate_losses(
     p = targets_bfpd.shape[2]
     queries = jnp.broadcast_to(candidates_bfcd[:, :, :, None, :], (b, f, c, p, d)).reshape(b, f * c * p, d)
     pos_q = expand_candidate_positions(pos_q_bfp, c)
-    q_frame_ids = jnp.broadcast_to(q_frames[:, None, None], (f, c, p)).reshape(-1)
+    # numpy: the frame ids are trace-time constants, so the mask stays static (splash skips masked blocks)
+    q_frame_ids = np.broadcast_to(np.asarray(q_frames)[:, None, None], (f, c, p)).reshape(-1)
     preds = predictor(queries, kv_tokens, pos_q, pos_k, frame_causal_mask(q_frame_ids, k_frames))
     preds = preds.reshape(b, f, c, p, -1)
     return jnp.mean(loss_fn(preds, targets_bfpd[:, :, None]), axis=(-2, -1))
@@ -244,7 +242,7 @@ class WorldConfig:
     layer_scale_init: float = 1e-5
     norm_eps: float = 1e-5
     init_std: float = 0.02
-    attention_impl: str | None = "xla"
+    attention_impl: str | None = "xla"  # models/attention.py
     use_bom: bool = True  # noise queries + best-of-K training; False: one learned query (q_embed)
     num_samples_train: int = 256  # K, the candidates per predicted frame in best-of-K training
     num_samples_eval: int = 20  # S, the rollouts drawn per clip at evaluation (use_bom only)

@@ -80,7 +80,8 @@ class DeltaWorldTask(WorldTask):
         elif checkpoint:
             from deltaworld_jax.pretrained.deltatok import load_deltatok
 
-            tokenizer = load_deltatok(checkpoint, vfm=vfm, dtype=dtype)
+            tokenizer = load_deltatok(checkpoint, vfm=vfm, dtype=dtype,
+                                      attention_impl=config_value(tok_config, "attention_impl", "xla"))
         elif config_value(tok_config, "allow_random", False):
             cfg = deltatok_config_from(tok_config, (int(vfm.hidden_size), int(vfm.num_heads)))
             tokenizer = DeltaTok(cfg, dtype=dtype, rngs=nnx.Rngs(int(config_value(tok_config, "seed", 0))))
