@@ -1,5 +1,5 @@
 """Benchmarks on tiny configs: analytic FLOPs vs the traced program vs XLA's cost analysis of the real
-compiled train step, remat policies, the step timer, and the analytic model at the released sizes."""
+compiled train step, the step timer, and the analytic model at the released sizes."""
 
 from __future__ import annotations
 
@@ -13,8 +13,6 @@ import pytest
 from flax import nnx
 
 from deltaworld_jax.bench import analysis, flops as flops_lib, program
-from deltaworld_jax.training import remat as remat_lib
-from deltaworld_jax.models import layers
 from deltaworld_jax.training import recipe
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -131,39 +129,6 @@ def test_parameter_counts_per_component(tiny_report):
     # Encoder = decoder blocks + z/xy embeddings (3 x 192) + the token LayerNorm (2 x 192).
     assert params["deltatok encoder"] - params["deltatok decoder"] == 3 * 192 + 2 * 192
     assert "deltatok encode (fwd+bwd)" in tiny_report["train_per_example"]
-
-
-def test_remat_policies_recompute_and_keep_gradients():
-    cfg = layers.BlockConfig(layers.AttentionConfig(64, 2, qk_norm=True, output_gate=True), 128, gated_mlp=True,
-                             act="silu")
-    x = jax.random.normal(jax.random.PRNGKey(1), (2, 17, 64))
-
-    def grads_and_flops(policy_name, with_grads=True):
-        blocks = nnx.List([layers.Block(cfg, rngs=nnx.Rngs(0)) for _ in range(2)])
-        remat_lib.remat_blocks(blocks, policy_name)
-
-        def loss(blocks, x):
-            for block in blocks:
-                x = block(x)
-            return jnp.sum(x**2)
-
-        grad = lambda b, x: nnx.grad(loss)(b, x)  # noqa: E731
-        grads = jax.jit(grad)(blocks, x) if with_grads else None
-        return grads, flops_lib.jaxpr_matmul_flops(grad, blocks, x)[0]
-
-    base_grads, base_flops = grads_and_flops("none")
-    grads, full_flops = grads_and_flops("full")
-    for a, b in zip(jax.tree.leaves(base_grads), jax.tree.leaves(grads)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
-    # "full": the whole forward runs again in the backward pass (fwd + bwd = 3 fwd -> 4 fwd).
-    assert full_flops == pytest.approx(base_flops * 4 / 3, rel=1e-6)
-    # "dots_saveable": matmul outputs are kept, so no matmul is recomputed.
-    assert grads_and_flops("dots_saveable", with_grads=False)[1] == pytest.approx(base_flops, rel=1e-6)
-
-
-def test_unknown_remat_policy_is_rejected():
-    with pytest.raises(ValueError, match="remat"):
-        remat_lib.policy_of(tiny_deltatok_config(remat="sometimes"))
 
 
 def test_step_timer_on_tiny_deltatok():

@@ -19,7 +19,6 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from deltaworld_jax import sharding as sharding_lib
-from deltaworld_jax.training import remat as remat_lib
 from deltaworld_jax.training import tasks
 from deltaworld_jax.training import train_step as step_lib
 
@@ -75,7 +74,7 @@ def abstract_setup(config, mesh: Mesh) -> AbstractSetup:
     """As `trainer.build(config, mesh)`, with the frozen modules abstract (nothing is allocated)."""
     _register_tasks()
     rules = sharding_lib.axis_rules(config.mesh)
-    task = remat_lib.apply(tasks.make_task(config), config)
+    task = tasks.make_task(config)
     seed = int(config.get("seed", 0))
     # Abstract builds happen OUTSIDE the mesh context: under a mesh, nnx.eval_shape would read the
     # logical axis names (embed, vocab, ...) as mesh axes and fail.

@@ -219,8 +219,8 @@ class DINOv3(nnx.Module):
         pixels = normalize_frames(flat).astype(self.dtype)
         tokens = self.embeddings(pixels)
         rope = self.rope(grid, rope_rng)
-        for block in self.layer:
-            tokens = block(tokens, rope, implementation=self.config.attention_impl)
+        # One scan over the identical blocks (compiled once); the RoPE table goes to every layer.
+        tokens = layers.scan_blocks(self.layer, tokens, rope, implementation=self.config.attention_impl)
         features = self.norm(tokens)[:, self.num_prefix_tokens :]
         return features.reshape(lead + features.shape[1:])
 

@@ -446,6 +446,61 @@ class Block(nnx.Module):
         return x + self.layer_scale2(self.mlp(self.norm2(x)))
 
 
+# ----------------------------------------------------------------------------------------------------
+# Identical blocks run by one scan (optionally rematerialised)
+# ----------------------------------------------------------------------------------------------------
+
+# Rematerialisation policies of a scanned block stack (a model option: `remat` of the model configs).
+REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
+    "none": None,  # keep every activation for the backward pass
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each block's input, recompute the block
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,  # keep matmul outputs, recompute elementwise work
+    # keep only the weight matmuls (no batch dims); recompute attention's QK^T / AV and elementwise work
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+def check_remat(name: str | None) -> str:
+    """The remat policy name (None / "" mean "none"), with a clear error for an unknown one."""
+    name = name or "none"
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {name!r}; known: {sorted(REMAT_POLICIES)}")
+    return name
+
+
+def scan_blocks(blocks: nnx.List, hidden: Array, *broadcast, remat: str = "none", **static) -> Array:
+    """hidden -> blocks[-1](... blocks[0](hidden, *broadcast) ...), run as ONE `nnx.scan` over the blocks
+    stacked on a leading axis: the block is traced and compiled once, not once per layer, which is what
+    keeps the compilation of a deep stack short.
+
+    The blocks stay separate modules (an nnx.List): parameter paths (`encoder_blocks.3.mlp.up_proj.kernel`),
+    checkpoints and weight import are those of the unrolled model. Their parameters are stacked here, per
+    call; the stack is a copy (one extra copy of the stack's parameters, and of their gradients, during a
+    step), and its gradient flows back to each block's own parameters. `broadcast` arguments (RoPE tables,
+    masks, key/value tokens) go unchanged to every layer; they are not scanned. `static` keyword arguments
+    (strings) are closed over. `remat` (REMAT_POLICIES) puts the scanned block under `nnx.remat`."""
+    remat = check_remat(remat)
+
+    def layer(x, block, *consts):
+        return block(x, *consts, **static)
+
+    if remat != "none":
+        # prevent_cse=False: inside a scan, XLA cannot merge the recompute into the forward pass anyway (a
+        # single block, run without a scan, keeps jax's default).
+        layer = nnx.remat(layer, policy=REMAT_POLICIES[remat], prevent_cse=len(blocks) == 1)
+    if len(blocks) == 1:  # nothing to scan over
+        return layer(hidden, blocks[0], *broadcast)
+    graphdef, _ = nnx.split(blocks[0])
+    states = []
+    for i, block in enumerate(blocks):
+        block_graphdef, state = nnx.split(block)
+        if block_graphdef != graphdef:
+            raise ValueError(f"block {i} differs in structure from block 0: only identical blocks can be scanned")
+        states.append(state)
+    stacked = nnx.merge(graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *states))
+    run = nnx.scan(layer, in_axes=(nnx.Carry, 0) + (None,) * len(broadcast), out_axes=nnx.Carry)
+    return run(hidden, stacked, *broadcast)
+
+
 def count_params(module: nnx.Module) -> int:
     """Number of parameters (nnx.Param leaves) in a module, abstract or concrete."""
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(module, nnx.Param))))
