@@ -12,7 +12,8 @@ made in a temporary folder. Cases:
     nice -n 15 python benchmarks/compile_time.py --before=0eb11f7 --cases=tiny_deltatok,tok256_v5e_2x2 \
         --json_out=benchmarks/results/compile_time.json
 
-Prints one table (seconds: lower, compile, total) and writes every row to --json_out. Only measures.
+Prints one table (seconds: lower, compile, total; for TPU cases also the compiled program's memory per
+device) and writes every row to --json_out. Only measures.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ WORKER = textwrap.dedent('''
     module_spec.loader.exec_module(module)
     config = module.get_config(arg) if arg else module.get_config()
     remat = None if remat == "-" else remat
+    memory_gib = None
     if topology == "-":
         from deltaworld_jax import sharding as sharding_lib
         from deltaworld_jax.bench import program
@@ -64,7 +66,8 @@ WORKER = textwrap.dedent('''
         r = aot.compile_on_topology(config, topology, sharding="fsdp", per_chip_batch=int(batch), remat=remat,
                                     count_flops=False)
         lower_s, compile_s = r["lower_seconds"], r["compile_seconds"]
-    print("RESULT " + json.dumps({"lower_s": lower_s, "compile_s": compile_s}))
+        memory_gib = r["memory"]["total"] / 2**30
+    print("RESULT " + json.dumps({"lower_s": lower_s, "compile_s": compile_s, "memory_gib": memory_gib}))
 ''')
 
 
@@ -125,12 +128,14 @@ def main() -> None:
                 r.update(case=case, side=side, commit=args.before if side == "before" else "HEAD")
                 rows.append(r)
                 print(json.dumps(r), flush=True)
-    print(f"\n| case | side | lower s | compile s | total s |\n|---|---|---:|---:|---:|")
+    print("\n| case | side | lower s | compile s | total s | memory GiB/device |\n|---|---|---:|---:|---:|---:|")
     for r in rows:
         if "error" in r:
             print(f"| {r['case']} | {r['side']} | error | {r['error'].splitlines()[-1][:60]} | |")
         else:
-            print(f"| {r['case']} | {r['side']} | {r['lower_s']:.1f} | {r['compile_s']:.1f} | {r['total_s']:.1f} |")
+            memory = f"{r['memory_gib']:.2f}" if r.get("memory_gib") is not None else ""
+            print(f"| {r['case']} | {r['side']} | {r['lower_s']:.1f} | {r['compile_s']:.1f} | {r['total_s']:.1f} | "
+                  f"{memory} |")
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(rows, f, indent=1)

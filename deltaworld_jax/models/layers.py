@@ -1,4 +1,5 @@
-"""Shared transformer pieces: RoPE (2-D patch grid, 1-D/3-D over time), attention, MLPs, LayerScale.
+"""Shared transformer pieces: RoPE (2-D patch grid, 1-D/3-D over time), attention, MLPs, LayerScale, and
+`scan_blocks`, which runs a stack of identical blocks as one scan (optionally rematerialised).
 
 Layout conventions: tokens are [batch, length, hidden]; attention heads are [batch, length, heads, head_dim]
 (the layout `jax.nn.dot_product_attention` takes). `dtype` is the compute dtype, `param_dtype` the storage

@@ -3,8 +3,10 @@
 The flow of a loader:
   1. `read_state_dict(path)` -> flat {checkpoint key: numpy array} from .bin/.pth/.pt, Lightning .ckpt,
      .safetensors or a Hugging Face folder (single or sharded safetensors, or pytorch_model.bin);
-  2. the family's own renaming (+ `torch_linear_to_kernel` / `torch_conv_to_kernel` transposes) into
-     {our parameter path ("layer.0.attention.q_proj.kernel"): array}, each entry remembering its source key;
+  2. `map_weights(state, TABLE)`: the family's weight map, ONE table of `Rule`s (official key template ->
+     our parameter path template, and the layout change: a torch Linear / Conv weight becomes our
+     transposed `kernel`), gives {our parameter path ("layer.0.attention.q_proj.kernel"): array}, each entry
+     remembering its source key; keys no rule matches are kept as unmapped (reported by the fill);
   3. `fill_abstract_model(nnx.eval_shape(build), params)`: casts to each parameter's dtype, checks shapes, and
      raises ONE `CheckpointMismatchError` listing every unused checkpoint entry, every missing parameter and
      every shape mismatch. Building abstractly means the model's weights are only ever allocated once.
@@ -12,8 +14,12 @@ The flow of a loader:
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import itertools
 import json
 import os
+import re
 from typing import Any, Callable, Iterable, Mapping
 
 import jax
@@ -168,6 +174,146 @@ def torch_conv_to_kernel(weight: np.ndarray) -> np.ndarray:
         raise ValueError(f"a conv weight must be at least 3-D, got shape {weight.shape}")
     spatial = tuple(range(2, weight.ndim))
     return weight.transpose(spatial + (1, 0))
+
+
+def torch_linear_or_1x1_conv_to_kernel(weight: np.ndarray) -> np.ndarray:
+    """A torch Linear weight [out, in], or a 1x1 Conv2d weight [out, in, 1, 1] used as one -> kernel [in, out]."""
+    if weight.ndim == 4:
+        if weight.shape[2:] != (1, 1):
+            raise CheckpointMismatchError(f"expected a 1x1 conv weight, got shape {weight.shape}")
+        weight = weight[:, :, 0, 0]
+    return torch_linear_to_kernel(weight)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Weight maps: one table of rules per model family
+# ----------------------------------------------------------------------------------------------------
+
+# Layout changes, official -> ours, and their inverses (ours -> official) where the families need them.
+LAYOUTS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "same": lambda x: x,
+    "linear": torch_linear_to_kernel,
+    "conv": torch_conv_to_kernel,
+    "linear_or_1x1": torch_linear_or_1x1_conv_to_kernel,
+}
+INVERSE_LAYOUTS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "same": lambda x: x,
+    "linear": lambda x: np.asarray(x).T,
+}
+
+_FIELD = re.compile(r"\{(\w+)(?::([^}]*))?\}")
+
+
+@functools.lru_cache(maxsize=None)
+def _template_regex(template: str, fields_from: str = "") -> re.Pattern:
+    """The regex of a template; a field without its own alternatives takes those it has in `fields_from`
+    (our path templates reuse the official template's fields)."""
+    inherited = dict(_FIELD.findall(fields_from))
+    parts, last = [], 0
+    for m in _FIELD.finditer(template):
+        parts.append(re.escape(template[last:m.start()]))
+        name, choices = m.groups()
+        choices = choices if choices is not None else (inherited.get(name) or None)
+        if choices is None:
+            pattern = r"\d+" if name == "i" else r"[^.]+"
+        elif re.fullmatch(r"[\w.|]+", choices):  # plain alternatives: their dots are literal
+            pattern = "|".join(re.escape(c) for c in choices.split("|"))
+        else:
+            pattern = choices
+        parts.append(f"(?P<{name}>{pattern})")
+        last = m.end()
+    parts.append(re.escape(template[last:]))
+    return re.compile("".join(parts))
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """One line of a weight map: an official checkpoint key template, our parameter path template, and the
+    layout change of the tensor (a key of LAYOUTS).
+
+    Templates name fields in braces. `{i}` is a layer index (digits); `{name:a|b}` is one of the listed
+    alternatives (a regex); a bare `{name}` is one dotted part. The official key's fields fill our path:
+    Rule("blocks.{i}.mlp.{proj:fc1|fc2}.weight", "layer.{i}.mlp.{proj}.kernel", "linear")."""
+
+    official: str
+    ours: str
+    layout: str = "same"
+
+    def __post_init__(self):
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {self.layout!r}; known: {sorted(LAYOUTS)}")
+
+    def match(self, key: str) -> dict[str, str] | None:
+        """The fields of `key` when it is an official key of this rule, else None."""
+        m = _template_regex(self.official).fullmatch(key)
+        return m.groupdict() if m else None
+
+    def match_ours(self, path: str) -> dict[str, str] | None:
+        m = _template_regex(self.ours, self.official).fullmatch(path)
+        return m.groupdict() if m else None
+
+    def fill(self, template: str, fields: Mapping[str, str]) -> str:
+        return _FIELD.sub(lambda m: str(fields[m.group(1)]), template)
+
+    def expand(self, num_layers: int) -> list[dict[str, str]]:
+        """Every field assignment of this rule: `{i}` over range(num_layers), alternatives over their list
+        (for families whose tables enumerate, e.g. to write official checkpoints)."""
+        options = []
+        for name, choices in _FIELD.findall(self.official):
+            if name == "i":
+                options.append([(name, str(i)) for i in range(num_layers)])
+            elif choices and re.fullmatch(r"[\w.|]+", choices):
+                options.append([(name, c) for c in choices.split("|")])
+            else:
+                raise ValueError(f"field {{{name}}} of {self.official!r} cannot be enumerated")
+        return [dict(combo) for combo in itertools.product(*options)]
+
+
+def map_weights(state: Mapping[str, np.ndarray], table: Iterable[Rule], *,
+                dropped: re.Pattern | None = None) -> MappedParams:
+    """{our parameter path: array} from official keys by the first matching rule of `table`; keys that match
+    `dropped` are left out on purpose, keys no rule matches are kept in `.unmapped` (the strict fill reports
+    them)."""
+    table = tuple(table)
+    params = MappedParams()
+    for key, value in state.items():
+        if dropped is not None and dropped.fullmatch(key):
+            continue
+        for rule in table:
+            fields = rule.match(key)
+            if fields is not None:
+                try:
+                    value = LAYOUTS[rule.layout](np.asarray(value))
+                except ValueError as e:
+                    raise CheckpointMismatchError(f"{key}: {e}") from None
+                params.put(rule.fill(rule.ours, fields), value, key)
+                break
+        else:
+            params.unmapped.append(key)
+    return params
+
+
+def unmap_weights(params: Mapping[str, np.ndarray], table: Iterable[Rule]) -> dict[str, np.ndarray]:
+    """The inverse of map_weights: {official key: array} from {our parameter path: array}; a path no rule
+    matches (or whose layout has no inverse) is an error."""
+    table = tuple(table)
+    out = {}
+    for path, value in params.items():
+        for rule in table:
+            fields = rule.match_ours(path)
+            if fields is not None:
+                if rule.layout not in INVERSE_LAYOUTS:
+                    raise ValueError(f"{path}: layout {rule.layout!r} has no inverse")
+                out[rule.fill(rule.official, fields)] = INVERSE_LAYOUTS[rule.layout](np.asarray(value))
+                break
+        else:
+            raise ValueError(f"no rule of the weight map writes our parameter {path!r}")
+    return out
+
+
+def model_params(model: nnx.Module) -> dict[str, np.ndarray]:
+    """{dotted path: numpy array} of a concrete model's parameters."""
+    return {path_to_str(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
 # ----------------------------------------------------------------------------------------------------

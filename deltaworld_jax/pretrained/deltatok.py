@@ -112,20 +112,21 @@ def load_deltatok(
                        use_rope_aug=use_rope_aug, rope_theta=rope_theta, rope_rescale=rope_rescale,
                        norm_eps=norm_eps, attention_impl=attention_impl)
     abstract = nnx.eval_shape(lambda: DeltaTok(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
-    return common.fill_abstract_model(abstract, to_model_params(abstract, sd), what="DeltaTok checkpoint")
+    return common.fill_abstract_model(abstract, to_model_params(sd), what="DeltaTok checkpoint")
 
 
-def to_model_params(abstract: DeltaTok, sd: Mapping[str, np.ndarray]) -> common.MappedParams:
-    """{our dotted path: array} from official names: every nnx.Linear `kernel` [in, out] is the torch
-    `weight` [out, in] transposed; every other parameter has the official name as is. Keys that name no
-    parameter are kept under their own name, so the strict fill reports them as unused."""
-    linear_weights = {path[: -len("kernel")] + "weight": path
-                      for path in common.model_param_shapes(abstract) if path.endswith(".kernel")}
-    params = common.MappedParams()
-    for key, value in sd.items():
-        if key in linear_weights and np.ndim(value) == 2:
-            params.put(linear_weights[key], common.torch_linear_to_kernel(np.asarray(value)), key)
-        else:
-            params.put(key, np.asarray(value), key)
-    return params
+# The weight map: our parameter paths are the official names, with each Linear's torch `weight` [out, in] as
+# our transposed `kernel` [in, out]; everything else (biases, norms, LayerScale, z/xy embeddings) keeps its
+# name. A key that names no parameter keeps its own name too, so the strict fill reports it as unused.
+_LINEARS = "attention.q_proj|attention.k_proj|attention.v_proj|attention.o_proj|attention.attn_gate|" \
+           "mlp.up_proj|mlp.gate_proj|mlp.down_proj"
+DELTATOK_TABLE: tuple[common.Rule, ...] = (
+    common.Rule("{stack:encoder_blocks|decoder_blocks}.{i}.{linear:" + _LINEARS + "}.weight",
+                "{stack}.{i}.{linear}.kernel", "linear"),
+    common.Rule("{key:.+}", "{key}"),
+)
 
+
+def to_model_params(sd: Mapping[str, np.ndarray]) -> common.MappedParams:
+    """{our dotted path: array} from official names, by DELTATOK_TABLE."""
+    return common.map_weights(sd, DELTATOK_TABLE)
