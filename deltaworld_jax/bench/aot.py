@@ -23,6 +23,7 @@ import numpy as np
 from deltaworld_jax import sharding as sharding_lib
 from deltaworld_jax.bench import flops as flops_lib
 from deltaworld_jax.bench import program
+from deltaworld_jax.models import layers
 
 GIB = 1024**3
 
@@ -149,7 +150,7 @@ def compile_on_topology(config, topology: str, *, num_slices: int = 1, sharding:
         "topology": topology, "num_slices": num_slices, "chips": chips, "devices": num_devices,
         "accelerator_type": accelerator_type(family, math.prod(dims)), "chip": spec.name,
         "mesh": dict(mesh.shape), "sharding": sharding if isinstance(sharding, str) else "custom",
-        "remat": cfg.model.get("remat", "none") or "none",
+        "remat": cfg.model.get("remat") or layers.DEFAULT_REMAT,  # unset: the model configs' default
         "per_chip_batch": per_chip_batch, "accumulation_steps": accumulation, "effective_batch": effective_batch,
         "lower_seconds": lower_s, "compile_seconds": compile_s,
         "memory": memory_report(compiled, hbm_per_device),

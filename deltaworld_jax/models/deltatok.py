@@ -57,7 +57,7 @@ class DeltaTokConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     attention_impl: str | None = "xla"
-    remat: str = "none"  # rematerialisation of each stack's scanned block: layers.REMAT_POLICIES
+    remat: str = layers.DEFAULT_REMAT  # rematerialisation of each stack's scanned block: layers.REMAT_POLICIES
 
     def __post_init__(self):
         layers.check_remat(self.remat)

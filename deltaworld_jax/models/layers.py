@@ -460,6 +460,14 @@ REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
+# The default of the model configs' `remat`. Why not "none": a scanned stack cannot lean on XLA's own
+# rematerialisation, which on the unrolled stack recomputed the cheap, large activations (attention
+# logits/probabilities, float32 copies) to fit HBM. Measured on DeltaTok ViT-B (12 + 12 blocks, 513 tokens,
+# batch 8, bf16): the scan keeps 7.97 GiB of residuals with "none", 1.95 GiB with this policy (weight matmul
+# outputs kept; attention's QK^T / AV and the elementwise work recomputed, ~4% more FLOPs), 0.85 with "full".
+DEFAULT_REMAT = "dots_with_no_batch_dims_saveable"
+
+
 def check_remat(name: str | None) -> str:
     """The remat policy name (None / "" mean "none"), with a clear error for an unknown one."""
     name = name or "none"

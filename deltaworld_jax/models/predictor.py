@@ -42,7 +42,7 @@ class PredictorConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02  # the backbone's initializer_range; also the scale of the noise queries
     attention_impl: str | None = "xla"
-    remat: str = "none"  # rematerialisation of the scanned block: layers.REMAT_POLICIES
+    remat: str = layers.DEFAULT_REMAT  # rematerialisation of the scanned block: layers.REMAT_POLICIES
 
     def __post_init__(self):
         layers.check_remat(self.remat)
@@ -248,7 +248,7 @@ class WorldConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     attention_impl: str | None = "xla"
-    remat: str = "none"  # the predictor's block rematerialisation: layers.REMAT_POLICIES
+    remat: str = layers.DEFAULT_REMAT  # the predictor's block rematerialisation: layers.REMAT_POLICIES
     use_bom: bool = True  # noise queries + best-of-K training; False: one learned query (q_embed)
     num_samples_train: int = 256  # K, the candidates per predicted frame in best-of-K training
     num_samples_eval: int = 20  # S, the rollouts drawn per clip at evaluation (use_bom only)
