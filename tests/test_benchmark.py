@@ -66,11 +66,12 @@ def test_deltaworld_predictor_is_far_cheaper_than_dinoworld():
 
 
 def tiny_world_config(kind: str = "deltaworld") -> ml_collections.ConfigDict:
-    """A world model (predictor width 128, 1 block) on the pixel VFM; DeltaWorld with K=16 candidates in
-    one pass and a randomly initialised 1-block DeltaTok."""
+    """A world model (predictor width 128, 1 block, no remat) on the pixel VFM; DeltaWorld with K=16
+    candidates in one pass and a randomly initialised 1-block DeltaTok."""
     c = tiny_deltatok_config()
     c.model = ml_collections.ConfigDict(dict(kind=kind, dtype="float32", hidden_size=128, num_layers=1, num_heads=4,
-                                             rope_axis_sizes=(28,) if kind == "deltaworld" else (10, 10, 8)))
+                                             rope_axis_sizes=(28,) if kind == "deltaworld" else (10, 10, 8),
+                                             remat="none"))  # traced matmuls = the model's (no recompute)
     if kind == "deltaworld":
         c.model.update(dict(num_samples_train=16, bom_chunk=0))
         c.tokenizer = ml_collections.ConfigDict(dict(checkpoint="", allow_random=True, num_layers=1,

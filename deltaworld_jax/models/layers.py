@@ -496,8 +496,11 @@ def scan_blocks(blocks: nnx.List, hidden: Array, *broadcast, remat: str = "none"
         # prevent_cse=False: inside a scan, XLA cannot merge the recompute into the forward pass anyway (a
         # single block, run without a scan, keeps jax's default).
         layer = nnx.remat(layer, policy=REMAT_POLICIES[remat], prevent_cse=len(blocks) == 1)
+    # The transforms run on a fresh module made here, never on the blocks themselves: those may belong to
+    # an outer trace (a predictor merged outside the best-of-K lax.scan), and nnx.remat / nnx.scan write
+    # their state back into the modules they are given.
     if len(blocks) == 1:  # nothing to scan over
-        return layer(hidden, blocks[0], *broadcast)
+        return layer(hidden, nnx.merge(*nnx.split(blocks[0])), *broadcast)
     graphdef, _ = nnx.split(blocks[0])
     states = []
     for i, block in enumerate(blocks):
