@@ -170,3 +170,18 @@ def test_config_model_remat_reaches_the_trained_model(kind):
     with pytest.raises(ValueError, match="remat"):
         tasks.make_task(config).build_trainable(nnx.Rngs(0))
     assert isinstance(config, ml_collections.ConfigDict)
+
+
+@pytest.mark.parametrize("num_blocks", [1, 2])
+def test_blocks_of_an_outer_trace_run_remat_inside_a_scan(num_blocks):
+    """As DeltaTok's rollout and the best-of-K search do: modules made outside a lax.scan, called inside it
+    (nnx.remat must not write back into them)."""
+    blocks = _blocks(num_blocks)
+    x = jax.random.normal(jax.random.key(1), (2, 17, 64))
+
+    def step(carry, _):
+        return layers.scan_blocks(blocks, carry, remat="full"), None
+
+    out = jax.jit(lambda x: jax.lax.scan(step, x, None, length=2)[0])(x)
+    expected = _unrolled(blocks, _unrolled(blocks, x, None), None)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)

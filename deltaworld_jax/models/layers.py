@@ -500,7 +500,9 @@ def scan_blocks(blocks: nnx.List, hidden: Array, *broadcast, remat: str = "none"
     # an outer trace (a predictor merged outside the best-of-K lax.scan), and nnx.remat / nnx.scan write
     # their state back into the modules they are given.
     if len(blocks) == 1:  # nothing to scan over
-        return layer(hidden, nnx.merge(*nnx.split(blocks[0])), *broadcast)
+        graphdef, state = nnx.split(blocks[0])
+        fresh = nnx.merge(graphdef, jax.tree.map(lambda x: x, state))  # new Variables, in this trace
+        return layer(hidden, fresh, *broadcast)
     graphdef, _ = nnx.split(blocks[0])
     states = []
     for i, block in enumerate(blocks):
