@@ -185,3 +185,18 @@ def test_blocks_of_an_outer_trace_run_remat_inside_a_scan(num_blocks):
     out = jax.jit(lambda x: jax.lax.scan(step, x, None, length=2)[0])(x)
     expected = _unrolled(blocks, _unrolled(blocks, x, None), None)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_remat_recomputes_attention_only_when_scanning():
+    """"auto" (the model configs' default): the scanned stack keeps the weight matmuls only; a single block
+    (unscanned, where XLA can still rematerialise on its own) keeps everything."""
+    x = jax.random.normal(jax.random.key(1), (2, 17, 64))
+
+    def kept(num_blocks, policy):
+        graphdef, state = nnx.split(_blocks(num_blocks))
+        return residual_size(lambda s: jnp.sum(layers.scan_blocks(nnx.merge(graphdef, s), x, remat=policy) ** 2),
+                             state)
+
+    assert kept(2, "auto") == kept(2, layers.SCANNED_REMAT) < kept(2, "none")
+    assert kept(1, "auto") == kept(1, "none") > kept(1, layers.SCANNED_REMAT)
+    assert DeltaTokConfig().remat == PredictorConfig().remat == "auto"

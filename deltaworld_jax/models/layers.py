@@ -460,19 +460,23 @@ REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
-# The default of the model configs' `remat`. Why not "none": a scanned stack cannot lean on XLA's own
+# "auto", the default of the model configs' `remat`: SCANNED_REMAT for a scanned stack (two blocks or
+# more), "none" for a single block. Why not "none" everywhere: a scanned stack cannot lean on XLA's own
 # rematerialisation, which on the unrolled stack recomputed the cheap, large activations (attention
-# logits/probabilities, float32 copies) to fit HBM. Measured on DeltaTok ViT-B (12 + 12 blocks, 513 tokens,
-# batch 8, bf16): the scan keeps 7.97 GiB of residuals with "none", 1.95 GiB with this policy (weight matmul
-# outputs kept; attention's QK^T / AV and the elementwise work recomputed, ~4% more FLOPs), 0.85 with "full".
-DEFAULT_REMAT = "dots_with_no_batch_dims_saveable"
+# logits/probabilities, float32 copies) to fit HBM; a single block, unscanned, still can. Measured on
+# DeltaTok ViT-B (12 + 12 blocks, 513 tokens, batch 8, bf16): the scan keeps 7.97 GiB of residuals with
+# "none", 1.95 GiB with SCANNED_REMAT (weight matmul outputs kept; attention's QK^T / AV and the
+# elementwise work recomputed, ~4% more FLOPs), 0.85 with "full".
+DEFAULT_REMAT = "auto"
+SCANNED_REMAT = "dots_with_no_batch_dims_saveable"
 
 
 def check_remat(name: str | None) -> str:
-    """The remat policy name (None / "" mean "none"), with a clear error for an unknown one."""
+    """The remat policy name (None / "" mean "none"; "auto" see DEFAULT_REMAT), with a clear error for an
+    unknown one."""
     name = name or "none"
-    if name not in REMAT_POLICIES:
-        raise ValueError(f"unknown remat policy {name!r}; known: {sorted(REMAT_POLICIES)}")
+    if name != "auto" and name not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {name!r}; known: {sorted(REMAT_POLICIES)} and 'auto'")
     return name
 
 
@@ -486,8 +490,11 @@ def scan_blocks(blocks: nnx.List, hidden: Array, *broadcast, remat: str = "none"
     call; the stack is a copy (one extra copy of the stack's parameters, and of their gradients, during a
     step), and its gradient flows back to each block's own parameters. `broadcast` arguments (RoPE tables,
     masks, key/value tokens) go unchanged to every layer; they are not scanned. `static` keyword arguments
-    (strings) are closed over. `remat` (REMAT_POLICIES) puts the scanned block under `nnx.remat`."""
+    (strings) are closed over. `remat` (REMAT_POLICIES, or "auto": see DEFAULT_REMAT) puts the scanned block
+    under `nnx.remat`."""
     remat = check_remat(remat)
+    if remat == "auto":
+        remat = SCANNED_REMAT if len(blocks) > 1 else "none"
 
     def layer(x, block, *consts):
         return block(x, *consts, **static)
