@@ -17,6 +17,8 @@ INSTALL_REQUIRES = [
     "huggingface_hub",
     "jax>=0.7",
     "ml_collections",
+    # bfloat16 numpy arrays of the token cache (data/token_cache.py); jax depends on it too, this says we do.
+    "ml_dtypes",
     "numpy",
     "optax",
     "orbax-checkpoint",
@@ -28,10 +30,21 @@ INSTALL_REQUIRES = [
     "tensorflow-datasets",
 ]
 
+# Reading the released PyTorch checkpoints (.bin/.pth/.pt/.ckpt) directly, or converting them once with
+# `python -m deltaworld_jax.pretrained.convert` to safetensors, which every loader reads without torch.
+# The range admits the CPU build that .ci/run installs first (torch==2.13.0), so nothing larger is pulled in.
+TORCH_REQUIRES = ["torch>=2.4,<2.14"]
+
+# `tfds build` of the data sets (deltaworld_jax/data/tfds_builders.py) with Apache Beam on many machines
+# (Dataflow, Spark, Flink) or its DirectRunner. tensorflow-datasets 4.9.10's `tfds` command also imports
+# apache_beam and mlcroissant before running any subcommand, so the command line needs this extra too.
+# Not in the test extra: apache-beam 2.77 caps protobuf < 7, pillow < 13 and pyarrow < 26, which would
+# move the whole test environment; the two tests that need it skip without it.
+BEAM_REQUIRES = ["apache-beam>=2.60", "mlcroissant"]
+
 TEST_REQUIRES = [
-    # PyTorch is only used by parity tests and checkpoint-import tests. The range admits the CPU
-    # build that .ci/run installs first (torch==2.13.0), so nothing larger is pulled in.
-    "torch>=2.4,<2.14",
+    # PyTorch is only used by parity tests and checkpoint-import tests.
+    *TORCH_REQUIRES,
     "transformers>=4.56",
     "pytest",
     "pytest-xdist",
@@ -54,6 +67,8 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "test": TEST_REQUIRES,
+        "torch": TORCH_REQUIRES,
+        "beam": BEAM_REQUIRES,
         "tpu": ["jax[tpu]"],
         "gpu": ["jax[cuda12]"],
         # The notebooks in colabs/ (pictures and videos of tokens and forecasts).

@@ -38,7 +38,8 @@ CASES = {
     "world512_v5e_2x2": ("configs/kinetics.py:stage=deltaworld_512", "v5e:2x2", 2),
 }
 
-# Runs inside the measured checkout; uses only APIs both sides have (bench.program, bench.aot).
+# Runs inside the measured checkout: the AOT program API lives in deltaworld_jax.aot since the 'one house'
+# layout (main after 0102b92) and in deltaworld_jax.bench.{program,aot} before it; either side may be either.
 WORKER = textwrap.dedent('''
     import json, sys, time
     spec, topology, batch, remat = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
@@ -50,9 +51,13 @@ WORKER = textwrap.dedent('''
     config = module.get_config(arg) if arg else module.get_config()
     remat = None if remat == "-" else remat
     memory_gib = None
+    try:
+        from deltaworld_jax import aot
+        program = aot
+    except ImportError:
+        from deltaworld_jax.bench import aot, program
     if topology == "-":
         from deltaworld_jax import sharding as sharding_lib
-        from deltaworld_jax.bench import program
         cfg = program.benchmark_config(config, remat=remat)
         mesh = sharding_lib.make_mesh(cfg.mesh)
         t0 = time.perf_counter()
@@ -62,7 +67,6 @@ WORKER = textwrap.dedent('''
         lowered.compile()
         compile_s = time.perf_counter() - t0
     else:
-        from deltaworld_jax.bench import aot
         r = aot.compile_on_topology(config, topology, sharding="fsdp", per_chip_batch=int(batch), remat=remat,
                                     count_flops=False)
         lower_s, compile_s = r["lower_seconds"], r["compile_seconds"]

@@ -12,11 +12,11 @@
 import ml_collections
 
 from deltaworld_jax.data import default_data_config
-from deltaworld_jax.training import recipe
+from configs import common
 
 
 def _tiny(kind: str) -> ml_collections.ConfigDict:
-    c = recipe.base_config()
+    c = common.base_config()
     c.model.kind = kind
     c.model.dtype = "float32"
     c.model.remat = "none"
@@ -38,7 +38,7 @@ def _tiny(kind: str) -> ml_collections.ConfigDict:
 
 
 def _recipe(stage: str) -> ml_collections.ConfigDict:
-    c = recipe.base_config()
+    c = common.base_config()
     c.vfm = ml_collections.ConfigDict(dict(kind="dinov3", preset="vitb16", weights="", dtype="bfloat16"))
     c.model.dtype = "bfloat16"
     c.model.remat = "none"
@@ -50,8 +50,9 @@ def _recipe(stage: str) -> ml_collections.ConfigDict:
         c.optim.grad_clip_norm = 0.01
     else:
         c.model.kind = stage
+        # token_cache: a folder (any name: nothing is read) makes DeltaWorld's step read tokens, not frames.
         c.data = ml_collections.ConfigDict(dict(num_frames=8, frame_size=512, time_stride_range=(1 / 25, 1 / 3),
-                                                use_cached_tokens=False))
+                                                token_cache=""))
         c.optim.lr, c.optim.weight_decay = 1e-4, 0.4
         if stage == "deltaworld":
             c.tokenizer = ml_collections.ConfigDict(dict(checkpoint="", allow_random=True, dtype="bfloat16"))
@@ -64,14 +65,7 @@ def get_config(name: str = "tiny_deltatok") -> ml_collections.ConfigDict:
     if name.startswith("recipe_"):
         return _recipe(name[len("recipe_"):])
     if name == "demo_deltaworld_tokens":
-        import importlib.util
-        import os
+        from configs import demo
 
-        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py")
-        spec = importlib.util.spec_from_file_location("demo_config", path)
-        demo = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(demo)
-        c = demo.get_config("").stage_configs.deltaworld
-        c.data.use_cached_tokens = True
-        return c
+        return demo.get_config("").stage_configs.deltaworld  # data.token_cache is set: batches of tokens
     raise ValueError(f"unknown benchmark config {name!r}")

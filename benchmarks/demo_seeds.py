@@ -12,8 +12,8 @@ writes: from <workdir>/token_check.jsonl (the DeltaTok stage's token check, ever
 step at which the token switches on (the first check where the pair's own token reconstructs at least
 --on_margin better than another clip's) and the final own / other-clip / copy-last reconstruction errors;
 from <workdir>/demo_results.json (whole demo only) best-of-N / mean-of-N / copy-last one and three steps
-ahead, and whether the demo's verdicts (deltaworld_jax/demo.py: margins 25% for the token, 5% best vs mean and
-vs copy-last) hold. A script that prints numbers, not a test; benchmarks/demo.md has its output.
+ahead, and whether the demo's verdicts (deltaworld_jax/evaluation/demo.py: margins 25% for the token, 5% best vs
+mean and vs copy-last) hold. A script that prints numbers, not a test; benchmarks/demo.md has its output.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import time
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from deltaworld_jax import demo  # noqa: E402  (after the path: the checkout's package, not an installed one)
+from deltaworld_jax.evaluation import demo  # noqa: E402  (after the path: the checkout's package)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -30,7 +30,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from deltaworld_jax import sharding as sharding_lib
-    from deltaworld_jax.bench import aot, program
+    from deltaworld_jax import aot
+    program = aot  # the trainer's real step as a program (was bench/program.py)
 
     path, _, arg = args.config.partition(":")
     spec = importlib.util.spec_from_file_location("measured_config", path)

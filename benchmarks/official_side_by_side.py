@@ -20,7 +20,7 @@ predictor width 192, 4 layers, 3 heads, MLP x4; 128x128 frames. Rows (batch = cl
 Official train step = forward + loss + backward (+ clip) + AdamW.step + zero_grad, as Lightning runs it;
 "official" is the better of eager and torch.compile (the official trainer compiles the network; its
 forecast loop is @torch.compiler.disable, so eager there). Ours = the trainer's real jitted step
-(`deltaworld_jax.bench.program`) and the forecasters' `DeltaWorld.rollout` with the VFM in the same program.
+(`deltaworld_jax.aot`: the trainer's build with abstract frozen modules) and the forecasters' `DeltaWorld.rollout` with the VFM in the same program.
 Timing: `--rounds` rounds; in each, every row runs official eager, official compiled, ours (in that
 order), `--steps` timed steps each after warm-up. Reported: the median ms over all timed steps of a side,
 with the range of per-round medians; ratio = official / ours (> 1: ours is faster).
@@ -38,6 +38,9 @@ import time
 import types
 
 import numpy as np
+
+# The repository's root: `benchmarks.step` and `configs` are imported as packages from there.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 WIDTH, LAYERS, HEADS, PATCH, REGISTERS, VFM_MLP = 192, 4, 3, 16, 4, 768
 TOK_LAYERS, TOK_MLP = 4, 512  # official: 2 * template intermediate // 3 for SwiGLU
@@ -197,9 +200,9 @@ class Official:
 def our_config(row: str, dtype: str):
     import ml_collections
 
-    from deltaworld_jax.training import recipe
+    from configs import common
 
-    c = recipe.base_config()
+    c = common.base_config()
     c.model.dtype = dtype
     c.vfm = ml_collections.ConfigDict(dict(
         kind="dinov3", preset="vitb16", weights="", dtype=dtype,
@@ -231,18 +234,18 @@ def build_ours(row: str, dtype: str):
     import jax.numpy as jnp
     from flax import nnx
 
-    from deltaworld_jax import sharding as sharding_lib
-    from deltaworld_jax.bench import program
-    from deltaworld_jax.bench.step import compile_step, materialize, random_batch
+    from benchmarks.step import compile_step, materialize, random_batch
+    from deltaworld_jax import aot as program, sharding as sharding_lib
+    from deltaworld_jax.training import trainer
 
     cfg = program.benchmark_config(our_config(row, dtype))
     mesh = sharding_lib.make_mesh(cfg.mesh)
-    setup = program.abstract_setup(cfg, mesh)
+    setup = trainer.build(cfg, mesh, abstract_frozen=True)
     count = int(sum(np.prod(x.shape) for x in jax.tree.leaves(setup.abstract_state.params)))
     state, frozen = materialize(setup, cfg)
     b, t = BATCH[row]
     if row == "forecast":
-        from deltaworld_jax.training.world_tasks import black_features
+        from deltaworld_jax.tasks.world import black_features
 
         modules = setup.task.build_frozen()
         world = nnx.merge(setup.graphdef, state.params, state.extra) if state.extra else nnx.merge(

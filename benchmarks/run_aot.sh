@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Ahead-of-time compiles of every recipe stage for TPU slices (minutes to tens of minutes each on a CPU
 # host), one after the other; every result lands in benchmarks/results/aot_<stage>_<topology>_b<batch>.json
-# (+ .log). Then `python -m deltaworld_jax.benchmark fit --inputs='benchmarks/results/aot_<stage>_*.json'
+# (+ .log). Then `python -m benchmarks.benchmark fit --inputs='benchmarks/results/aot_<stage>_*.json'
 # --chip=v5p` predicts every slice from them, and `benchmark table` renders them for RESULTS.md.
 #
 #   TPU_PYTHON=/path/to/python-with-libtpu benchmarks/run_aot.sh [CONFIG_SPEC...]
@@ -14,7 +14,7 @@ TPU_PYTHON="${TPU_PYTHON:-python}"
 SPECS=("$@")
 if [[ ${#SPECS[@]} -eq 0 ]]; then
   SPECS=(configs/kinetics.py:stage=deltatok_256 configs/kinetics.py:stage=deltatok_512
-         configs/kinetics.py:stage=deltaworld_512 configs/dinoworld_kinetics.py:stage=dinoworld_512)
+         configs/kinetics.py:stage=deltaworld_512 configs/kinetics.py:stage=dinoworld_512)
 fi
 OUT=benchmarks/results
 mkdir -p "${OUT}"
@@ -26,7 +26,7 @@ compile() {  # config_spec topology per_chip_batch [extra flags...]
   local stage="${spec##*=}"
   local name="aot_${stage}_${topology//:/_}_b${batch}"
   echo "$(date -u +%H:%M:%S) ${name}"
-  "${TPU_PYTHON}" -m deltaworld_jax.benchmark aot --config="${spec}" --topology="${topology}" \
+  "${TPU_PYTHON}" -m benchmarks.benchmark aot --config="${spec}" --topology="${topology}" \
     --per_chip_batch="${batch}" --json_out="${OUT}/${name}.json" "$@" > "${OUT}/${name}.log" 2>&1 \
     || echo "  failed: see ${OUT}/${name}.log"
 }

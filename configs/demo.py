@@ -23,7 +23,7 @@ from __future__ import annotations
 import ml_collections
 
 from deltaworld_jax.data import default_data_config
-from deltaworld_jax.training import recipe
+from configs import common
 
 # 32x32 frames in 4x4 patches: 64 tokens of 3*4*4 = 48 pixel values plus 16 fixed position channels each
 # (the VFM width 64, so DeltaTok's width too; 4 heads of 16). The position channels are what lets DeltaTok
@@ -92,7 +92,7 @@ def _deltatok_fields() -> dict:
 
 
 def _stage_base(settings: dict, steps: int, batch: int, lr: float, warmup: int) -> ml_collections.ConfigDict:
-    c = recipe.base_config()
+    c = common.base_config()
     c.model.dtype = "float32"  # CPU: bfloat16 is emulated and slower
     c.vfm = _vfm()
     c.optim.lr = lr
@@ -118,11 +118,19 @@ def deltatok_stage(settings: dict) -> ml_collections.ConfigDict:
     # copying, and the tokenizer stayed at copy-last (benchmarks/demo.md).
     c.model.loss_fn = "mse"
     c.data = _data(num_frames=2, settings=settings)
+    # A quarter of the training pairs open with a cut from black (black, frame), the pair every clip's token
+    # sequence starts with, and a quarter with a scene cut (another clip's frame, frame). Their change is the
+    # whole frame, so the token gets a strong pair-specific learning signal from the first steps and the
+    # decoder learns to read it; with ordinary pairs alone the encoder cannot at first tell its two frames
+    # apart, nothing of a pair's change can be read from its initial token, and whether and when the token
+    # switched on depended on the seed and the machine (benchmarks/demo.md, benchmarks/demo_token_signal.py).
+    c.data.synthetic.from_black_probability = 0.25
+    c.data.synthetic.cut_probability = 0.25
     # The token check (deltaworld_jax/demo.py:evaluate_tokenizer) every `token_check_every` steps: the log and
     # <workdir>/token_check.jsonl show when the decoder starts to read its token.
     c.data.eval.num_synthetic_clips = settings["eval_batch"]
     c.eval = ml_collections.ConfigDict(dict(every_steps=settings["token_check_every"],
-                                            fn="deltaworld_jax.demo:evaluate_tokenizer", results_dir="@",
+                                            fn="deltaworld_jax.evaluation.demo:evaluate_tokenizer", results_dir="@",
                                             criterion="mse"))
     return c
 
@@ -132,7 +140,7 @@ def deltaworld_stage(settings: dict) -> ml_collections.ConfigDict:
     c.model.kind = "deltaworld"
     c.model.update(dict(hidden_size=64, num_layers=2, num_heads=2, backbone_hidden_size=VFM_WIDTH, mlp_ratio=4,
                         rope_axis_sizes=(28,), rope_unrotated_size=4, use_bom=True, num_samples_train=16,
-                        num_samples_eval=8, bom_chunk=0, layer_scale_init=0.1))
+                        num_samples_eval=16, bom_chunk=0, layer_scale_init=0.1))
     c.tokenizer = ml_collections.ConfigDict(dict(checkpoint="@deltatok", dtype="float32", **_deltatok_fields()))
     c.data = _data(num_frames=8, settings=settings)
     # DeltaWorld trains from precomputed delta tokens (data/token_cache.py): the recipe tokenises the world
@@ -143,9 +151,9 @@ def deltaworld_stage(settings: dict) -> ml_collections.ConfigDict:
     c.data.token_cache = "@world_tokens"
     c.eval = ml_collections.ConfigDict(dict(
         every_steps=c.train.get_ref("num_steps"),  # once, at the end
-        fn="deltaworld_jax.demo:evaluate_demo",
+        fn="deltaworld_jax.evaluation.demo:evaluate_demo",
         results_dir="@",  # the recipe's workdir
-        ctx_lens=(4,), horizons=(1, 3), num_samples=8, seed=0, max_batches=0,
+        ctx_lens=(4,), horizons=(1, 3), num_samples=16, seed=0, max_batches=0,
         criterion="mse",  # scored (and 'best' picked) by squared error on the pixel features
         num_pictures=settings["num_pictures"],  # clips shown in demo_futures.png
         samples_shown=settings["samples_shown"],  # sampled futures per clip in the picture

@@ -6,6 +6,7 @@ Arguments (`--config=configs/kinetics.py:<arg>`):
   recipe=deltaworld   the two DeltaWorld stages (the tokenizer from --config.stage_configs.deltaworld_512.
                       tokenizer.checkpoint=..., ours or the official pytorch_model.bin)
   recipe=all          DeltaTok's four stages, then DeltaWorld's two on the tokenizer just trained
+  recipe=dinoworld    DINO-World, the discriminative baseline in the same code: its two stages (below)
 
 Stages (effective batch 1024 = train.batch_size; per-device batch = 1024 / (data x fsdp devices) /
 optim.accumulation_steps; AdamW .9/.999 eps 1e-8, decay only on Linear/Conv weights, 5k warm-up, bf16):
@@ -24,6 +25,12 @@ optim.accumulation_steps; AdamW .9/.999 eps 1e-8, decay only on Linear/Conv weig
   deltaworld_cooldown lr 1e-5, to step 305k: full resume of deltaworld_512. Should reach the released
                       DeltaWorld: best-of-20 (mean) VSPW 56.3 (54.2), Cityscapes 66.2 (64.2), KITTI 2.95 (3.32)
                       at 1 frame; 51.5 (46.6), 55.3 (49.5), 3.71 (4.74) at 3 frames
+  dinoworld_512       DINO-World, the official `World` recipe: lr 1e-4, 512px, 8 frames, 300k steps, wd 0.4,
+                      no clipping. It predicts every patch feature of the next frame from all past frames'
+                      features (3-D RoPE, one learned query per patch): no tokenizer, no best-of-many. It
+                      should land below DeltaWorld's best-of-20 and near its mean-of-20 at 1 frame (the
+                      paper's comparison), at a far higher cost per step (1024 keys/values per past frame)
+  dinoworld_cooldown  lr 1e-5, to step 305k: full resume of dinoworld_512
 
 Commands (data: `python -m deltaworld_jax.data.prepare` writes Kinetics-700 train as ArrayRecord shards;
 the DINOv3 ViT-B/16 weights must be available locally, e.g. a HF folder via --config.vfm.weights=...):
@@ -44,7 +51,7 @@ and DeltaWorld's tokenizer takes the DeltaTok stages' sizes; a stand-alone Delta
 checkpoints needs --config.tokenizer.<num_layers|intermediate_size|...>=... to match them (an official
 pytorch_model.bin carries its own).
 Evaluation: every stage declares the official validation (config.eval: eval_hook every EVAL_EVERY_STEPS
-steps on datasets "vspw,cityscapes,kitti", the released heads in EVAL_HEADS; training/evaluation.py):
+steps on datasets "vspw,cityscapes,kitti", the released heads in EVAL_HEADS; evaluation/protocol.py):
   --config.data.eval.vspw.root=/data/VSPW --config.data.eval.cityscapes.root=/data/cityscapes \\
   --config.data.eval.kitti.root=/data/kitti --config.eval.heads.vspw=/weights/seg-head-vspw/pytorch_model.bin \\
   --config.eval.heads.cityscapes=... --config.eval.heads.kitti=/weights/depth-head-kitti/pytorch_model.bin \\
@@ -61,7 +68,7 @@ from ml_collections import config_dict
 
 from deltaworld_jax.data import default_data_config
 from deltaworld_jax.models.deltatok import default_intermediate_size
-from deltaworld_jax.training import recipe
+from configs import common
 
 DATA_ROOT = ""  # the prepared Kinetics-700 train split (or override data.root per stage)
 VFM_WEIGHTS = "facebook/dinov3-vitb16-pretrain-lvd1689m"
@@ -73,17 +80,23 @@ EVAL_ROOTS = {"vspw": "", "cityscapes": "", "kitti": ""}
 EVAL_HEADS = {"vspw": "", "cityscapes": "", "kitti": ""}
 EVAL_EVERY_STEPS = 5000
 
-STAGES = ("deltatok_256", "deltatok_512", "deltatok_cooldown1", "deltatok_cooldown2", "deltaworld_512",
-          "deltaworld_cooldown")
+DELTATOK_STAGES = ("deltatok_256", "deltatok_512", "deltatok_cooldown1", "deltatok_cooldown2")
+DELTAWORLD_STAGES = ("deltaworld_512", "deltaworld_cooldown")
+DINOWORLD_STAGES = ("dinoworld_512", "dinoworld_cooldown")
+# The paper's stages and recipes (each has a row of hardware in launch/topologies.json).
+STAGES = DELTATOK_STAGES + DELTAWORLD_STAGES
 RECIPES = {
-    "deltatok": STAGES[:4],
-    "deltaworld": STAGES[4:],
+    "deltatok": DELTATOK_STAGES,
+    "deltaworld": DELTAWORLD_STAGES,
     "all": STAGES,
 }
+# The baseline the paper compares with, trained by the same code (no launch/ rows: give the hardware).
+BASELINE_STAGES = DINOWORLD_STAGES
+BASELINE_RECIPES = {"dinoworld": DINOWORLD_STAGES}
 
 
 def _base(frame_size: int, num_frames: int) -> ml_collections.ConfigDict:
-    c = recipe.base_config()
+    c = common.base_config()
     c.model.dtype = "bfloat16"
     c.vfm = ml_collections.ConfigDict(dict(kind="dinov3", preset="vitb16", weights=VFM_WEIGHTS, dtype="bfloat16"))
     c.data = default_data_config()
@@ -102,10 +115,10 @@ def _base(frame_size: int, num_frames: int) -> ml_collections.ConfigDict:
 
 
 def _eval() -> ml_collections.ConfigDict:
-    """The official validation (training/evaluation.py eval_hook): VSPW, Cityscapes, KITTI clips of 7 frames,
+    """The official validation (evaluation/protocol.py eval_hook): VSPW, Cityscapes, KITTI clips of 7 frames,
     context 4, horizons 1 and 3, read by the released heads. Roots: config.data.eval.<set>.root."""
     return ml_collections.ConfigDict(dict(
-        fn="deltaworld_jax.training.evaluation:eval_hook",
+        fn="deltaworld_jax.evaluation.protocol:eval_hook",
         every_steps=EVAL_EVERY_STEPS,
         datasets="vspw,cityscapes,kitti",  # comma-separated; sets without a root are left out
         heads=ml_collections.ConfigDict(dict(EVAL_HEADS)),
@@ -156,6 +169,16 @@ def _deltaworld(lr: float, num_steps: int) -> ml_collections.ConfigDict:
     return c
 
 
+def _dinoworld(lr: float, num_steps: int) -> ml_collections.ConfigDict:
+    c = _base(512, num_frames=8)
+    c.model.kind = "dinoworld"  # sizes: DINOWorldConfig defaults (12 blocks, 768 wide, 3-D RoPE 20+20+20+4)
+    c.optim.lr = lr
+    c.optim.weight_decay = 0.4
+    c.optim.grad_clip_norm = 0.0
+    c.train.num_steps = num_steps
+    return c
+
+
 def stage_config(name: str, in_recipe: bool = False) -> ml_collections.ConfigDict:
     """One stage. In a recipe, the link to the previous stage is an '@stage' reference; alone, it is a path
     the command line must give (train.required_source names which one)."""
@@ -179,8 +202,14 @@ def stage_config(name: str, in_recipe: bool = False) -> ml_collections.ConfigDic
         c = _deltaworld(1e-5, 305_000)
         c.train.resume_from = "@deltaworld_512" if in_recipe else ""
         c.train.required_source = "resume_from"
+    elif name == "dinoworld_512":
+        c = _dinoworld(1e-4, 300_000)
+    elif name == "dinoworld_cooldown":
+        c = _dinoworld(1e-5, 305_000)
+        c.train.resume_from = "@dinoworld_512" if in_recipe else ""
+        c.train.required_source = "resume_from"
     else:
-        raise ValueError(f"Unknown stage {name!r}; known: {STAGES}")
+        raise ValueError(f"Unknown stage {name!r}; known: {STAGES + BASELINE_STAGES}")
     return c
 
 
@@ -189,12 +218,13 @@ def get_config(arg: str = "stage=deltatok_256") -> ml_collections.ConfigDict:
     if key == "stage":
         return stage_config(value)
     if key == "recipe":
-        if value not in RECIPES:
-            raise ValueError(f"Unknown recipe {value!r}; known: {sorted(RECIPES)}")
+        recipes = {**RECIPES, **BASELINE_RECIPES}
+        if value not in recipes:
+            raise ValueError(f"Unknown recipe {value!r}; known: {sorted(recipes)}")
         config = ml_collections.ConfigDict()
-        config.stages = list(RECIPES[value])
+        config.stages = list(recipes[value])
         config.stage_configs = ml_collections.ConfigDict(
-            {name: stage_config(name, in_recipe=True) for name in RECIPES[value]})
+            {name: stage_config(name, in_recipe=True) for name in recipes[value]})
         _link_sizes(config.stage_configs)
         if "deltaworld_512" in config.stage_configs:
             world = config.stage_configs.deltaworld_512
@@ -207,14 +237,14 @@ def get_config(arg: str = "stage=deltatok_256") -> ml_collections.ConfigDict:
             for field in ("checkpoint",) + DELTATOK_SIZE_FIELDS:
                 config.stage_configs.deltaworld_cooldown.tokenizer[field] = world.tokenizer.get_ref(field)
         return config
-    raise ValueError(f"Unknown config argument {arg!r}: use stage=<{'|'.join(STAGES)}> or "
-                     f"recipe=<{'|'.join(RECIPES)}>")
+    raise ValueError(f"Unknown config argument {arg!r}: use stage=<{'|'.join(STAGES + BASELINE_STAGES)}> or "
+                     f"recipe=<{'|'.join({**RECIPES, **BASELINE_RECIPES})}>")
 
 
 def _link_sizes(stages: ml_collections.ConfigDict) -> None:
     """Stages that continue another one (weights init, full resume) have its model sizes: in a recipe they
     are references to the first stage's, so one override (of any of them) changes the whole chain."""
-    for family in (STAGES[:4], STAGES[4:]):
+    for family in (DELTATOK_STAGES, DELTAWORLD_STAGES, DINOWORLD_STAGES):
         present = [name for name in family if name in stages]
         for name in present[1:]:
             first = stages[present[0]].model

@@ -12,7 +12,7 @@ from __future__ import annotations
 import ml_collections
 
 from deltaworld_jax.data import default_data_config
-from deltaworld_jax.training import recipe
+from configs import common
 
 FRAME_SIZE = 16
 PATCH = 4
@@ -24,7 +24,7 @@ def _deltatok_fields() -> dict:
 
 
 def _base(kind: str, num_frames: int, steps: int = 2) -> ml_collections.ConfigDict:
-    c = recipe.base_config()
+    c = common.base_config()
     c.model.kind = kind
     c.model.dtype = "float32"
     c.vfm = ml_collections.ConfigDict(dict(kind="pixel", patch_size=PATCH, num_heads=0, dtype="float32"))

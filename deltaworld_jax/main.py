@@ -80,6 +80,7 @@ def unknown_field_message(argv) -> str | None:
 def _parse_flags(argv):
     """absl's flag parsing; an override of an unknown config field (config_flags raises AttributeError /
     KeyError deep inside) becomes one clear message and exit status 2, without a traceback."""
+    _configs_importable(argv)
     try:
         return app.parse_flags_with_usage(argv)
     except (AttributeError, KeyError):
@@ -90,15 +91,42 @@ def _parse_flags(argv):
         sys.exit(2)
 
 
+def run(config, workdir: str, mode: str = "train", *, eval_fn=None, data_fn=None, only_stages=None) -> dict:
+    """One stage's config goes to the trainer; a config of stages (`config.stages`) to the recipe, which
+    runs (or, mode=eval, evaluates) its stages in order, each in <workdir>/<stage>."""
+    # Imported late: flags are parsed, jax not yet initialised.
+    from deltaworld_jax.training import recipe, trainer
+
+    if not config.get("stages", None):
+        return trainer.run(config, workdir, mode=mode, eval_fn=eval_fn, data_fn=data_fn)
+    if mode not in trainer.MODES:
+        raise ValueError(f"Unknown mode {mode!r}; known: {trainer.MODES}")
+    trainer.maybe_initialize_distributed(config)
+    if mode == "eval":  # each stage's workdir (or those of only_stages)
+        return recipe.evaluate_recipe(config, workdir, eval_fn=eval_fn, only=only_stages)
+    # mode train or recipe: a config of stages (e.g. configs/demo.py) trains by running its stages.
+    return recipe.run_recipe(config, workdir, eval_fn=eval_fn, data_fn=data_fn, only=only_stages)
+
+
+def _configs_importable(argv) -> None:
+    """A config in a `configs/` package imports its siblings (`from configs import common`): put the folder
+    above it on sys.path, so the config works from any working directory."""
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if spec is None:
+        return
+    folder = os.path.dirname(os.path.abspath(spec.partition(":")[0]))
+    if os.path.basename(folder) == "configs" and os.path.exists(os.path.join(folder, "__init__.py")):
+        root = os.path.dirname(folder)
+        if root not in sys.path:
+            sys.path.insert(0, root)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     config = _CONFIG.value
     logging.info("mode=%s workdir=%s config:\n%s", _MODE.value, _WORKDIR.value, config)
-    from deltaworld_jax.training import trainer  # imported late: flags are parsed, jax not yet initialised
-    from deltaworld_jax.bench import mfu  # noqa: F401  registers the analytic FLOPs: the trainer logs MFU
-
-    summary = trainer.run(config, _WORKDIR.value, mode=_MODE.value, only_stages=_STAGES.value or None)
+    summary = run(config, _WORKDIR.value, mode=_MODE.value, only_stages=_STAGES.value or None)
     logging.info("Finished: %s", {k: v for k, v in summary.items() if k not in ("setup", "state", "losses")})
 
 

@@ -18,7 +18,7 @@ slow DCN links carry only the gradient all-reduce) and the rest within a slice, 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -29,17 +29,6 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
-
-# Logical axis -> mesh axis (or axes, or None = replicated). Config data: `config.mesh.rules` overrides.
-DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", BATCH_AXES),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("vocab", None),
-    ("norm", None),
-)
-
 
 # ----------------------------------------------------------------------------------------------------
 # Mesh
@@ -99,10 +88,12 @@ def make_mesh(mesh_config, devices: Sequence[Any] | None = None) -> Mesh:
 
 
 def axis_rules(mesh_config) -> tuple[tuple[str, Any], ...]:
-    """The logical axis rules: `mesh_config.rules` ((name, mesh axes) pairs) if given, else DEFAULT_RULES."""
+    """The logical axis rules of `config.mesh`: its `rules`, (logical name, mesh axis / axes / None) pairs,
+    config data (configs/common.py MESH_RULES is every config's default)."""
     rules = mesh_config.get("rules", None) if hasattr(mesh_config, "get") else None
     if not rules:
-        return DEFAULT_RULES
+        raise ValueError("config.mesh.rules is empty: give the logical-to-mesh axis rules, e.g. "
+                         "configs/common.py MESH_RULES (every config built on configs.common.base_config has them)")
     normalised = []
     for name, axes in rules:
         flat = axes if isinstance(axes, (tuple, list)) else (axes,)
@@ -111,11 +102,6 @@ def axis_rules(mesh_config) -> tuple[tuple[str, Any], ...]:
                 raise ValueError(f"Rule {name!r} -> {axes!r}: unknown mesh axis {axis!r}; allowed {MESH_AXES}")
         normalised.append((name, tuple(axes) if isinstance(axes, list) else axes))
     return tuple(normalised)
-
-
-def data_parallel_size(mesh: Mesh) -> int:
-    """How many ways the batch is split (the product of the `data` and `fsdp` axes)."""
-    return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -178,45 +164,5 @@ def pure_shardings(state: nnx.State, mesh: Mesh, rules) -> dict:
     return nnx.to_pure_dict(state_shardings(state, mesh, rules))
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
-    """Leading (batch) dim split over (data, fsdp), the rest replicated."""
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
-
-
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
-
-
-# ----------------------------------------------------------------------------------------------------
-# Sharded construction
-# ----------------------------------------------------------------------------------------------------
-
-
-def create_sharded(build: Callable[[], nnx.Module], mesh: Mesh, rules):
-    """Build a module directly sharded: abstract shapes -> specs from the rules -> jitted init with
-    out_shardings. Never materialises the whole module on one device. Returns (graphdef, state, shardings).
-
-    `build` must be deterministic (create its nnx.Rngs from a fixed seed inside)."""
-    abstract = nnx.eval_shape(build)  # outside the mesh context: the rules below decide the shardings
-    graphdef, abstract_state = nnx.split(abstract)
-    shardings = state_shardings(abstract_state, mesh, rules)
-    with jax.set_mesh(mesh):
-
-        init = jax.jit(lambda: nnx.split(build())[1], out_shardings=shardings)
-        state = init()
-    return graphdef, state, shardings
-
-
-def place_state(state: nnx.State, mesh: Mesh, rules) -> nnx.State:
-    """Put an already-built (host or single-device) state onto the mesh by the rules (frozen modules)."""
-    shardings = state_shardings(state, mesh, rules)
-    return jax.device_put(state, shardings)
-
-
-def describe_shardings(state: nnx.State) -> dict[str, str]:
-    """{param path: partition spec} of a placed state (for logs and tests)."""
-    out = {}
-    for path, var in nnx.to_flat_state(state):
-        sharding = getattr(var.get_value(), "sharding", None)
-        out["/".join(str(p) for p in path)] = str(getattr(sharding, "spec", sharding))
-    return out

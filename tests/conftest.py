@@ -7,7 +7,13 @@ here, for every test of the session, not as a side effect of importing one test 
 want it get JIT_CACHE_ENV (multi-process runs compile their own)."""
 
 import os
+import sys
 import tempfile
+
+# The repository's root: tests import the configs package (`from configs import common`) as configs do.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
 
 # Keep every test on the CPU even where libtpu or a GPU build of jax is installed.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -21,10 +21,10 @@ pytestmark = pytest.mark.skipif(
 
 TINY_CONFIG = textwrap.dedent('''
     import ml_collections
-    from deltaworld_jax.training import recipe
+    from configs import common
 
     def get_config(arg=""):
-        c = recipe.base_config()
+        c = common.base_config()
         c.model.kind = "deltatok"
         c.model.dtype = "bfloat16"
         c.model.num_layers = 1
@@ -45,7 +45,7 @@ def test_aot_compiles_real_step_for_v5e_slice_with_rule_shardings(tmp_path):
     # holding libtpu's lock file (another compile) must not stop this one.
     env = dict(os.environ, JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(
-        [sys.executable, "-m", "deltaworld_jax.benchmark", "aot", f"--config={config_path}", "--topology=v5e:2x2",
+        [sys.executable, "-m", "benchmarks.benchmark", "aot", f"--config={config_path}", "--topology=v5e:2x2",
          "--sharding=fsdp_tp2", "--per_chip_batch=1", f"--json_out={out}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from deltaworld_jax.bench import analysis, flops as flops_lib, program
-from deltaworld_jax.training import recipe
+from benchmarks import analysis
+from deltaworld_jax import aot as program, flops as flops_lib
+from configs import common
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -25,7 +26,7 @@ PREDICTOR = flops_lib.PredictorDims(768, 12, 12, 3072, 768, 768)
 
 def tiny_deltatok_config(**model) -> ml_collections.ConfigDict:
     """DeltaTok on the pixel-patch VFM (8x8 patches -> width 192), 2 blocks per stack, 32x32 frames."""
-    c = recipe.base_config()
+    c = common.base_config()
     c.model.kind = "deltatok"
     c.model.dtype = "float32"
     c.model.num_layers = 2
@@ -95,7 +96,7 @@ def test_world_model_flops_agree_on_real_step_and_forecast(kind):
 
 
 def test_dinov3_vfm_flops_agree_with_xla():
-    from deltaworld_jax.bench import model_info
+    from deltaworld_jax.training import mfu as model_info
     from deltaworld_jax.pretrained import build_vfm
 
     # One block: XLA's cost analysis counts a while-loop body once, and deeper stacks run as one scan
@@ -138,7 +139,7 @@ def test_parameter_counts_per_component(tiny_report):
 
 
 def test_step_timer_on_tiny_deltatok():
-    from deltaworld_jax.bench import step
+    from benchmarks import step
 
     config = tiny_deltatok_config(remat="full", num_layers=1)
     result = step.time_step(config, warmup=1, steps=2)
@@ -150,7 +151,7 @@ def test_step_timer_on_tiny_deltatok():
 
 
 def test_peak_table():
-    from deltaworld_jax.bench import step
+    from benchmarks import step
 
     class Dev:
         platform, device_kind = "gpu", "NVIDIA H100 80GB HBM3"
@@ -163,14 +164,14 @@ def test_peak_table():
 
 
 def test_trainer_mfu_meter_uses_the_analytic_flops_and_the_peak_table():
-    from deltaworld_jax.bench import mfu  # registers the provider
-    from deltaworld_jax.training import mfu as training_mfu
+    from deltaworld_jax.training import mfu as training_mfu, trainer
 
     config = tiny_deltatok_config()
-    setup = program.abstract_setup(program.benchmark_config(config), analysis.single_device_mesh())
+    setup = trainer.build(program.benchmark_config(config), analysis.single_device_mesh(), abstract_frozen=True)
+    trainable, frozen = setup.abstract_module, trainer.frozen_modules(setup)
     expected = flops_lib.total(analysis.train_step_flops(analysis.model_dims(setup, config), (32, 32), 4, 2,
                                                          official=False))
-    assert mfu.analytic_step_flops(config, setup.trainable_module, setup.frozen_module) == pytest.approx(expected)
+    assert training_mfu.analytic_step_flops(config, trainable, frozen) == pytest.approx(expected)
 
     class Dev:
         platform, device_kind = "tpu", "TPU v5 lite"
@@ -178,12 +179,12 @@ def test_trainer_mfu_meter_uses_the_analytic_flops_and_the_peak_table():
     class Mesh:
         devices = np.array([Dev()] * 4)
 
-    meter = training_mfu.MFUMeter.for_training(config, Mesh, setup.trainable_module, setup.frozen_module)
+    meter = training_mfu.MFUMeter.for_training(config, Mesh, trainable, frozen)
     logged = meter(2.0)
     assert logged["model_tflops_per_second"] == pytest.approx(2 * expected / 1e12)
     assert logged["mfu"] == pytest.approx(2 * expected / (4 * 197e12))
     Dev.platform = "cpu"  # unknown peak: model FLOP/s only
-    assert set(training_mfu.MFUMeter.for_training(config, Mesh, setup.trainable_module, setup.frozen_module)(2.0)) \
+    assert set(training_mfu.MFUMeter.for_training(config, Mesh, trainable, frozen)(2.0)) \
         == {"model_tflops_per_second"}
     bad = tiny_world_config("deltaworld")
     bad.model.use_bom = False  # no analytic count for the learned-query DeltaWorld: no MFU, no error
@@ -222,7 +223,7 @@ def token_cache(tmp_path_factory):
     vfm = PixelPatchVFM(patch_size=8, num_heads=3)
     tok = DeltaTok(DeltaTokConfig(hidden_size=192, num_layers=1, num_heads=3, intermediate_size=128,
                                   layer_scale_init=0.5), rngs=nnx.Rngs(3))
-    summary = tokens.write_token_cache(config, config.data.token_cache, vfm=vfm, tokenizer=tok)
+    summary = tokens.write_token_cache(config, config.data.token_cache, vfm, tok)
     return config, vfm, tok, summary
 
 
@@ -289,7 +290,7 @@ def test_training_from_cached_tokens_gives_the_frames_loss(token_cache):
     from deltaworld_jax.data import token_cache as tokens
     from deltaworld_jax.data import pipeline
     from deltaworld_jax.data.sampling import clip_rng
-    from deltaworld_jax.training import tasks, task_modules, world_tasks  # noqa: F401
+    from deltaworld_jax import tasks
 
     config, vfm, tok, _ = token_cache
     world_cfg = tiny_world_config()
@@ -361,6 +362,25 @@ def test_video_tokenizer_chunks_and_padding_do_not_change_the_results(token_cach
     expected = np.asarray(tok.encode(jnp.asarray(whole[:-1]), jnp.asarray(whole[1:]), tok.rope((4, 4)))[:, 0])
     got = chunked.encode(jnp.asarray(whole[:-1]), jnp.asarray(whole[1:]))  # 9 pairs: 4 + 4 + 1 (padded to 1)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_video_tokenizer_tokenises_a_group_of_videos_as_each_alone(token_cache):
+    """write_token_cache sends videos through the VFM and encoder in groups: each video's tokens are what it
+    gets alone, whatever its length and pair offsets."""
+    from deltaworld_jax.data import token_cache as tokens
+
+    _, vfm, tok, _ = token_cache
+    rng = np.random.default_rng(1)
+    videos = [rng.integers(0, 255, (n, 32, 32, 3), dtype=np.uint8) for n in (5, 3, 7)]
+    offsets = [np.arange(3), np.arange(2), np.arange(4)]
+    worker = tokens.VideoTokenizer(vfm, tok, (32, 32))
+    grouped = worker.videos_tokens(videos, offsets)
+    for frames, offs, (black, pairs) in zip(videos, offsets, grouped):
+        alone_black, alone_pairs = tokens.VideoTokenizer(vfm, tok, (32, 32)).video_tokens(frames, offs)
+        assert black.shape == alone_black.shape and pairs.shape == alone_pairs.shape == (len(frames), len(offs), 192)
+        np.testing.assert_allclose(black, alone_black, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(pairs, alone_pairs, rtol=1e-5, atol=1e-5)
+        assert not pairs[len(frames) - 1, 1:].any()  # past the last frame: zero
 
 
 def test_demo_tokenizer_script_measures_own_other_and_copy():

@@ -229,6 +229,44 @@ def test_synthetic_world_through_the_same_loaders():
     np.testing.assert_allclose(batches[0]["timestamps"][0], np.arange(7) * 0.2, atol=1e-6)
 
 
+def test_synthetic_clips_can_open_with_a_cut():
+    """data.synthetic.from_black_probability / cut_probability: those shares of training clips have a black FIRST
+    frame (the pair (black, f0) of every clip's token sequence) or another clip's first frame (a scene cut),
+    drawn per clip and start, the same in every run; the other frames, and the other clips, are exactly the
+    world's. Probabilities outside [0, 1] or summing past 1 are refused."""
+    from deltaworld_jax.data.pipeline import make_train_source
+
+    config = default_data_config()
+    config.num_frames, config.frame_size, config.read_threads = 2, 16, 1
+    plain = make_train_source(config)
+    config.synthetic.from_black_probability = 0.25
+    config.synthetic.cut_probability = 0.25
+    cut = make_train_source(config)
+    starts = [(index, first) for index in range(200) for first in (0, 7)]
+    openings = [cut.opening(i, f) for i, f in starts]
+    assert 0.17 < np.mean([o == -1 for o in openings]) < 0.33  # 400 draws of p = 0.25
+    assert 0.17 < np.mean([o is not None and o >= 0 for o in openings]) < 0.33
+    assert all(o != i for o, (i, _) in zip(openings, starts))  # a cut comes from ANOTHER clip
+    assert openings == [make_train_source(config).opening(i, f) for i, f in starts]
+    for (index, first), opening in list(zip(starts, openings))[:16]:
+        a = plain.read_frames(index, [first, first + 3], lambda f: f)
+        b = cut.read_frames(index, [first, first + 3], lambda f: f)
+        assert np.array_equal(a[1], b[1])
+        if opening is None:
+            assert np.array_equal(a[0], b[0])
+        elif opening == -1:
+            assert not b[0].any()
+        else:
+            assert np.array_equal(b[0], plain.read_frames(opening, [first], lambda f: f)[0])
+    batch = take(make_train_iterator(config, seed=0, batch_size_per_process=16), 1)[0]["frames"]
+    first_black = ~batch[:, 0].reshape(16, -1).any(-1)
+    assert first_black.any() and not first_black.all() and batch[:, 1].reshape(16, -1).any(-1).all()
+    for black, other in ((1.5, 0.0), (0.0, -0.1), (0.6, 0.6)):
+        config.synthetic.from_black_probability, config.synthetic.cut_probability = black, other
+        with pytest.raises(ValueError, match="probability"):
+            make_train_source(config)
+
+
 def test_synthetic_eval_frames_are_the_world_rendered_at_eval_size():
     from deltaworld_jax.data.pipeline import make_eval_source
 

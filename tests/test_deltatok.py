@@ -21,7 +21,7 @@ from deltaworld_jax.models import layers
 from deltaworld_jax.models.deltatok import DeltaTok, DeltaTokConfig
 from deltaworld_jax.models.dinov3 import DINOv3, DINOv3Config, PixelPatchVFM
 from deltaworld_jax.pretrained.deltatok import load_deltatok
-from deltaworld_jax.training import deltatok_task
+from deltaworld_jax.tasks import deltatok as deltatok_task
 
 torch = pytest.importorskip("torch")
 transformers_dinov3 = pytest.importorskip("transformers.models.dinov3_vit.modeling_dinov3_vit")
@@ -287,7 +287,7 @@ def _task():
         model=dict(kind="deltatok", hidden_size=HIDDEN, num_heads=HEADS, num_layers=1, intermediate_size=64),
         vfm=dict(kind="pixel", patch_size=8, num_heads=HEADS),
     ))
-    from deltaworld_jax.training.tasks import make_task
+    from deltaworld_jax.tasks import make_task
 
     return make_task(config)
 
@@ -366,7 +366,7 @@ def test_config_defaults_follow_the_official_template():
 def test_task_takes_width_and_heads_from_the_vfm_config():
     import ml_collections
 
-    from deltaworld_jax.training.tasks import make_task
+    from deltaworld_jax.tasks import make_task
 
     task = make_task(ml_collections.ConfigDict(dict(
         model=dict(kind="deltatok", num_layers=1), vfm=dict(kind="pixel", patch_size=4, num_heads=3))))

@@ -210,8 +210,8 @@ def task_config(**tokenizer):
 
 
 def test_task_trains_from_frames_or_from_precomputed_tokens():
-    from deltaworld_jax.training.tasks import make_task
-    from deltaworld_jax.training.world_tasks import clip_tokens
+    from deltaworld_jax.tasks import make_task
+    from deltaworld_jax.tasks.deltaworld import clip_tokens
 
     task = make_task(task_config(allow_random=True))
     world = task.build_trainable(nnx.Rngs(0))
@@ -234,7 +234,7 @@ def test_task_trains_from_frames_or_from_precomputed_tokens():
 
 
 def test_task_without_tokenizer_weights_says_so():
-    from deltaworld_jax.training.tasks import make_task
+    from deltaworld_jax.tasks import make_task
 
     with pytest.raises(ValueError, match="checkpoint is empty"):
         make_task(task_config()).build_frozen()

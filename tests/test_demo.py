@@ -87,7 +87,8 @@ class _ShiftTokenizer:
 def test_token_use_verdict_needs_its_margin():
     import jax.numpy as jnp
 
-    from deltaworld_jax import demo, objectives
+    from deltaworld_jax import objectives
+    from deltaworld_jax.evaluation import demo
 
     # 3 clips x 4 frames x 2 patches x 4 dims; each clip shifts by its own constant per step.
     shifts = np.array([1.0, -2.0, 0.5])[:, None, None, None]
@@ -111,7 +112,7 @@ def test_token_use_verdict_needs_its_margin():
 
 
 def test_claim_verdict_needs_its_margins():
-    from deltaworld_jax import demo
+    from deltaworld_jax.evaluation import demo
 
     def results(best, mean, copy):
         return {"synthetic": {"deltaworld": {"c4_h1": {"best": {"loss": best}, "mean": {"loss": mean}},
@@ -146,6 +147,29 @@ def test_demo_writes_picture_of_sampled_futures(demo_run):
     assert truth_future.std() > 0  # frames, not an empty cell
     assert grid[cell:2 * cell, :4 * cell].max() == 0  # predicted rows leave the context cells empty
     assert grid[cell:2 * cell, 4 * cell:].std() > 0  # the best future is drawn
+
+
+def test_the_same_command_twice_gives_the_same_numbers(demo_run, tmp_path):
+    """Determinism: the README's command run again in a fresh workdir reproduces every number bit for bit (the
+    token check, the whole results table). What makes it so: Grain reads in the main process (num_workers=0)
+    in a fixed order from seeded generators, every random draw comes from the config's seed, and XLA:CPU runs
+    a compiled program in a fixed order on a given machine. The second run reuses the first run's compiled
+    programs (the compilation caches of its stage workdirs) to keep the test short; compiling the same program
+    again gives the same executable."""
+    first, _ = demo_run
+    second = tmp_path / "again"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+    caches = [f"--config.stage_configs.{stage}.train.compilation_cache={first / stage / 'jax_cache'}"
+              for stage in ("deltatok", "deltaworld")]
+    proc = subprocess.run([sys.executable, "-m", "deltaworld_jax.main", "--config=configs/demo.py:quick",
+                           f"--workdir={second}", *caches], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert (second / "token_check.jsonl").read_text().splitlines()[0] == \
+        (first / "token_check.jsonl").read_text().splitlines()[0]
+    again, before = json.loads((second / "demo_results.json").read_text()), json.loads((first / "demo_results.json").read_text())
+    assert again["synthetic"] == before["synthetic"] and again["token_use"] == before["token_use"]
 
 
 def test_mode_eval_on_the_demo_recipe_evaluates_each_stage_that_declares_one(demo_run):

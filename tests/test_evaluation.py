@@ -11,8 +11,9 @@ from flax import nnx
 
 import deltaworld_jax  # noqa: F401
 from deltaworld_jax.models.heads import DepthHead, SegHead
-from deltaworld_jax.training import evaluation as ev
-from deltaworld_jax.training import forecasters
+from deltaworld_jax.data.sampling import square_crops
+from deltaworld_jax.evaluation import protocol as ev
+from deltaworld_jax.evaluation import forecasters
 
 P = 4  # patch size of the tiny pixel VFM
 
@@ -62,7 +63,7 @@ def test_crops_and_alignment_match_official(hw, label_hw):
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 255, (2, 3, *hw, 3), dtype=np.uint8)
     labels = rng.integers(0, 5, (2, 3, *label_hw))
-    crops, split, overlap, is_wide = ev.split_into_square_crops(frames, labels)
+    crops, split, overlap, is_wide = square_crops(frames, labels)
     s = min(hw)
     assert crops.shape == ((2 if hw == (s, s) else 4), 3, s, s, 3)
     if is_wide is None:
@@ -94,7 +95,7 @@ def test_crops_and_alignment_match_official(hw, label_hw):
 
 def test_float_labels_are_padded_with_zero():
     frames = np.zeros((1, 1, 4, 8, 3), np.uint8)
-    _, labels, _, _ = ev.split_into_square_crops(frames, np.ones((1, 1, 3, 5), np.float32))
+    _, labels, _, _ = square_crops(frames, np.ones((1, 1, 3, 5), np.float32))
     assert labels.shape == (2, 1, 3, 3) and (labels[0, 0, :, -1] == 0).all()
 
 
@@ -280,7 +281,7 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, os.environ["TESTS"])
 import numpy as np, jax
 import test_evaluation as t
-from deltaworld_jax.training import evaluation as ev
+from deltaworld_jax.evaluation import protocol as ev
 assert jax.local_device_count() == 4
 batch = t._static_batch(b=2, t=3, hw=(8, 12), seed=12)   # 2 wide clips -> 4 crops: one per device
 batch["labels"] = np.random.default_rng(13).integers(0, 5, (2, 3, 6, 9))

@@ -178,7 +178,7 @@ def test_world_model_adapters_in_the_protocol(weights):
     """DeltaWorld (N samples: best and mean) and DINO-World (deterministic) through evaluate()."""
     from deltaworld_jax.models.dinov3 import PixelPatchVFM
     from deltaworld_jax.models.dinoworld import DINOWorld, DINOWorldConfig
-    from deltaworld_jax.training import evaluation as ev
+    from deltaworld_jax.evaluation import protocol as ev
 
     cfg = DINOWorldConfig(hidden_size=32, num_layers=1, num_heads=2, backbone_hidden_size=48,
                           rope_axis_sizes=(4, 4, 4), rope_unrotated_size=4, use_bom=False)
@@ -205,3 +205,13 @@ def test_position_channels_reach_the_pixel_vfm(weights):
     with pytest.raises(ValueError, match="hidden_size"):
         forecast.load_models(weights["vfm"], weights["tokenizer"], weights["world"], patch_size=4, position_channels=16,
                              world_num_heads=2, world_rope_axis_sizes=(12,), world_rope_unrotated_size=4)
+
+
+def test_a_weights_folder_prefers_safetensors_which_needs_no_torch(tmp_path):
+    from deltaworld_jax.forecast import inputs
+
+    for name in ("pytorch_model.bin", "model.safetensors", "config.json"):
+        (tmp_path / name).write_bytes(b"x")
+    assert inputs._weights_in(str(tmp_path), "tokenizer") == str(tmp_path / "model.safetensors")
+    (tmp_path / "model.safetensors").unlink()
+    assert inputs._weights_in(str(tmp_path), "tokenizer") == str(tmp_path / "pytorch_model.bin")

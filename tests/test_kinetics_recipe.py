@@ -187,7 +187,7 @@ def test_kinetics_every_stage_end_to_end(inputs, tmp_path):
     import kinetics
 
     sys.path.pop(0)
-    from deltaworld_jax.training import tasks
+    from deltaworld_jax import tasks
 
     alone = kinetics.get_config("stage=deltaworld_512")
     alone.vfm.weights, alone.vfm.dtype = str(inputs["dinov3"]), "float32"
@@ -301,7 +301,7 @@ def _stage(name: str, **data):
 
 
 def test_bad_data_settings_are_found_before_anything_is_built(inputs, monkeypatch, tmp_path):
-    from deltaworld_jax.training import trainer
+    from deltaworld_jax.training import recipe, trainer
 
     def no_build(*args, **kwargs):
         raise AssertionError("built before the config was validated")
@@ -336,11 +336,11 @@ def test_bad_data_settings_are_found_before_anything_is_built(inputs, monkeypatc
     full.stage_configs.deltaworld_cooldown.data.root = "/no/such/k700"
     with pytest.raises(ValueError, match=r"Stage deltaworld_cooldown: config.data.root='/no/such/k700' does not "
                                          r"exist.*--config.stage_configs.deltaworld_cooldown"):
-        trainer.run(full, str(tmp_path))
+        recipe.run_recipe(full, str(tmp_path))
 
 
 def test_evaluation_is_declared_by_every_stage_and_off_without_roots(inputs):
-    from deltaworld_jax.training import eval_setup
+    from deltaworld_jax.evaluation import setup as eval_setup
 
     sys.path.insert(0, str(REPO / "configs"))
     import kinetics
@@ -349,7 +349,7 @@ def test_evaluation_is_declared_by_every_stage_and_off_without_roots(inputs):
     full = kinetics.get_config("recipe=all")
     for stage in full.stages:
         config = full.stage_configs[stage]
-        assert config.eval.fn == "deltaworld_jax.training.evaluation:eval_hook"
+        assert config.eval.fn == "deltaworld_jax.evaluation.protocol:eval_hook"
         assert eval_setup.datasets(config.eval) == ("vspw", "cityscapes", "kitti") and config.eval.every_steps > 0
         assert set(config.eval.heads) == {"vspw", "cityscapes", "kitti"}
         off = eval_setup.configure(config, stage)

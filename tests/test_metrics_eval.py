@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deltaworld_jax.training import metrics_eval as me
+from deltaworld_jax.evaluation import metrics as me
 
 
 def test_miou_hand_computed():
@@ -78,7 +78,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
     os.environ["JAX_PLATFORMS"] = "cpu"
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from deltaworld_jax.training import metrics_eval as me
+    from deltaworld_jax.evaluation import metrics as me
     assert jax.device_count() == 8
     rng = np.random.default_rng(0)
     C = 7

@@ -10,9 +10,9 @@ from PIL import Image
 
 import deltaworld_jax  # noqa: F401
 from deltaworld_jax.models.heads import DepthHead, RGBHead, SegHead
-from deltaworld_jax.training import evaluation as ev
-from deltaworld_jax.training import forecasters
-from deltaworld_jax.training import pictures as pic
+from deltaworld_jax.evaluation import protocol as ev
+from deltaworld_jax.evaluation import forecasters
+from deltaworld_jax.evaluation import pictures as pic
 
 
 def _official_pca(tgt_grid, pred_grid):  # training/base.py pca, on [T, C, h, w] tensors

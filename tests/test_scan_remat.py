@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from deltaworld_jax.bench import flops as flops_lib
+from deltaworld_jax import flops as flops_lib, tasks
 from deltaworld_jax.models import layers
 from deltaworld_jax.models.deltatok import DeltaTok, DeltaTokConfig
 from deltaworld_jax.models.predictor import Predictor, PredictorConfig
-from deltaworld_jax.training import tasks
+
 
 BLOCK = layers.BlockConfig(layers.AttentionConfig(64, 2, qk_norm=True, output_gate=True), 128, gated_mlp=True,
                            act="silu", layer_scale_init=0.5)

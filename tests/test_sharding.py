@@ -26,7 +26,9 @@ def test_mesh_shape_fills_minus_one_and_rejects_bad_shapes():
 
 def test_logical_rules_map_names_to_mesh_axes():
     mesh = AbstractMesh((1, 4, 2), sharding.MESH_AXES)
-    rules = sharding.DEFAULT_RULES
+    from configs import common
+
+    rules = common.MESH_RULES
     assert sharding.logical_to_spec(("embed", "mlp"), (32, 64), rules, mesh) == P("fsdp", "tensor")
     assert sharding.logical_to_spec(("heads", "embed"), (32, 32), rules, mesh) == P("tensor", "fsdp")
     assert sharding.logical_to_spec(("norm",), (32,), rules, mesh) == P(None)
@@ -39,6 +41,8 @@ def test_logical_rules_map_names_to_mesh_axes():
     cfg = ml_collections.ConfigDict({"shape": {"data": -1}, "rules": [("embed", "bogus")]})
     with pytest.raises(ValueError, match="unknown mesh axis 'bogus'"):
         sharding.axis_rules(cfg)
+    with pytest.raises(ValueError, match="config.mesh.rules is empty"):
+        sharding.axis_rules(ml_collections.ConfigDict({"shape": {"data": -1}, "rules": ()}))
 
 
 def test_multi_slice_puts_the_data_axis_across_slices():

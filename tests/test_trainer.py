@@ -23,7 +23,9 @@ from flax import nnx
 from deltaworld_jax.data.pipeline import TrainIterator
 from deltaworld_jax.data.sources import ERROR_KINDS
 from deltaworld_jax.models import layers
-from deltaworld_jax.training import recipe, tasks, trainer
+from deltaworld_jax import tasks
+from deltaworld_jax.training import recipe, trainer
+from configs import common
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -89,11 +91,11 @@ class ToyTask:
         return loss, {"pred_abs": jnp.mean(jnp.abs(pred))}
 
 
-tasks.register("toy_test")(ToyTask)
+tasks.TASKS["toy_test"] = ToyTask  # a test-only model family, known to the trainer like the real ones
 
 
 def toy_config(**overrides) -> ml_collections.ConfigDict:
-    config = recipe.base_config()
+    config = common.base_config()
     config.model.kind = "toy_test"
     config.model.width = 32
     config.model.dtype = "float32"
@@ -245,7 +247,7 @@ def test_persistent_compilation_cache_is_on_for_real_runs(tmp_path, monkeypatch)
     import jax
     from jax.experimental.compilation_cache import compilation_cache
 
-    assert recipe.base_config().train.compilation_cache == "jax_cache"
+    assert common.base_config().train.compilation_cache == "jax_cache"
     assert trainer.compilation_cache_dir(toy_config(), "/w") == "/w/jax_cache"
     assert trainer.compilation_cache_dir(toy_config(**{"train.compilation_cache": "gs://b/c"}), "/w") == "gs://b/c"
     assert trainer.compilation_cache_dir(toy_config(**{"train.compilation_cache": ""}), "/w") == ""
@@ -336,4 +338,4 @@ def test_kinetics_stages_are_the_papers_and_bad_values_fail_before_build(tmp_pat
     with pytest.raises(ValueError, match="DeltaWorld needs a trained tokenizer"):
         trainer.run(_load_config_file("kinetics", "stage=deltaworld_512"), str(tmp_path))
     with pytest.raises(ValueError, match="Unknown stage"):
-        _load_config_file("dinoworld_kinetics", "stage=nope")
+        _load_config_file("kinetics", "stage=nope")

@@ -29,6 +29,10 @@ Which training source to use:
   sets and for first experiments.
 - "frames": folders of JPEG/PNG frames with a frame rate (or official '<i>_<seconds>.jpg' names);
   every file is listed at start-up, so it suits small sets (or `prepare --input_kind=frames` them).
+- "tfds": the same layout as "arrayrecord" (one record per frame, a per-video index) as a TFDS dataset
+  (tfds_builders.py: `tfds build`, on one machine or with Apache Beam on many), read as fast
+  (tfds_sources.py); `root` is the TFDS data_dir, `tfds_name` the dataset. The eval sets can be read
+  from TFDS builds of their clips too (`config.data.eval.<set>.source = "tfds"`).
 Broken inputs (corrupt, truncated, empty or too-short videos, unreadable images, missing labels) are
 skipped and counted, never fatal; a source where nothing can be read is an error naming its path.
 """

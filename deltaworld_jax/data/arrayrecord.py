@@ -167,15 +167,7 @@ class ArrayRecordSource:
         return state
 
     def _reader(self, shard: int) -> ArrayRecordReader:
-        """Open readers per process, at most MAX_OPEN_SHARDS (a run over 1024 shards would otherwise
-        hold 1024 files open in every worker), least recently used closed first."""
-        reader = self._readers.pop(shard, None)
-        if reader is None:
-            if len(self._readers) >= MAX_OPEN_SHARDS:
-                self._readers.pop(next(iter(self._readers))).close()
-            reader = ArrayRecordReader(self.shard_paths[shard], READER_OPTIONS)
-        self._readers[shard] = reader  # (re)inserted last = most recently used
-        return reader
+        return cached_reader(self._readers, self.shard_paths, shard)
 
     def frame_timestamps(self, index: int) -> np.ndarray:
         count = int(self._counts[index])
@@ -187,11 +179,30 @@ class ArrayRecordSource:
     def read_frames(self, index: int, frame_indices: Sequence[int], transform: FrameTransform) -> list[np.ndarray]:
         first = int(self._first[index])
         records = self._reader(int(self._shard_of[index])).read([first + int(i) for i in frame_indices])
-        frames = []
-        for record in records:
-            try:
-                image = Image.open(io.BytesIO(record))
-            except Exception as error:  # PIL raises UnidentifiedImageError, OSError, SyntaxError...
-                raise BrokenInput("unreadable", self.describe(index), f"{type(error).__name__}: {error}") from error
-            frames.append(transform(image))
-        return frames
+        return decode_jpegs(records, self.describe(index), transform)
+
+
+def cached_reader(readers: dict[int, ArrayRecordReader], paths: Sequence[str], shard: int) -> ArrayRecordReader:
+    """The reader of `paths[shard]` from `readers` (this process's open readers), opening it if needed: at
+    most MAX_OPEN_SHARDS open (a run over 1024 shards would otherwise hold 1024 files open in every
+    worker), least recently used closed first. Used by this format's reader and the TFDS layout's."""
+    reader = readers.pop(shard, None)
+    if reader is None:
+        if len(readers) >= MAX_OPEN_SHARDS:
+            readers.pop(next(iter(readers))).close()
+        reader = ArrayRecordReader(str(paths[shard]), READER_OPTIONS)
+    readers[shard] = reader  # (re)inserted last = most recently used
+    return reader
+
+
+def decode_jpegs(jpegs: Sequence[bytes], where: str, transform: FrameTransform) -> list[np.ndarray]:
+    """Stored JPEG frames -> transformed frames; the transform decodes them (at reduced size when its
+    crop allows, PIL draft mode). Shared by this format's reader and the TFDS layout's (tfds_sources.py)."""
+    frames = []
+    for jpeg in jpegs:
+        try:
+            image = Image.open(io.BytesIO(jpeg))
+        except Exception as error:  # PIL raises UnidentifiedImageError, OSError, SyntaxError...
+            raise BrokenInput("unreadable", where, f"{type(error).__name__}: {error}") from error
+        frames.append(transform(image))
+    return frames

@@ -6,7 +6,7 @@ import ml_collections
 
 
 # config.data.source values (pipeline.make_train_source); all but "synthetic" read config.data.root.
-TRAIN_SOURCES = ("synthetic", "videos", "frames", "arrayrecord")
+TRAIN_SOURCES = ("synthetic", "videos", "frames", "arrayrecord", "tfds")
 
 
 def default_synthetic_config() -> ml_collections.ConfigDict:
@@ -24,11 +24,23 @@ def default_synthetic_config() -> ml_collections.ConfigDict:
         appear_probability=0.3,  # share of events that add a shape, while a slot is free
         speed_range=(0.15, 0.6),  # world heights per second
         radius_range=(0.06, 0.14),  # world heights
+        # Cuts, for a tokenizer's training pairs: the share of training clips whose first frame is black (a cut
+        # from black: the pair (black, f0) that every clip's delta-token sequence starts with), and the share whose
+        # first frame is another clip's (a scene cut). Their change is the whole frame, so the token gets a strong
+        # pair-specific learning signal from the first steps (configs/demo.py uses 0.25 and 0.25;
+        # benchmarks/demo.md: without them the demo's token could stay unused).
+        from_black_probability=0.0,
+        cut_probability=0.0,
     ))
 
 
 def default_eval_config() -> ml_collections.ConfigDict:
-    """Evaluation sets: official layouts, 7-frame clips at the official fixed strides."""
+    """Evaluation sets: official layouts, 7-frame clips at the official fixed strides.
+
+    Each set's `source` is "folder" (`root` = the official download) or "tfds" (`root` = a TFDS data_dir
+    holding the set built by `tfds build --imports=deltaworld_jax.data.tfds_builders`; its clips were cut
+    at the official strides when it was built, so the set's fps / stride fields do not apply). `tfds_name`
+    "<builder>/<config>" picks another build than the set's own (tfds_builders.EVAL_BUILDERS; "" = that)."""
     return ml_collections.ConfigDict(dict(
         num_frames=7,
         frame_size=-1,  # int: short side (wide frames are split into two squares); -1: config.data.frame_size
@@ -37,9 +49,11 @@ def default_eval_config() -> ml_collections.ConfigDict:
         batch_size=1,  # clips per process per batch; > 1 needs equal frame and label sizes (not VSPW)
         num_synthetic_clips=64,  # clips of the "synthetic" eval set
         synthetic_stride_seconds=0.2,
-        vspw=ml_collections.ConfigDict(dict(root="", fps=15.0, stride_seconds=0.2, label_interval=20)),
-        cityscapes=ml_collections.ConfigDict(dict(root="", fps=16.0, stride_seconds=0.1875)),
-        kitti=ml_collections.ConfigDict(dict(root="", fps=10.0, stride_seconds=0.2,
+        vspw=ml_collections.ConfigDict(dict(root="", source="folder", tfds_name="", fps=15.0, stride_seconds=0.2,
+                                            label_interval=20)),
+        cityscapes=ml_collections.ConfigDict(dict(root="", source="folder", tfds_name="", fps=16.0,
+                                                  stride_seconds=0.1875)),
+        kitti=ml_collections.ConfigDict(dict(root="", source="folder", tfds_name="", fps=10.0, stride_seconds=0.2,
                                              split_file="")),  # "" = the packaged Eigen test split
     ))
 
@@ -49,8 +63,10 @@ def default_data_config() -> ml_collections.ConfigDict:
 
     Fields:
       source: "synthetic" (default, embedded), "videos" (video files, PyAV), "frames" (folders of frame
-        images), or "arrayrecord" (a folder written by `python -m deltaworld_jax.data.prepare`).
-      root: folder of the source (videos: e.g. <kinetics>/train holding <class>/<id>.mp4).
+        images), "arrayrecord" (a folder written by `python -m deltaworld_jax.data.prepare`), or "tfds" (a
+        TFDS data_dir holding `tfds_name`, built by `tfds build --imports=deltaworld_jax.data.tfds_builders`).
+      root: folder of the source (videos: e.g. <kinetics>/train holding <class>/<id>.mp4; tfds: the data_dir).
+      tfds_name: the TFDS dataset of source "tfds", "<builder>/<config>" (tfds_builders.py).
       fps: frame rate of "frames" folders; <= 0 reads times from official '<i>_<seconds>.jpg' names.
       exclude_list: "kinetics" (the official Kinetics exclusion list, packaged), a path, or "".
       num_frames: frames per training clip (8 for world models, 2 for DeltaTok).
@@ -69,7 +85,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       read_threads: threads that load batches in each process (PIL and PyAV release the GIL).
       read_buffer_size: batches read ahead by those threads.
       token_cache: a folder of precomputed delta tokens (data/token_cache.py; `python -m
-        deltaworld_jax.benchmark tokens` writes one). When set, DeltaWorld trains from those tokens alone
+        benchmarks.benchmark tokens` writes one). When set, DeltaWorld trains from those tokens alone
         (the trainer's default data_fn reads them; no VFM or tokenizer in the step). "@<name>" in a recipe
         stage is the folder <workdir>/<name>, written before the stage trains when it does not exist yet.
       token_cache_clips: how many videos of the training source that recipe-built cache tokenises (0: all).
@@ -79,6 +95,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         source="synthetic",
         root="",
+        tfds_name="kinetics700_frames/full",
         fps=25.0,
         exclude_list="kinetics",
         num_frames=8,

@@ -32,7 +32,7 @@ from absl import flags, logging
 import grain
 from deltaworld_jax.data import eval_sources
 from deltaworld_jax.data.arrayrecord import ArrayRecordSource
-from deltaworld_jax.data.sampling import (TrainFrameTransform, clip_rng, eval_resize_hw,
+from deltaworld_jax.data.sampling import (TrainFrameTransform, clip_rng, eval_resize_hw, square_crops,
                                           resize_bilinear_like_cv2, sample_train_frame_indices)
 from deltaworld_jax.data.sources import (DATA_EXCEPTIONS, ERROR_KINDS, BrokenInput, FrameFolderSource,
                                          VideoFileSource)
@@ -74,7 +74,9 @@ def make_train_source(data_config):
     if kind == "synthetic":
         c = data_config.synthetic
         height, width = synthetic_render_size(data_config)
-        return SyntheticSource(world_config(c, width / height), c.seed, c.num_clips, c.duration, c.fps, height, width)
+        return SyntheticSource(world_config(c, width / height), c.seed, c.num_clips, c.duration, c.fps, height, width,
+                               from_black_probability=c.from_black_probability,
+                               cut_probability=c.cut_probability)
     if not data_config.root:
         raise ValueError(f"config.data.root must name the folder of the {kind!r} source")
     if kind == "videos":
@@ -84,7 +86,11 @@ def make_train_source(data_config):
                                  min_frames=min_frames)
     if kind == "arrayrecord":
         return ArrayRecordSource(data_config.root, min_frames=min_frames)
-    raise ValueError(f"unknown config.data.source {kind!r}: expected synthetic, videos, frames or arrayrecord")
+    if kind == "tfds":
+        from deltaworld_jax.data.tfds_sources import TfdsVideoSource  # tensorflow_datasets only when asked for
+
+        return TfdsVideoSource(data_config.tfds_name, data_config.root, min_frames=min_frames)
+    raise ValueError(f"unknown config.data.source {kind!r}: expected synthetic, videos, frames, arrayrecord or tfds")
 
 
 # First key of every generator the loader draws, so shuffle and clip generators never share a seed.
@@ -218,7 +224,8 @@ class TrainIterator(grain.DatasetIterator):
         else:
             self._parent.close()
             parent = self._build(int(state["batches"]))
-            self._parents, self._ctx = (parent,), parent._ctx  # pylint: disable=protected-access
+            # Grain's own constructor adopts the new parent and its context (no private attributes written).
+            super().__init__(parent)
         self.batches = int(state["batches"])
         self.errors = {kind: int(state["errors"].get(kind, 0)) for kind in ERROR_KINDS}
 
@@ -280,11 +287,22 @@ def make_eval_source(data_config, name: str):
     c = e[name]
     if not c.root:
         raise ValueError(f"config.data.eval.{name}.root is empty: set it to the {name} folder")
+    if c.get("source", "folder") == "tfds":  # root is a TFDS data_dir holding the set's builder (tfds_builders.py)
+        from deltaworld_jax.data.tfds_sources import TfdsClipSource
+
+        builder, split = _tfds_eval_builder(name)
+        return TfdsClipSource(c.get("tfds_name", "") or builder, c.root, split)
     if name == "vspw":
         return eval_sources.VSPWSource(c.root, e.num_frames, c.stride_seconds, c.fps, c.label_interval)
     if name == "cityscapes":
         return eval_sources.CityscapesSource(c.root, e.num_frames, c.stride_seconds, c.fps)
     return eval_sources.KITTISource(c.root, e.num_frames, c.stride_seconds, c.fps, c.split_file)
+
+
+def _tfds_eval_builder(name: str) -> tuple[str, str]:
+    from deltaworld_jax.data.tfds_builders import EVAL_BUILDERS  # registers the builders with TFDS
+
+    return EVAL_BUILDERS[name]
 
 
 def _synthetic_only(data_config):
@@ -329,7 +347,8 @@ def split_into_square_crops(batch: dict) -> dict:
     Frames become two overlapping squares at opposite ends (left/right when wide, top/bottom when
     tall): [2B, T, S, S, 3], first crops of every clip, then second crops. Labels become two
     NON-overlapping halves split at the middle, so no pixel is scored twice; when the label size is odd
-    the first half gets one padding row/column of ignore (255, or 0 for depth) at its far edge.
+    the first half gets one padding row/column of ignore (255 for integer labels, 0 for depth) at its far
+    edge (sampling.square_crops).
     Adds is_split, is_wide, overlap (max/min side ratio < 2) and crop_index, all [2B] (all False/0
     when the clips are square and nothing is split).
     """
@@ -339,24 +358,13 @@ def split_into_square_crops(batch: dict) -> dict:
     if height == width:
         return {**batch, "is_split": np.zeros(count, bool), "is_wide": np.zeros(count, bool),
                 "overlap": np.zeros(count, bool), "crop_index": np.zeros(count, np.int32)}
-    wide = width > height
-    size = min(height, width)
-    second = frames[:, :, :, width - size:] if wide else frames[:, :, height - size:, :]
     out = {key: np.concatenate([value, value]) for key, value in batch.items() if key not in ("frames", "labels")}
-    out["frames"] = np.concatenate([frames[:, :, :size, :size], second])
+    out["frames"], labels, overlap, wide = square_crops(frames, batch.get("labels"))
     if "labels" in batch:
-        labels = batch["labels"]
-        label_axis = 3 if wide else 2
-        middle = labels.shape[label_axis] // 2
-        first, last = np.split(labels, [middle], axis=label_axis)
-        if first.shape != last.shape:
-            pad = [(0, 0)] * labels.ndim
-            pad[label_axis] = (0, last.shape[label_axis] - first.shape[label_axis])
-            first = np.pad(first, pad, constant_values=255 if labels.dtype == np.uint8 else 0)
-        out["labels"] = np.concatenate([first, last])
+        out["labels"] = labels
     out["is_split"] = np.ones(2 * count, bool)
     out["is_wide"] = np.full(2 * count, wide)
-    out["overlap"] = np.full(2 * count, max(height, width) / size < 2.0)
+    out["overlap"] = np.full(2 * count, overlap)
     out["crop_index"] = np.repeat(np.arange(2, dtype=np.int32), count)
     return out
 

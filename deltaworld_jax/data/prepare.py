@@ -68,6 +68,16 @@ def _folder_frames(frame_paths: list[str], timestamps: np.ndarray, short_side: i
     return jpegs, timestamps, size
 
 
+def encode_input(handle, input_kind: str, short_side: int, jpeg_quality: int):
+    """(JPEG bytes of every frame in presentation order, timestamps, (width, height)) of one input of
+    `list_inputs`: the one decode path of `prepare` and of the TFDS builders (tfds_builders.py).
+    Raises BrokenInput or one of DATA_EXCEPTIONS when the input is unreadable."""
+    if input_kind == "videos":
+        return _video_frames(handle, short_side, jpeg_quality)
+    source, index = handle
+    return _folder_frames(source.videos[index][1], source.frame_timestamps(index), short_side, jpeg_quality)
+
+
 def list_inputs(input_dir: str, input_kind: str, fps: float, exclude_list: str):
     """[(name, reader)] in sorted order; reader() -> (jpegs, timestamps, (width, height))."""
     return _inputs_and_ignored(input_dir, input_kind, fps, exclude_list)[0]
@@ -107,13 +117,7 @@ def write_shard(input_dir: str, output_dir: str, input_kind: str = "videos", num
     writer = arrayrecord.ShardWriter(output, shard_index, num_shards)
     for name, handle in inputs:
         try:
-            if input_kind == "videos":
-                jpegs, timestamps, (width, height) = _video_frames(handle, short_side, jpeg_quality)
-            else:
-                source, index = handle
-                timestamps = source.frame_timestamps(index)
-                jpegs, timestamps, (width, height) = _folder_frames(source.videos[index][1], timestamps,
-                                                                   short_side, jpeg_quality)
+            jpegs, timestamps, (width, height) = encode_input(handle, input_kind, short_side, jpeg_quality)
         except (BrokenInput, *DATA_EXCEPTIONS) as error:  # one broken input never stops a shard
             logging.warning("skipping %s: %s: %s", name, type(error).__name__, error)
             writer.skipped += 1

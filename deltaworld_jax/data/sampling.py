@@ -52,18 +52,6 @@ def sample_train_frame_indices(
     return indices, (picked - picked[0]).astype(np.float32)
 
 
-def middle_clip_indices(num_video_frames: int, duration: float, num_frames: int, stride_seconds: float) -> list[int]:
-    """Fixed-stride clip centred in a video (the official evaluation sampling for plain videos)."""
-    fps = (num_video_frames - 1) / duration
-    stride = max(1, round(stride_seconds * fps))
-    span = (num_frames - 1) * stride
-    start = max(0, num_video_frames // 2 - span // 2)
-    start = min(start, num_video_frames - 1 - span)
-    if start < 0:
-        raise ValueError(f"video of {num_video_frames} frames is too short for {num_frames} frames at stride {stride}")
-    return [start + i * stride for i in range(num_frames)]
-
-
 def random_resized_crop_box(
     height: int,
     width: int,
@@ -175,3 +163,35 @@ def eval_resize_hw(height: int, width: int, frame_size: int | Sequence[int], max
     scale = frame_size / min(height, width)
     max_size = int(frame_size * max_aspect_ratio)
     return min(int(round(height * scale)), max_size), min(int(round(width * scale)), max_size)
+
+
+def square_crops(frames: np.ndarray, labels: np.ndarray | None = None):
+    """[B, T, H, W, 3] -> ([2B, T, s, s, 3] (all first crops, then all second crops), labels [2B, T, lh, ~lw/2]
+    or [2B, T, ~lh/2, lw], overlap, is_wide). Square frames are returned unchanged with is_wide None.
+
+    Frame crops sit at the two corners (left/right or top/bottom) and overlap; labels are split at the
+    midpoint, and when the label length is odd the first half is padded by one ignored row/column (255 for
+    integer labels, 0 for depth) so both halves have one shape. overlap = long/short side < 2.
+    The official square-crop evaluation of non-square clips: the data pipeline's split_into_square_crops,
+    the evaluation protocol and the forecasts all cut wide frames here."""
+    h, w = frames.shape[-3:-1]
+    if h == w:
+        return frames, labels, False, None
+    is_wide = w > h
+    s = min(h, w)
+    if is_wide:
+        crops = [frames[..., :s, :s, :], frames[..., :, w - s:, :]]
+    else:
+        crops = [frames[..., :s, :s, :], frames[..., h - s:, :, :]]
+    frames = np.concatenate(crops, axis=0)
+    if labels is not None:
+        axis = labels.ndim - 1 if is_wide else labels.ndim - 2
+        mid = labels.shape[axis] // 2
+        first, second = np.split(labels, [mid], axis=axis)
+        if first.shape != second.shape:
+            pad = [(0, 0)] * labels.ndim
+            pad[axis] = (0, 1)
+            fill = 255 if np.issubdtype(labels.dtype, np.integer) else 0
+            first = np.pad(first, pad, constant_values=fill)
+        labels = np.concatenate([first, second], axis=0)
+    return frames, labels, max(h, w) / min(h, w) < 2.0, is_wide

@@ -196,12 +196,28 @@ class SyntheticWorld:
         return image.astype(np.uint8)
 
 
+# A key of its own for the opening draws (cuts), so they never share a generator with a clip's world.
+_OPENING_KEY = 7_000_001
+
+
 class SyntheticSource:
-    """`num_clips` clips of `duration` seconds at `fps`, rendered at height x width, as a clip source."""
+    """`num_clips` clips of `duration` seconds at `fps`, rendered at height x width, as a clip source.
+    Cuts (for a tokenizer's training pairs): `from_black_probability` of the clips read open with a cut from
+    black (the first frame read is black: the pair (black, f0) that opens every clip's delta-token sequence),
+    `cut_probability` with a cut from another clip (the first frame read is another clip's, as at a scene cut
+    in real video)."""
 
     def __init__(self, config: WorldConfig, seed: int, num_clips: int, duration: float, fps: float,
-                 height: int, width: int):
+                 height: int, width: int, from_black_probability: float = 0.0, cut_probability: float = 0.0):
+        for name, value in (("from_black_probability", from_black_probability), ("cut_probability", cut_probability)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
+        if from_black_probability + cut_probability > 1.0:
+            raise ValueError(f"from_black_probability + cut_probability must be at most 1, got "
+                             f"{from_black_probability} + {cut_probability}")
         self.world = SyntheticWorld(config, seed)
+        self.from_black_probability = float(from_black_probability)
+        self.cut_probability = float(cut_probability)
         self.root = f"synthetic(seed={seed})"
         self.num_clips, self.fps, self.height, self.width = int(num_clips), float(fps), int(height), int(width)
         self.num_video_frames = max(2, int(round(duration * fps)))
@@ -215,6 +231,29 @@ class SyntheticSource:
     def frame_timestamps(self, index: int) -> np.ndarray:
         return np.arange(self.num_video_frames, dtype=np.float64) / self.fps
 
+    def opening(self, index: int, first_frame: int) -> int | None:
+        """How the clip of `index` read from `first_frame` on opens: None (the world as it is), -1 (a cut from
+        black: the first frame is black) or the index of another clip (a cut from that clip: the first frame is
+        the other clip's at the same time). A fixed function of the world seed, the index and the first frame,
+        drawn with `from_black_probability` and `cut_probability`."""
+        if self.from_black_probability == 0 and self.cut_probability == 0:
+            return None
+        rng = clip_rng(self.world.seed, _OPENING_KEY, index, int(first_frame))
+        draw = rng.random()
+        if draw < self.from_black_probability:
+            return -1
+        if draw < self.from_black_probability + self.cut_probability and self.num_clips > 1:
+            return (index + 1 + int(rng.integers(self.num_clips - 1))) % self.num_clips
+        return None
+
     def read_frames(self, index: int, frame_indices: Sequence[int], transform: FrameTransform) -> list[np.ndarray]:
+        """The frames of clip `index` at `frame_indices`; the first one replaced where the clip opens with a cut."""
         states = self.world.states_at(index, [i / self.fps for i in frame_indices])
-        return [transform(self.world.render(s, self.height, self.width)) for s in states]
+        frames = [self.world.render(s, self.height, self.width) for s in states]
+        opening = self.opening(index, frame_indices[0]) if frames else None
+        if opening == -1:
+            frames[0] = np.zeros_like(frames[0])
+        elif opening is not None:
+            frames[0] = self.world.render(self.world.state_at(opening, frame_indices[0] / self.fps), self.height,
+                                          self.width)
+        return [transform(f) for f in frames]

@@ -35,7 +35,6 @@ from absl import logging
 from flax import nnx
 from PIL import Image
 
-from deltaworld_jax.bench import model_info
 from deltaworld_jax.models.deltatok import DeltaTok
 
 INDEX = "index.json"
@@ -112,23 +111,36 @@ class VideoTokenizer:
 
     def video_tokens(self, frames: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(black [F, D], pairs [F, K, D]) of one video's frames; pairs past the last frame are zero."""
-        feats = self.features(frames)
+        return self.videos_tokens([frames], [offsets])[0]
+
+    def videos_tokens(self, videos_frames: list[np.ndarray],
+                      videos_offsets: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """video_tokens of several videos at once: their frames go through the VFM together and all their pairs
+        through the encoder together, so short videos (the demo's 20-frame world clips) fill whole calls
+        instead of paying a padded call and its dispatch each."""
+        counts = [len(frames) for frames in videos_frames]
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        feats = self.features(np.concatenate(videos_frames, 0))
         if self._black is None:  # the same all-black frame for every video
-            self._black = self.features(np.zeros((1,) + frames.shape[1:], np.uint8))
-        black = self._black
-        f = feats.shape[0]
-        black_tokens = self.encode(jnp.broadcast_to(black, feats.shape), feats)
-        firsts, seconds, slots = [], [], []
-        for k, offset in enumerate(offsets):
-            idx = np.arange(0, f - int(offset))
-            firsts.append(idx)
-            seconds.append(idx + int(offset))
-            slots.append(np.stack([idx, np.full_like(idx, k)], 1))
-        firsts, seconds, slots = map(np.concatenate, (firsts, seconds, slots))
+            self._black = self.features(np.zeros((1,) + videos_frames[0].shape[1:], np.uint8))
+        black_tokens = self.encode(jnp.broadcast_to(self._black, feats.shape), feats)
+        firsts, seconds = [], []
+        for start, count, offsets in zip(starts, counts, videos_offsets):
+            for offset in offsets:
+                idx = start + np.arange(0, count - int(offset))
+                firsts.append(idx)
+                seconds.append(idx + int(offset))
+        firsts, seconds = np.concatenate(firsts), np.concatenate(seconds)
         pair_tokens = self.encode(feats[firsts], feats[seconds])
-        pairs = np.zeros((f, len(offsets), pair_tokens.shape[-1]), pair_tokens.dtype)
-        pairs[slots[:, 0], slots[:, 1]] = pair_tokens
-        return black_tokens, pairs
+        out, used = [], 0
+        for start, count, offsets in zip(starts, counts, videos_offsets):
+            pairs = np.zeros((count, len(offsets), pair_tokens.shape[-1]), pair_tokens.dtype)
+            for k, offset in enumerate(offsets):
+                n = max(0, count - int(offset))
+                pairs[:n, k] = pair_tokens[used:used + n]
+                used += n
+            out.append((black_tokens[start:start + count], pairs))
+        return out
 
 
 def _store(array: np.ndarray) -> np.ndarray:
@@ -139,27 +151,15 @@ def _load(array: np.ndarray, dtype: str) -> np.ndarray:
     return array.view(ml_dtypes.bfloat16) if dtype == "bfloat16" else array
 
 
-def frozen_vfm_and_tokenizer(config):
-    """The VFM and DeltaTok that DeltaWorld training of `config` uses (its task's frozen modules)."""
-    from deltaworld_jax.training import tasks
-
-    frozen = tasks.make_task(config).build_frozen()
-    vfm = model_info.vfm_module([frozen])
-    tokenizer = model_info.first([frozen], DeltaTok)
-    if vfm is None or tokenizer is None:
-        raise ValueError(f"config.model.kind={config.model.kind!r}: its frozen modules hold no VFM + DeltaTok pair")
-    return vfm, tokenizer
-
-
-def write_token_cache(config, output: str, *, num_clips: int | None = None, vfm=None, tokenizer=None,
+def write_token_cache(config, output: str, vfm, tokenizer: DeltaTok, *, num_clips: int | None = None,
                       source=None) -> dict[str, Any]:
-    """Tokenise every video of config.data's training source (or the first `num_clips`) into `output`."""
+    """Tokenise every video of config.data's training source (or the first `num_clips`) into `output` with
+    the frozen `vfm` and `tokenizer` (those DeltaWorld training of `config` uses: its task's frozen modules,
+    built by the caller)."""
     from deltaworld_jax.data import pipeline
 
     data = config.data
     source = pipeline.make_train_source(data) if source is None else source
-    if vfm is None or tokenizer is None:
-        vfm, tokenizer = frozen_vfm_and_tokenizer(config)
     size = int(data.frame_size)
     stride_range = tuple(float(s) for s in data.time_stride_range)
     videos = range(len(source) if num_clips is None else min(num_clips, len(source)))
@@ -170,21 +170,36 @@ def write_token_cache(config, output: str, *, num_clips: int | None = None, vfm=
     t0 = time.perf_counter()
     frames_total = pairs_total = 0
     report_every = max(1, len(videos) // 10)
-    for done, video in enumerate(videos, start=1):
+    done = 0
+    group: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []  # (video, timestamps, frames, offsets)
+
+    def flush() -> None:
+        nonlocal done, dtype, frames_total, pairs_total
+        results = worker.videos_tokens([g[2] for g in group], [g[3] for g in group])
+        for (video, timestamps, frames, offsets), (black, pairs) in zip(group, results):
+            dtype = str(black.dtype)
+            np.savez(os.path.join(output, f"video_{video:08d}.npz"), timestamps=timestamps, offsets=offsets,
+                     black=_store(black), pairs=_store(pairs))
+            frames_total += len(frames)
+            pairs_total += len(frames) + int(sum(max(0, len(frames) - o) for o in offsets))
+            done += 1
+            if done % report_every == 0 or done == len(videos):  # progress, as the trainer's steps/s and ETA
+                elapsed = time.perf_counter() - t0
+                logging.info("token cache: %d/%d videos (%.0f%%), %.1f frames/s, ETA %.0f s", done, len(videos),
+                             100.0 * done / len(videos), frames_total / max(elapsed, 1e-9),
+                             elapsed / done * (len(videos) - done))
+        group.clear()
+
+    # Videos are tokenised in groups of about one call's worth of frames (worker.chunk).
+    for video in videos:
         timestamps = np.asarray(source.frame_timestamps(video), np.float32)
         frames = np.stack(source.read_frames(video, range(len(timestamps)), transform))
         offsets = np.arange(0, max_index_gap(timestamps, stride_range) + 1)
-        black, pairs = worker.video_tokens(frames, offsets)
-        dtype = str(black.dtype)
-        np.savez(os.path.join(output, f"video_{video:08d}.npz"), timestamps=timestamps, offsets=offsets,
-                 black=_store(black), pairs=_store(pairs))
-        frames_total += len(frames)
-        pairs_total += len(frames) + int(sum(max(0, len(frames) - o) for o in offsets))
-        if done % report_every == 0 or done == len(videos):  # progress, as the trainer's steps/s and ETA
-            elapsed = time.perf_counter() - t0
-            logging.info("token cache: %d/%d videos (%.0f%%), %.1f frames/s, ETA %.0f s", done, len(videos),
-                         100.0 * done / len(videos), frames_total / max(elapsed, 1e-9),
-                         elapsed / done * (len(videos) - done))
+        group.append((video, timestamps, frames, offsets))
+        if sum(len(g[2]) for g in group) >= worker.chunk:
+            flush()
+    if group:
+        flush()
     seconds = time.perf_counter() - t0
     index = {"num_videos": len(videos), "dtype": dtype, "frame_size": size, "stride_range": list(stride_range),
              "width": int(tokenizer.cfg.hidden_size), "source": str(getattr(source, "root", data.source))}
@@ -207,7 +222,7 @@ class TokenCache:
         path = os.path.join(root, INDEX)
         if not os.path.exists(path):
             raise FileNotFoundError(f"no token cache at {root!r} ({INDEX} is missing): write one with `python -m "
-                                    "deltaworld_jax.benchmark tokens --config=... --output=...` or let the recipe "
+                                    "benchmarks.benchmark tokens --config=... --output=...` or let the recipe "
                                     "build it (config.data.token_cache='@<name>')")
         with open(path) as f:
             self.index = json.load(f)

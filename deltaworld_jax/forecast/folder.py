@@ -58,8 +58,9 @@ def run_folder(*, videos: str, out: str, vfm: str, tokenizer: str, world: str, n
     import jax.numpy as jnp
 
     from deltaworld_jax.data import video as video_io
-    from deltaworld_jax.training.evaluation import split_into_square_crops, vfm_features
-    from deltaworld_jax.training.forecasters import ClipFeatures, DeltaWorldForecaster
+    from deltaworld_jax.data.sampling import square_crops
+    from deltaworld_jax.evaluation.protocol import vfm_features
+    from deltaworld_jax.evaluation.forecasters import ClipFeatures, DeltaWorldForecaster
 
     horizons = tuple(sorted(set(int(h) for h in horizons)))
     fi.validate(videos=videos, vfm=vfm, tokenizer=tokenizer, world=world, num_samples=num_samples, context=context,
@@ -104,7 +105,7 @@ def run_folder(*, videos: str, out: str, vfm: str, tokenizer: str, world: str, n
         times = np.stack([c["times"] for c in padded]).astype(np.float32)
         num_views = 1
         if crop == "two_squares" and frames.shape[2] != frames.shape[3]:
-            frames, _, _, _ = split_into_square_crops(frames, None)  # [2B, ...]: first crops, then second
+            frames, _, _, _ = square_crops(frames, None)  # [2B, ...]: first crops, then second
             times = np.concatenate([times, times])
             num_views = 2
         hw = frames.shape[2:4]

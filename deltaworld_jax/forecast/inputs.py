@@ -135,10 +135,10 @@ def crop_views(frames: np.ndarray, size: int, crop: str, patch: int) -> tuple[np
     resized = resize_frames(frames, (nh, nw))
     if nh == nw:
         return resized[None], {"crop": crop, "frame_hw": (nh, nw), "offsets": [(0, 0)]}
-    # The official split (evaluation.split_into_square_crops): squares at the two ends, overlapping.
-    from deltaworld_jax.training.evaluation import split_into_square_crops
+    # The official split (data.sampling.square_crops): squares at the two ends, overlapping.
+    from deltaworld_jax.data.sampling import square_crops
 
-    views, _, _, _ = split_into_square_crops(resized[None], None)
+    views, _, _, _ = square_crops(resized[None], None)
     offsets = [(0, 0), (0, nw - size)] if nw > nh else [(0, 0), (nh - size, 0)]
     return views, {"crop": crop, "frame_hw": (nh, nw), "offsets": offsets}
 
@@ -173,7 +173,9 @@ def stitch(images: list[np.ndarray], layout: dict) -> np.ndarray:
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
-_PREFERRED = ("pytorch_model.bin", "model.safetensors", "model.pth", "model.pt")
+# safetensors first: it loads without torch (`python -m deltaworld_jax.pretrained.convert` writes it next to a
+# release's pytorch_model.bin) and without unpickling.
+_PREFERRED = ("model.safetensors", "pytorch_model.bin", "model.pth", "model.pt")
 
 
 def is_hub_id(source: str) -> bool:

@@ -28,8 +28,8 @@ def forecast_views(models: dict[str, Any], views: np.ndarray, timestamps: np.nda
     import jax
     import jax.numpy as jnp
 
-    from deltaworld_jax.training.evaluation import vfm_features
-    from deltaworld_jax.training.forecasters import jit_deltaworld_rollout
+    from deltaworld_jax.evaluation.protocol import vfm_features
+    from deltaworld_jax.evaluation.forecasters import jit_deltaworld_rollout
 
     vfm = models["vfm"]
     grid_hw = tuple(vfm.grid_hw(views.shape[1:]))
@@ -87,7 +87,7 @@ def score(out: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _head_maps(head, feats: np.ndarray, grid_hw) -> np.ndarray:
-    from deltaworld_jax.training import pictures
+    from deltaworld_jax.evaluation import pictures
 
     f = np.asarray(feats, np.float32)
     return np.asarray(pictures.apply_head(head, f.reshape(-1, *grid_hw, f.shape[-1])))
@@ -102,7 +102,7 @@ def decode_features(models: dict[str, Any], result: dict[str, Any], fit_on: np.n
     """A function features [k, N, D] -> list of float images [H, W, 3] in [0, 1], and its name. A feature
     PCA is fit on `fit_on` (default: the result's context and truth)."""
     from deltaworld_jax.models.dinov3 import PixelPatchVFM
-    from deltaworld_jax.training import pictures
+    from deltaworld_jax.evaluation import pictures
 
     vfm, grid_hw = models["vfm"], result["grid_hw"]
     if models.get("rgb_head") is not None:
@@ -140,7 +140,7 @@ def labelled_grid(rows: list[list[np.ndarray | None]], row_names: list[str], col
     (a blue bar over them; the futures' columns get an orange one)."""
     from PIL import ImageDraw
 
-    from deltaworld_jax.training import pictures
+    from deltaworld_jax.evaluation import pictures
 
     body = pictures.grid_image(rows, len(column_names), max_cell=max_cell)
     cell_h, cell_w = body.shape[0] // len(rows), body.shape[1] // len(column_names)
@@ -175,7 +175,7 @@ def draw(models: dict[str, Any], frames: np.ndarray, result: dict[str, Any], out
          times: np.ndarray | None = None) -> dict[str, str]:
     """Write forecast.png (grid), forecast.gif and forecast.mp4; returns their paths. `frames` are the frames
     as drawn; `views` the per-view results of a split frame (stitched back with `layout`)."""
-    from deltaworld_jax.training import pictures
+    from deltaworld_jax.evaluation import pictures
 
     views = views or [result]
     layout = layout or {"frame_hw": frames.shape[1:3], "offsets": [(0, 0)]}
@@ -230,7 +230,7 @@ def draw_heads(models: dict[str, Any], views: list[dict], layout: dict, frames_t
                ) -> tuple[dict[str, str], dict[str, Any]]:
     """segmentation.png / depth.png of the context, the truth and the futures (when heads are given), and
     how well the best / mean future's maps agree with the truth's (pixel agreement %, depth RMSE m)."""
-    from deltaworld_jax.training import pictures
+    from deltaworld_jax.evaluation import pictures
 
     paths, agreement = {}, {}
     context = views[0]["context"].shape[0]

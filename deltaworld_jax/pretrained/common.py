@@ -39,12 +39,15 @@ class CheckpointMismatchError(ValueError):
 # ----------------------------------------------------------------------------------------------------
 
 
-def _import_torch():
+def _import_torch(path: str = "<checkpoint>"):
     try:
         import torch
     except ImportError as e:
-        raise ImportError("reading PyTorch checkpoints (.bin/.pth/.pt/.ckpt) needs `torch` (pip install torch); "
-                          "safetensors files need only `safetensors`") from e
+        raise ImportError(
+            f"reading the PyTorch checkpoint {path} needs `torch`, which is not installed. Either install it "
+            '(pip install -e ".[torch]"), or convert the checkpoint once on a machine that has torch: '
+            f"python -m deltaworld_jax.pretrained.convert --input={path} --output=<name>.safetensors "
+            "and load the .safetensors file here (safetensors need no torch).") from e
     return torch
 
 
@@ -70,7 +73,7 @@ def _flatten_torch_state(obj: Mapping[str, Any], prefix: str = "") -> StateDict:
 
 
 def _read_torch_file(path: str) -> StateDict:
-    torch = _import_torch()
+    torch = _import_torch(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types (UnpicklingError, RuntimeError, ...)
@@ -90,16 +93,21 @@ def _read_safetensors(path: str) -> StateDict:
 
     out: StateDict = {}
     try:
-        # framework="np" cannot read bfloat16; go through torch then, if it is installed.
+        # framework="np" cannot read bfloat16 (it raises, or returns raw 2-byte voids); JAX can, with no
+        # torch, and the values are widened exactly to float32.
         with safe_open(path, framework="np") as f:
             for key in f.keys():
                 out[key] = f.get_tensor(key)
+        unreadable = [key for key, value in out.items() if value.dtype.kind == "V"]
     except (TypeError, ValueError) as e:
         if "bf16" not in str(e).lower() and "bfloat16" not in str(e).lower():
             raise
-        from safetensors.torch import load_file
-
-        out = {k: _torch_to_numpy(v) for k, v in load_file(path).items()}
+        unreadable = None  # every tensor
+    if unreadable is None or unreadable:
+        with safe_open(path, framework="flax") as f:
+            for key in (f.keys() if unreadable is None else unreadable):
+                value = f.get_tensor(key)
+                out[key] = np.asarray(value.astype(jnp.float32) if value.dtype == jnp.bfloat16 else value)
     return out
 
 

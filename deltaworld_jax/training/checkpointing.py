@@ -33,13 +33,12 @@ import grain
 
 from deltaworld_jax.training.train_step import TrainState
 
-PARAMS, TRAIN, DATA_ITER = "params", "train", "data_iter"
+# Reading a run's weights (weights-only init, our DeltaTok run as a frozen tokenizer) is in pretrained/runs.py.
+from deltaworld_jax.pretrained.runs import (  # noqa: F401
+    PARAMS, abstract_like as _abstract, checkpoint_steps, restore_module_params, restore_params)
+
+TRAIN, DATA_ITER = "train", "data_iter"
 CHECKSUMS = "checksums.json"
-
-
-def _abstract(tree: Any, shardings: Any) -> Any:
-    """ShapeDtypeStructs carrying the target shardings (what Orbax restores onto)."""
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
 class Checkpointer:
@@ -242,37 +241,6 @@ def _any_process_error(error: str, elsewhere: str) -> str:
     return error or (elsewhere if np.any(failed) else "")
 
 
-def restore_params(directory: str, abstract_params: Any, shardings: Any, step: int | None = None) -> Any:
-    """Weights-only init (stage to stage, or a frozen tokenizer from our own DeltaTok run): only the
-    `params` item of another run's checkpoint, placed by `shardings`. Optimiser state and step are NOT
-    read: the new run starts at step 0 with a fresh optimiser."""
-    directory = epath.Path(directory)
-    manager = ocp.CheckpointManager(directory, item_handlers={PARAMS: ocp.StandardCheckpointHandler()},
-                                    options=ocp.CheckpointManagerOptions(read_only=True, create=False))
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"No checkpoint to initialise weights from in {directory}")
-    logging.info("Weights-only init from %s step %d", directory, step)
-    restored = manager.restore(step, args=ocp.args.Composite(
-        **{PARAMS: ocp.args.StandardRestore(_abstract(abstract_params, shardings))}))
-    manager.close()
-    return restored[PARAMS]
-
-
-def restore_module_params(directory: str, module: Any, step: int | None = None) -> Any:
-    """A built nnx module with its Params replaced by those of a run's checkpoint (e.g. our own DeltaTok
-    run as DeltaWorld's frozen tokenizer); restored onto the default device (the trainer places frozen
-    modules itself). Shapes must match the module's: a mismatch is Orbax's error naming the array."""
-    from flax import nnx
-
-    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
-    pure = nnx.to_pure_dict(params)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    restored = restore_params(directory, pure, jax.tree.map(lambda _: device, pure), step=step)
-    nnx.replace_by_pure_dict(params, restored)
-    return nnx.merge(graphdef, params, rest)
-
-
 def seed_for_resume(source: str, target: str) -> int | None:
     """Full resume from ANOTHER run (a cool-down stage continuing a finished one): copy the source's latest
     complete checkpoint into `target` unless `target` already has checkpoints of its own (then this run
@@ -308,16 +276,6 @@ def _copy_tree(source: epath.Path, target: epath.Path) -> None:
         else:
             child.copy(target / child.name)
 
-
-def checkpoint_steps(directory: str) -> list[int]:
-    """Steps of the complete checkpoints in `directory` (empty if none)."""
-    directory = epath.Path(directory)
-    if not directory.exists():
-        return []
-    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
-    steps = list(manager.all_steps())
-    manager.close()
-    return steps
 
 
 

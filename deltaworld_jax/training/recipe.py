@@ -1,5 +1,5 @@
-"""The training recipe: the trainer's config defaults (the official optimiser recipe) and `--mode=recipe`,
-which runs every stage of a config in order.
+"""The training recipe: `--mode=recipe`, which runs every stage of a config in order (the trainer's config
+defaults are configs/common.py).
 
 A recipe config has `config.stages`: an ordered list of stage names, and `config.stage_configs[name]`:
 the FULL config of each stage (built by the config file, e.g. configs/kinetics.py). Each stage trains in
@@ -26,26 +26,6 @@ from absl import logging
 from etils import epath
 
 STAGE_REF = "@"
-
-
-def base_config() -> ml_collections.ConfigDict:
-    """Trainer defaults shared by every config: the official optimiser, checkpoint and logging recipe."""
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.model = ml_collections.ConfigDict({"kind": "", "dtype": "bfloat16"})
-    c.optim = ml_collections.ConfigDict(dict(
-        lr=1e-3, warmup_steps=5000, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip_norm=0.0,
-        accumulation_steps=1, max_consecutive_nonfinite=10))  # non-finite updates are skipped; this many in a row stop
-    # compilation_cache: JAX's persistent compilation cache ('' off; relative = under the workdir, or gs://...)
-    c.train = ml_collections.ConfigDict(dict(batch_size=1024, num_steps=1, log_every_steps=50, init_from="",
-                                             resume_from="", write_metrics=True, compilation_cache="jax_cache"))
-    # Official: `last` every 500 steps, plus every 50,000 steps kept forever.
-    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep_last=2, keep_period=50_000,
-                                                  async_save=True))
-    c.mesh = ml_collections.ConfigDict(dict(shape=dict(data=-1, fsdp=1, tensor=1), rules=()))
-    c.eval = ml_collections.ConfigDict(dict(every_steps=0, fn=""))
-    c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=0, process_id=-1))
-    return c
 
 
 def stage_dir(workdir: str, stage: str) -> epath.Path:
@@ -109,7 +89,8 @@ def validate_recipe(config) -> None:
 def run_recipe(config, workdir: str, *, eval_fn: Callable | None = None, data_fn: Callable | None = None,
                only: Any = None) -> dict:
     """Train every stage of `config.stages` in order (or just those in `only`); skip finished ones."""
-    from deltaworld_jax.training import eval_setup, trainer
+    from deltaworld_jax.evaluation import setup as eval_setup
+    from deltaworld_jax.training import trainer
 
     validate_recipe(config)
     _check_only(config, only)
@@ -153,7 +134,8 @@ def evaluate_recipe(config, workdir: str, *, eval_fn: Callable | None = None, on
     checkpoint of <workdir>/<stage> (or only the stages in `only`). A stage that declares no evaluation,
     has no checkpoint yet, or has no validation data is skipped with the reason logged, unless `only` names
     it (then that is an error); nothing to evaluate at all is an error listing every reason."""
-    from deltaworld_jax.training import checkpointing, eval_setup, trainer
+    from deltaworld_jax.evaluation import setup as eval_setup
+    from deltaworld_jax.training import checkpointing, trainer
 
     validate_recipe(config)
     _check_only(config, only)
@@ -203,7 +185,11 @@ def ensure_token_cache(stage_config) -> None:
     if jax.process_index() == 0:
         clips = int(stage_config.data.get("token_cache_clips", 0)) or None
         logging.info("Writing the token cache %s (%s videos of the training source)", path, clips or "all")
-        summary = token_cache.write_token_cache(stage_config, path, num_clips=clips)
+        from deltaworld_jax import tasks
+
+        frozen = tasks.make_task(stage_config).build_frozen()  # DeltaWorld's: {"vfm": ..., "tokenizer": ...}
+        summary = token_cache.write_token_cache(stage_config, path, frozen["vfm"], frozen["tokenizer"],
+                                                num_clips=clips)
         logging.info("%s", token_cache.format_summary(summary))
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"token cache {path}")

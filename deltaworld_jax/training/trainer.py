@@ -2,7 +2,7 @@
 
 What it owns: jax.distributed, the mesh, sharded construction of the trainable module, placement of the
 frozen modules, the optimiser, the jitted step, checkpoints (full resume, weights-only init, preemption),
-metrics, and the periodic evaluation hook. What a model family provides is a Task (training/tasks.py).
+metrics, and the periodic evaluation hook. What a model family provides is a Task (tasks/base.py).
 
 Every bad config value the trainer can check is checked BEFORE anything is built or compiled
 (`validate_config`), with an error that names the value.
@@ -28,11 +28,10 @@ import numpy as np
 from absl import logging
 from etils import epath
 from flax import nnx
-from jax.experimental import multihost_utils
 
-from deltaworld_jax import sharding as sharding_lib
+from deltaworld_jax import sharding as sharding_lib, tasks
 from deltaworld_jax.training import checkpointing, metrics as metrics_lib, mfu as mfu_lib
-from deltaworld_jax.training import tasks, train_step as step_lib
+from deltaworld_jax.training import train_step as step_lib
 
 MODES = ("train", "eval", "recipe")
 
@@ -70,11 +69,11 @@ def maybe_initialize_distributed(config=None) -> None:
 
 
 def validate_data(config) -> None:
-    """The training source (config.data.source / root) and the validation sets (training/eval_setup.py):
+    """The training source (config.data.source / root) and the validation sets (evaluation/setup.py):
     a ValueError naming the value, before anything is built. Configs without data.source (a test's own
     data_fn) are not checked."""
     from deltaworld_jax.data.config import TRAIN_SOURCES
-    from deltaworld_jax.training import eval_setup
+    from deltaworld_jax.evaluation import setup as eval_setup
 
     data = config.get("data", None)
     if data is not None and "source" in data:
@@ -90,6 +89,7 @@ def validate_data(config) -> None:
             cached = False
         if source != "synthetic" and not cached:
             what = ("the folder written by `python -m deltaworld_jax.data.prepare`" if source == "arrayrecord" else
+                    "the TFDS data_dir holding config.data.tfds_name" if source == "tfds" else
                     "the folder of the training videos" if source == "videos" else "the folder of frame folders")
             if not root:
                 raise ValueError(f"config.data.root is empty: the {source!r} source reads {what} "
@@ -104,11 +104,7 @@ def validate_data(config) -> None:
 def validate_config(config, num_devices: int | None = None, mode: str = "train") -> None:
     """Check every value the trainer depends on before any build or compile; raise ValueError naming it.
     mode="eval" skips what only training reads (the source run to start from, the training data)."""
-    from deltaworld_jax.training import task_modules  # noqa: F401  (registers the tasks)
-
-    kind = config.model.get("kind", None)
-    if kind not in tasks._REGISTRY:
-        raise ValueError(f"Unknown config.model.kind {kind!r}; known: {sorted(tasks._REGISTRY)}")
+    task_class = tasks.task_class(config)
     num_devices = jax.device_count() if num_devices is None else num_devices
     sizes = dict(zip(sharding_lib.MESH_AXES, sharding_lib.resolve_mesh_shape(dict(config.mesh.shape), num_devices)))
     sharding_lib.axis_rules(config.mesh)
@@ -132,16 +128,11 @@ def validate_config(config, num_devices: int | None = None, mode: str = "train")
                          f"{optim.warmup_steps}, {optim.weight_decay}, {optim.grad_clip_norm}")
     if int(optim.get("max_consecutive_nonfinite", 10)) < 1:
         raise ValueError(f"config.optim.max_consecutive_nonfinite must be >= 1, got {optim.max_consecutive_nonfinite}")
-    if kind == "deltaworld":
-        checkpoint = config.get("tokenizer", {}).get("checkpoint", "") if config.get("tokenizer", None) else ""
-        allow_random = config.tokenizer.get("allow_random", False) if config.get("tokenizer", None) else False
-        if not checkpoint and not allow_random:
-            raise ValueError("DeltaWorld needs a trained tokenizer: set config.tokenizer.checkpoint to a DeltaTok "
-                             "checkpoint (our run's checkpoints dir, or the official pytorch_model.bin)")
-        if checkpoint and not epath.Path(checkpoint).exists():
-            raise ValueError(f"config.tokenizer.checkpoint={checkpoint!r} does not exist")
+    # What only this model family reads (e.g. DeltaWorld's frozen tokenizer); a Task without its own checks
+    # (a test's toy task) has none.
+    getattr(task_class, "validate", lambda config, mode: None)(config, mode)
     if mode == "eval":
-        from deltaworld_jax.training import eval_setup
+        from deltaworld_jax.evaluation import setup as eval_setup
 
         eval_setup.check(config)
         return
@@ -176,13 +167,17 @@ class Setup:
     tx: Any
     schedule: Any
     frozen_graphdef: Any
-    frozen_state: Any
+    frozen_state: Any  # placed arrays; ShapeDtypeStructs when built with abstract_frozen
     frozen_shardings: Any
+    abstract_module: Any  # the trainable module's abstract build (shapes, parameter counts, FLOPs)
 
 
-def build(config, mesh=None) -> Setup:
+def build(config, mesh=None, *, abstract_frozen: bool = False) -> Setup:
     """Mesh, task, abstract + sharded train state layout, optimiser and placed frozen modules. The train
-    state itself is created by `init_state` (fresh) or restored from a checkpoint."""
+    state itself is created by `init_state` (fresh) or restored from a checkpoint.
+
+    abstract_frozen: the frozen modules too are only shapes (nnx.eval_shape: nothing loaded, nothing placed,
+    no mesh context), so the whole step can be lowered for devices that do not exist here (aot.py)."""
     mesh = sharding_lib.make_mesh(config.mesh) if mesh is None else mesh
     rules = sharding_lib.axis_rules(config.mesh)
     # config.model.remat (none | full | dots_saveable | ...; unset: layers.DEFAULT_REMAT) is a model option:
@@ -192,16 +187,23 @@ def build(config, mesh=None) -> Setup:
     # Abstract shapes outside the mesh context: shardings come from OUR rules (sharding.py), not from
     # Flax's eager per-variable sharding.
     abstract_module = nnx.eval_shape(lambda: task.build_trainable(nnx.Rngs(seed)))
-    # The frozen modules too are built (or loaded: DINOv3 weights, a DeltaTok checkpoint) outside the mesh
-    # context. Inside it, Flax's eager sharding reads their LOGICAL axis names ('embed', ...) as mesh axes
-    # and the loaders' abstract builds fail. Their placement comes from our rules below.
-    frozen_module = task.build_frozen()
-    with jax.set_mesh(mesh):
+    if abstract_frozen:
+        # No mesh context either: everything is abstract or explicit NamedShardings, and a concrete op under
+        # a compile-only (topology) mesh would fail.
         layout = step_lib.train_state_layout(config, abstract_module, mesh, rules)
-        frozen_graphdef, frozen_host, frozen_shardings = step_lib.split_frozen(frozen_module, mesh, rules)
-        frozen_state = jax.device_put(frozen_host, frozen_shardings)
+        frozen_graphdef, frozen_state, frozen_shardings = step_lib.split_frozen(
+            nnx.eval_shape(task.build_frozen), mesh, rules)
+    else:
+        # The frozen modules too are built (or loaded: DINOv3 weights, a DeltaTok checkpoint) outside the mesh
+        # context. Inside it, Flax's eager sharding reads their LOGICAL axis names ('embed', ...) as mesh axes
+        # and the loaders' abstract builds fail. Their placement comes from our rules below.
+        frozen_module = task.build_frozen()
+        with jax.set_mesh(mesh):
+            layout = step_lib.train_state_layout(config, abstract_module, mesh, rules)
+            frozen_graphdef, frozen_host, frozen_shardings = step_lib.split_frozen(frozen_module, mesh, rules)
+            frozen_state = jax.device_put(frozen_host, frozen_shardings)
     return Setup(mesh, rules, task, layout.graphdef, layout.abstract_state, layout.state_shardings, layout.tx,
-                 layout.schedule, frozen_graphdef, frozen_state, frozen_shardings)
+                 layout.schedule, frozen_graphdef, frozen_state, frozen_shardings, abstract_module)
 
 
 def init_state(config, setup: Setup, params: Any = None) -> step_lib.TrainState:
@@ -245,7 +247,7 @@ def default_data_fn(config, *, process_index: int, process_count: int):
     from deltaworld_jax import data
 
     if config.data.get("token_cache", ""):
-        if config.model.kind != "deltaworld":
+        if not getattr(tasks.task_class(config), "trains_from_tokens", False):
             raise ValueError(f"config.data.token_cache is set but config.model.kind={config.model.kind!r}: only "
                              "DeltaWorld trains from precomputed delta tokens")
         from deltaworld_jax.data import token_cache
@@ -338,26 +340,22 @@ class _Preemption:
 
 
 def run(config, workdir: str, mode: str = "train", *, eval_fn: Callable | None = None,
-        data_fn: Callable | None = None, only_stages: Any = None) -> dict:
-    """Train (or evaluate, or run the whole recipe of stages, or `only_stages` of it). Returns a summary."""
+        data_fn: Callable | None = None) -> dict:
+    """Train or evaluate one stage's config (a config of stages is training/recipe.py's; deltaworld_jax.main
+    dispatches). Returns a summary."""
     if mode not in MODES:
         raise ValueError(f"Unknown mode {mode!r}; known: {MODES}")
+    if config.get("stages", None):
+        raise ValueError("This config is a recipe of stages (config.stages): run it with `python -m "
+                         "deltaworld_jax.main` (or training.recipe.run_recipe / evaluate_recipe)")
     maybe_initialize_distributed(config)
-    if mode == "train" and config.get("stages", None):
-        mode = "recipe"  # a config of stages (e.g. configs/demo.py) is a recipe: training it runs its stages
-    if config.get("stages", None) and mode in ("recipe", "eval"):
-        from deltaworld_jax.training import recipe
-
-        if mode == "eval":  # each stage's workdir (or those of only_stages)
-            return recipe.evaluate_recipe(config, workdir, eval_fn=eval_fn, only=only_stages)
-        return recipe.run_recipe(config, workdir, eval_fn=eval_fn, data_fn=data_fn, only=only_stages)
     if mode == "recipe":
         raise ValueError("mode=recipe needs a config of stages (config.stages), e.g. "
                          "configs/kinetics.py:recipe=all; this config is one stage: use mode=train")
     validate_config(config, mode=mode)
     if mode == "eval":
         return evaluate(config, workdir, eval_fn=eval_fn)
-    from deltaworld_jax.training import eval_setup
+    from deltaworld_jax.evaluation import setup as eval_setup
 
     return train(eval_setup.configure(config), workdir, eval_fn=eval_fn, data_fn=data_fn)
 
@@ -371,7 +369,7 @@ def _checkpointer(config, workdir) -> checkpointing.Checkpointer:
 
 def evaluate(config, workdir: str, *, eval_fn: Callable | None = None) -> dict:
     """Run the evaluation hook once on the latest checkpoint of `workdir`."""
-    from deltaworld_jax.training import eval_setup
+    from deltaworld_jax.evaluation import setup as eval_setup
 
     eval_fn = resolve_eval_fn(config, eval_fn)
     if eval_fn is None:

@@ -24,7 +24,7 @@ import numpy as np
 from absl import logging
 
 from deltaworld_jax import objectives
-from deltaworld_jax.training import evaluation, pictures
+from deltaworld_jax.evaluation import pictures, protocol as evaluation
 
 RESULTS_NAME = "demo_results"
 PICTURE_NAME = "demo_futures.png"

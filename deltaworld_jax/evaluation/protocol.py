@@ -22,7 +22,7 @@ keys have no suffix, DINO-World, copy-last) only have 'mean'. Each metric pools 
 
 Batches: dicts with `frames` uint8 [B, T, H, W, 3], `timestamps` float32 [B, T] and optionally `labels`
 [B, T, h, w] (integer class ids with 255 = ignore for segmentation; float depth in metres with 0 = invalid).
-Metric states are sums (see metrics_eval.py), so results do not depend on batching or sharding.
+Metric states are sums (see evaluation/metrics.py), so results do not depend on batching or sharding.
 """
 
 from __future__ import annotations
@@ -39,10 +39,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from deltaworld_jax.data.sampling import square_crops
 from deltaworld_jax.models.heads import DepthHead, SegHead
-from deltaworld_jax.training.metrics_eval import MeanIoU, RootMeanSquaredError, iou_from_confusion
+from deltaworld_jax.evaluation.metrics import MeanIoU, RootMeanSquaredError, iou_from_confusion
 # The forecasters live in forecasters.py; the protocol below and callers use them as evaluation.<name>.
-from deltaworld_jax.training.forecasters import (  # noqa: F401
+from deltaworld_jax.evaluation.forecasters import (  # noqa: F401
     ClipFeatures,
     CopyLast,
     DeltaTokReconstruction,
@@ -60,36 +61,6 @@ Array = jax.Array
 # ----------------------------------------------------------------------------------------------------
 # Wide frames: square crops, label halves, and aligning predictions back to the labels
 # ----------------------------------------------------------------------------------------------------
-
-
-def split_into_square_crops(frames: np.ndarray, labels: np.ndarray | None):
-    """[B, T, H, W, 3] -> ([2B, T, s, s, 3] (all first crops, then all second crops), labels [2B, T, lh, ~lw/2]
-    or [2B, T, ~lh/2, lw], overlap, is_wide). Square frames are returned unchanged with is_wide None.
-
-    Frame crops sit at the two corners (left/right or top/bottom) and overlap; labels are split at the
-    midpoint, and when the label length is odd the first half is padded by one ignored row/column (255 for
-    integer labels, 0 for depth) so both halves have one shape. overlap = long/short side < 2."""
-    h, w = frames.shape[-3:-1]
-    if h == w:
-        return frames, labels, False, None
-    is_wide = w > h
-    s = min(h, w)
-    if is_wide:
-        crops = [frames[..., :s, :s, :], frames[..., :, w - s:, :]]
-    else:
-        crops = [frames[..., :s, :s, :], frames[..., h - s:, :, :]]
-    frames = np.concatenate(crops, axis=0)
-    if labels is not None:
-        axis = labels.ndim - 1 if is_wide else labels.ndim - 2
-        mid = labels.shape[axis] // 2
-        first, second = np.split(labels, [mid], axis=axis)
-        if first.shape != second.shape:
-            pad = [(0, 0)] * labels.ndim
-            pad[axis] = (0, 1)
-            fill = 255 if np.issubdtype(labels.dtype, np.integer) else 0
-            first = np.pad(first, pad, constant_values=fill)
-        labels = np.concatenate([first, second], axis=0)
-    return frames, labels, max(h, w) / min(h, w) < 2.0, is_wide
 
 
 def resize_bilinear(x: Array, size_hw: tuple[int, int]) -> Array:
@@ -115,7 +86,7 @@ def align_to_task_output(x: Array, target_hw: tuple[int, int], overlap: bool, is
 
 
 def upsample_to_labels(x: Array, target_hw: tuple[int, int], overlap: bool, is_wide: bool | None) -> Array:
-    """The first half of the batch are first crops, the second half second crops (see split_into_square_crops)."""
+    """The first half of the batch are first crops, the second half second crops (see data.sampling.square_crops)."""
     if is_wide is None:
         return resize_bilinear(x, target_hw)
     half = x.shape[0] // 2
@@ -203,7 +174,7 @@ def _square_batch(batch: Mapping[str, Any]):
         if not np.asarray(batch["is_split"]).any():
             return frames, labels, False, None, timestamps
         return frames, labels, bool(np.asarray(batch["overlap"])[0]), bool(np.asarray(batch["is_wide"])[0]), timestamps
-    frames, labels, overlap, is_wide = split_into_square_crops(frames, labels)
+    frames, labels, overlap, is_wide = square_crops(frames, labels)
     if is_wide is not None:
         timestamps = np.concatenate([timestamps, timestamps], axis=0)
     return frames, labels, overlap, is_wide, timestamps
@@ -480,13 +451,13 @@ def flatten_results(results: dict) -> dict[str, float]:
 
 
 def eval_hook(config, trainable: nnx.Module, frozen: Any, step: int) -> dict[str, Any]:
-    """The trainer's hook (config.eval.fn = 'deltaworld_jax.training.evaluation:eval_hook'): the official
+    """The trainer's hook (config.eval.fn = 'deltaworld_jax.evaluation.protocol:eval_hook'): the official
     protocol on config.eval.datasets ('vspw,cityscapes,kitti' or a sequence; default 'synthetic') with heads config.eval.heads {dataset|'rgb': path};
     returns flat scalars and, for the first config.eval.num_plots clips (default 1), uint8 pictures. When
     config.eval.results_dir is set, also writes eval_results_<step>.json/.md there.
     Other fields: ctx_lens (4,), horizons (1, 3), num_samples (the model's), copy_last (True), max_batches, seed."""
     from deltaworld_jax.data import make_eval_iterator
-    from deltaworld_jax.training import eval_setup, pictures
+    from deltaworld_jax.evaluation import pictures, setup as eval_setup
 
     settings_config = config.eval
     forecasters, vfm = forecasters_for(config.model.kind, trainable, frozen,

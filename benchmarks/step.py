@@ -18,9 +18,12 @@ import numpy as np
 from flax import nnx
 
 from deltaworld_jax import sharding as sharding_lib
-from deltaworld_jax.bench import analysis, flops as flops_lib, program
+from deltaworld_jax import aot as program, flops as flops_lib
+from deltaworld_jax.data import placement
 from deltaworld_jax.models import layers
-from deltaworld_jax.training import mfu as training_mfu
+from deltaworld_jax.training import mfu as training_mfu, trainer
+
+from benchmarks import analysis
 
 # The peak table lives with the trainer's MFU meter (training/mfu.py); re-exported for the benchmarks.
 PEAK_BF16_TFLOPS, peak_flops = training_mfu.PEAK_BF16_TFLOPS, training_mfu.peak_flops
@@ -38,16 +41,14 @@ def random_batch(config, mesh, seed: int = 0) -> dict[str, jax.Array]:
             value = np.concatenate([np.zeros((shape.shape[0], 1)), np.cumsum(strides, 1)], 1).astype(np.float32)
         else:
             value = rng.standard_normal(shape.shape).astype(np.float32)
-        out[key] = jax.device_put(value, sharding_lib.batch_sharding(mesh, value.ndim))
+        out[key] = jax.device_put(value, placement.batch_sharding(mesh, sharding_lib.BATCH_AXES))
     return out
 
 
-def materialize(setup: program.AbstractSetup, config):
+def materialize(setup: trainer.Setup, config):
     """A fresh train state (the trainer's own sharded init) and randomly initialised frozen modules."""
-    from deltaworld_jax.training import trainer  # late: imports TensorFlow (clu)
-
     state = trainer.init_state(config, setup)
-    if setup.frozen_module is None:
+    if setup.frozen_graphdef is None:
         return state, {}
     with jax.set_mesh(setup.mesh):
         frozen = jax.jit(lambda: nnx.to_pure_dict(nnx.split(setup.task.build_frozen())[1]),
@@ -68,7 +69,7 @@ def time_step(config, *, warmup: int = 3, steps: int = 20, mesh=None) -> dict[st
     """Compile and time the real train step for `config` (global batch config.train.batch_size)."""
     cfg = program.benchmark_config(config)
     mesh = sharding_lib.make_mesh(cfg.mesh) if mesh is None else mesh
-    setup = program.abstract_setup(cfg, mesh)
+    setup = trainer.build(cfg, mesh, abstract_frozen=True)
     state, frozen = materialize(setup, cfg)
     batch = random_batch(cfg, mesh)
     key = jax.random.PRNGKey(0)
@@ -86,7 +87,7 @@ def time_step(config, *, warmup: int = 3, steps: int = 20, mesh=None) -> dict[st
     dims = analysis.model_dims(setup, cfg)
     model_flops = flops_lib.total(analysis.train_step_flops(
         dims, program.frame_hw(cfg), int(cfg.train.batch_size), int(cfg.data.num_frames),
-        bool(cfg.data.get("use_cached_tokens", False)), official=False))
+        program.trains_from_tokens(cfg), official=False))
     device = mesh.devices.flat[0]
     peak = peak_flops(device)
     num_devices = mesh.devices.size

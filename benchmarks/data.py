@@ -1,7 +1,7 @@
 r"""Data-loader throughput: two-frame training clips per second for each source, at 256 and 512 px.
 
-  python -m deltaworld_jax.data.benchmark                       # generated data sets in a temp folder
-  python -m deltaworld_jax.data.benchmark --source=arrayrecord --root=/data/k700_frames --sizes=256,512
+  python -m benchmarks.data                       # generated data sets in a temp folder
+  python -m benchmarks.data --source=arrayrecord --root=/data/k700_frames --sizes=256,512
 
 Without --root, small data sets are generated: --num_videos videos of --seconds seconds at 25 fps,
 --height x --width, textured synthetic-world content; H.264 with a keyframe every --gop frames; the

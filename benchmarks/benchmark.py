@@ -1,22 +1,22 @@
 """Benchmarks: parameters and FLOPs, step time and MFU, ahead-of-time compiles for TPU slices, token cache.
 
-  python -m deltaworld_jax.benchmark flops --config=configs/kinetics.py:stage=deltaworld
+  python -m benchmarks.benchmark flops --config=configs/kinetics.py:stage=deltaworld
       parameters per component (abstract modules), analytic FLOPs per training step and per forecast,
       and the FLOPs XLA counts in the compiled real train step (--xla_batch clips), side by side.
-  python -m deltaworld_jax.benchmark step --config=configs/kinetics.py:stage=deltatok_256 \
+  python -m benchmarks.benchmark step --config=configs/kinetics.py:stage=deltatok_256 \
         --config.train.batch_size=8
       compile + median step time of the trainer's real step on the local devices, examples/s, MFU, memory.
-  JAX_PLATFORMS=cpu python -m deltaworld_jax.benchmark aot --config=configs/kinetics.py:stage=deltatok_512 \
+  JAX_PLATFORMS=cpu python -m benchmarks.benchmark aot --config=configs/kinetics.py:stage=deltatok_512 \
         --topology=v5p:4x4x4 [--num_slices=2] [--sharding=fsdp] [--per_chip_batch=16] [--remat=full]
       compiles the real step for a TPU slice on this host (needs libtpu): per-chip memory vs HBM, FLOPs,
       per-chip batch and accumulation reaching the effective batch 1024, roofline step time.
-  JAX_PLATFORMS=cpu python -m deltaworld_jax.benchmark fit --config=...:stage=deltaworld --chip=v5e
+  JAX_PLATFORMS=cpu python -m benchmarks.benchmark fit --config=...:stage=deltaworld --chip=v5e
       the smallest slice (and its sharding, remat, per-chip batch) where the stage fits in <= 90% HBM;
       with --inputs='results/aot_<stage>_*.json' --chip=v5p: predicted from earlier `aot` compiles.
-  python -m deltaworld_jax.benchmark tokens --config=...:stage=deltaworld --output=/path/tokens
+  python -m benchmarks.benchmark tokens --config=...:stage=deltaworld --output=/path/tokens
       writes DeltaTok delta tokens of a dataset's clips, for DeltaWorld training from tokens alone.
 
-  python -m deltaworld_jax.benchmark table --inputs='benchmarks/results/aot_*.json'
+  python -m benchmarks.benchmark table --inputs='benchmarks/results/aot_*.json'
       the `aot` results as a Markdown table (benchmarks/RESULTS.md).
 
 Every subcommand can write its numbers as JSON (--json_out) for benchmarks/RESULTS.md and the launch scripts.
@@ -75,7 +75,7 @@ def _config():
 
 
 def cmd_flops() -> None:
-    from deltaworld_jax.bench import analysis
+    from benchmarks import analysis
 
     report = analysis.flops_report(_config(), xla=_XLA.value, xla_batch=_XLA_BATCH.value)
     print(analysis.format_report(report))
@@ -85,7 +85,7 @@ def cmd_flops() -> None:
 
 
 def cmd_step() -> None:
-    from deltaworld_jax.bench import step
+    from benchmarks import step
 
     result = step.time_step(_config(), warmup=_WARMUP.value, steps=_STEPS.value)
     print(step.format_step(result))
@@ -93,7 +93,7 @@ def cmd_step() -> None:
 
 
 def cmd_aot() -> None:
-    from deltaworld_jax.bench import aot
+    from deltaworld_jax import aot
 
     if not aot.libtpu_available():
         raise app.UsageError("aot needs libtpu (pip install libtpu); run it with JAX_PLATFORMS=cpu")
@@ -106,7 +106,8 @@ def cmd_aot() -> None:
 
 
 def cmd_fit() -> None:
-    from deltaworld_jax.bench import aot, fit
+    from benchmarks import fit
+    from deltaworld_jax import aot
 
     if flags.FLAGS["inputs"].present:  # predictions from earlier `aot` results, no compile
         import glob
@@ -133,7 +134,11 @@ def cmd_tokens() -> None:
 
     if not _OUTPUT.value:
         raise app.UsageError("tokens needs --output")
-    summary = tokens.write_token_cache(_config(), _OUTPUT.value, num_clips=_NUM_CLIPS.value or None)
+    from deltaworld_jax import tasks
+
+    frozen = tasks.make_task(_config()).build_frozen()
+    summary = tokens.write_token_cache(_config(), _OUTPUT.value, frozen["vfm"], frozen["tokenizer"],
+                                       num_clips=_NUM_CLIPS.value or None)
     print(tokens.format_summary(summary))
     _write_json(summary)
 
@@ -141,7 +146,7 @@ def cmd_tokens() -> None:
 def cmd_table() -> None:
     import glob
 
-    from deltaworld_jax.bench import aot
+    from benchmarks import tables
 
     paths = sorted(glob.glob(_INPUTS.value))
     if not paths:
@@ -150,12 +155,12 @@ def cmd_table() -> None:
     for path in paths:
         with open(path) as f:
             results.append(json.load(f))
-    print(aot.markdown_table(results))
+    print(tables.aot_markdown_table(results))
 
 
 def main(argv) -> None:
     if len(argv) != 2 or argv[1] not in COMMANDS:
-        raise app.UsageError(f"usage: python -m deltaworld_jax.benchmark {{{'|'.join(COMMANDS)}}} --config=...")
+        raise app.UsageError(f"usage: python -m benchmarks.benchmark {{{'|'.join(COMMANDS)}}} --config=...")
     {"flops": cmd_flops, "step": cmd_step, "aot": cmd_aot, "fit": cmd_fit, "tokens": cmd_tokens,
      "table": cmd_table}[argv[1]]()
     sys.stdout.flush()

@@ -2,8 +2,8 @@
 
 `jax.experimental.topologies.get_topology_desc(platform="tpu", topology_name="v5p:4x4x4")` gives
 compile-only devices of that slice (it needs libtpu, not a TPU). The trainer's own step is lowered over a
-mesh of them exactly as a real run builds it (program.py: same task, sharding rules, optimiser, jit
-shardings, donation), compiled, and XLA reports per-device memory and FLOPs. Nothing here is TPU-specific
+mesh of them exactly as a real run builds it (trainer.build with abstract frozen modules: same task, sharding
+rules, optimiser, jit shardings, donation), compiled, and XLA reports per-device memory and FLOPs. Nothing here is TPU-specific
 code: the same functions compile for local CPU/GPU devices.
 
 Run with JAX_PLATFORMS=cpu (so no TPU runtime is looked for) in an environment where libtpu is installed.
@@ -18,12 +18,19 @@ import time
 from typing import Any
 
 import jax
-import numpy as np
 
-from deltaworld_jax import sharding as sharding_lib
-from deltaworld_jax.bench import flops as flops_lib
-from deltaworld_jax.bench import program
+import jax.numpy as jnp
+import ml_collections
+from jax.sharding import Mesh
+
+from deltaworld_jax import flops as flops_lib, sharding as sharding_lib, tasks
+from deltaworld_jax.data import placement
 from deltaworld_jax.models import layers
+from deltaworld_jax.pretrained.runs import abstract_like
+from deltaworld_jax.training import train_step as step_lib, trainer
+
+# The effective batch of every stage of the published recipe (the official README's training recipe).
+EFFECTIVE_BATCH = 1024
 
 GIB = 1024**3
 
@@ -102,7 +109,7 @@ def memory_report(compiled, hbm_bytes_per_device: float) -> dict[str, float]:
             "total": total, "hbm": hbm_bytes_per_device, "hbm_fraction": total / hbm_bytes_per_device}
 
 
-def state_specs(setup: program.AbstractSetup) -> dict[str, list]:
+def state_specs(setup: trainer.Setup) -> dict[str, list]:
     """{parameter path: partition spec as a list (per dim: None, a mesh axis, or a list of axes)} of the
     train state's parameters, as laid out on the mesh (JSON friendly)."""
     flat = jax.tree_util.tree_flatten_with_path(setup.state_shardings.params)[0]
@@ -112,7 +119,7 @@ def state_specs(setup: program.AbstractSetup) -> dict[str, list]:
 
 def compile_on_topology(config, topology: str, *, num_slices: int = 1, sharding: str | dict = "fsdp",
                         per_chip_batch: int | None = None, remat: str | None = None,
-                        effective_batch: int = program.EFFECTIVE_BATCH, count_flops: bool = True) -> dict[str, Any]:
+                        effective_batch: int = EFFECTIVE_BATCH, count_flops: bool = True) -> dict[str, Any]:
     """Compile the train step of `config` for `num_slices` x `topology`; per-device memory, FLOPs, roofline.
 
     per_chip_batch: examples per chip per micro-batch (None: config.train.batch_size / chips, no
@@ -134,11 +141,11 @@ def compile_on_topology(config, topology: str, *, num_slices: int = 1, sharding:
             raise ValueError(f"effective batch {effective_batch} is not divisible by {chips} chips x "
                              f"{per_chip_batch} per chip")
         accumulation = effective_batch // (chips * per_chip_batch)
-    cfg = program.benchmark_config(config, batch_size=effective_batch, accumulation_steps=accumulation,
+    cfg = benchmark_config(config, batch_size=effective_batch, accumulation_steps=accumulation,
                                    mesh_shape=mesh_shape, remat=remat)
     mesh = sharding_lib.make_mesh(cfg.mesh, devices=devices)
     t0 = time.perf_counter()
-    lowered, step_fn, args, setup = program.lower_train_step(cfg, mesh)
+    lowered, step_fn, args, setup = lower_train_step(cfg, mesh)
     lower_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     compiled = lowered.compile()
@@ -221,27 +228,94 @@ def fits(result: dict[str, Any], headroom: float = 0.9) -> bool:
     return result["memory"]["hbm_fraction"] <= headroom
 
 
-def batch_candidates(chips: int, effective_batch: int = program.EFFECTIVE_BATCH) -> list[int]:
-    """Per-chip micro-batches that divide the effective batch evenly, largest first."""
-    most = effective_batch // chips
-    return [m for m in (2**i for i in range(int(np.log2(max(most, 1))), -1, -1)) if effective_batch % (chips * m) == 0]
+# ----------------------------------------------------------------------------------------------------
+# The trainer's real train step as a program to compile, with abstract shapes: no weights, no data.
+# `trainer.build(config, mesh, abstract_frozen=True)` builds the frozen modules with nnx.eval_shape
+# instead of loading and placing them, so the whole step can be lowered for devices that do not exist
+# here; `lower_train_step` lowers `train_step.make_train_step` + `train_step.jit_train_step`, the
+# functions the trainer jits, with ShapeDtypeStructs carrying the real shardings.
+# ----------------------------------------------------------------------------------------------------
 
 
-def markdown_table(results: list[dict[str, Any]]) -> str:
-    """benchmarks/ table rows for `aot` JSON results."""
-    head = ("| stage | slice | mesh | remat | per-chip batch x accumulation | args | temps | code | total / HBM "
-            "| matmul FLOPs/step | roofline step | samples/s/chip at peak | compile |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    rows = [head]
-    for r in results:
-        m = r["memory"]
-        g = lambda b: f"{b / GIB:.2f} GiB"  # noqa: E731
-        rows.append(
-            f"| {r['config_kind']} | {r['num_slices']} x {r['topology']} ({r['accelerator_type']}) | "
-            f"{'x'.join(f'{k}={v}' for k, v in r['mesh'].items() if v > 1) or 'single'} | {r['remat']} | "
-            f"{r['per_chip_batch']} x {r['accumulation_steps']} | {g(m['arguments'])} | {g(m['temporaries'])} | "
-            f"{g(m['generated_code'])} | {g(m['total'])} / {g(m['hbm'])} ({100 * m['hbm_fraction']:.1f}%) | "
-            f"{flops_lib.format_flops(r.get('matmul_flops_per_step', float('nan')))} | "
-            f"{1e3 * r.get('roofline_step_seconds', float('nan')):.1f} ms | "
-            f"{r.get('roofline_samples_per_second_per_chip', float('nan')):.1f} | {r['compile_seconds']:.0f} s |")
-    return "\n".join(rows)
+def benchmark_config(config: ml_collections.ConfigDict, *, batch_size: int | None = None,
+                     accumulation_steps: int | None = None, mesh_shape: dict | None = None,
+                     remat: str | None = None) -> ml_collections.ConfigDict:
+    """A copy of `config` for benchmarking: frozen modules randomly initialised (no weight files are
+    read; FLOPs, time and memory do not depend on the values), optional overrides of the global batch,
+    the accumulation, the mesh shape and the remat policy."""
+    cfg = ml_collections.ConfigDict(config.to_dict())
+    if "vfm" in cfg and "weights" in cfg.vfm:
+        cfg.vfm.weights = ""
+    if "tokenizer" in cfg and cfg.tokenizer is not None:
+        cfg.tokenizer.checkpoint = ""
+        cfg.tokenizer.allow_random = True  # tasks/deltaworld.py: a randomly initialised DeltaTok of the same sizes
+    if batch_size is not None:
+        cfg.train.batch_size = int(batch_size)
+    if accumulation_steps is not None:
+        cfg.optim.accumulation_steps = int(accumulation_steps)
+    if mesh_shape is not None:
+        cfg.mesh.shape = dict(mesh_shape)
+    if remat is not None:
+        cfg.model.remat = remat
+    return cfg
+
+
+def batch_shapes(config, global_batch: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes and dtypes of one global training batch of `config` (the data pipeline's batch contract)."""
+    b = int(config.train.batch_size if global_batch is None else global_batch)
+    t = int(config.data.num_frames)
+    h, w = frame_hw(config)
+    shapes = {"frames": jax.ShapeDtypeStruct((b, t, h, w, 3), jnp.uint8),
+              "timestamps": jax.ShapeDtypeStruct((b, t), jnp.float32)}
+    if trains_from_tokens(config):
+        width = int(config.tokenizer.get("hidden_size", 0) or config.model.get("backbone_hidden_size", 0) or 768)
+        shapes = {"tokens": jax.ShapeDtypeStruct((b, t, width), jnp.float32), "timestamps": shapes["timestamps"]}
+    return shapes
+
+
+def trains_from_tokens(config) -> bool:
+    """DeltaWorld from precomputed delta tokens (config.data.token_cache set): batches of tokens, no frames."""
+    return (getattr(tasks.task_class(config), "trains_from_tokens", False)
+            and bool(config.data.get("token_cache", "")))
+
+
+def frame_hw(config) -> tuple[int, int]:
+    size = config.data.frame_size
+    if isinstance(size, int):
+        return size, size
+    h, w = size
+    return int(h), int(w)
+
+
+def _with_sharding(shapes: dict, mesh: Mesh) -> dict:
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=placement.batch_sharding(mesh, sharding_lib.BATCH_AXES))
+            for k, v in shapes.items()}
+
+
+def build_jitted_step(setup: trainer.Setup, config, batch_sharding_tree):
+    """The trainer's step function, jitted exactly as the trainer jits it."""
+    step_fn = step_lib.make_train_step(setup.task, setup.graphdef, setup.frozen_graphdef, setup.tx,
+                                       accumulation_steps=int(config.optim.get("accumulation_steps", 1)),
+                                       mesh=setup.mesh, lr_schedule=setup.schedule)
+    jitted = step_lib.jit_train_step(step_fn, setup.state_shardings, setup.frozen_shardings,
+                                     batch_sharding_tree, setup.mesh)
+    return step_fn, jitted
+
+
+def abstract_step_args(setup: trainer.Setup, config) -> tuple:
+    """(state, frozen, batch, key) as ShapeDtypeStructs carrying the trainer's shardings."""
+    batch = _with_sharding(batch_shapes(config), setup.mesh)
+    state = abstract_like(setup.abstract_state, setup.state_shardings)
+    frozen = abstract_like(setup.frozen_state, setup.frozen_shardings)
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sharding_lib.replicated(setup.mesh))
+    return state, frozen, batch, key
+
+
+def lower_train_step(config, mesh: Mesh):
+    """(lowered program, step_fn, abstract args, setup) of the trainer's real step for `config` on `mesh`."""
+    setup = trainer.build(config, mesh, abstract_frozen=True)
+    args = abstract_step_args(setup, config)
+    step_fn, jitted = build_jitted_step(setup, config, jax.tree.map(lambda x: x.sharding, args[2]))
+    with jax.set_mesh(mesh):
+        lowered = jitted.lower(*args)
+    return lowered, step_fn, args, setup

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
-from deltaworld_jax.bench import aot, program
+from deltaworld_jax import aot
 from deltaworld_jax.models import layers
 
 HEADROOM = 0.9
@@ -47,7 +47,7 @@ def predict(model: dict[str, float], chips: int, hbm: float, sharded_state: bool
     state = model["state"] * (model["probe_chips"] / chips if sharded_state else 1.0)
     fixed = model["code"] + state + model["other"]
     limit = HEADROOM * hbm
-    most = program.EFFECTIVE_BATCH // chips
+    most = aot.EFFECTIVE_BATCH // chips
     if model["per_example"] <= 0:
         best = most
     else:
@@ -81,13 +81,13 @@ def smallest_fit(config, chip: str, *, log: Callable[[str], None] = print, verif
         batch, predicted = predict(model, chips, hbm)
         row = {"topology": topology, "chips": chips, "accelerator_type": aot.accelerator_type(chip, chips),
                "sharding": probe_sharding, "remat": remat, "per_chip_batch": batch,
-               "accumulation_steps": program.EFFECTIVE_BATCH // (chips * batch) if batch else None,
+               "accumulation_steps": aot.EFFECTIVE_BATCH // (chips * batch) if batch else None,
                "predicted_bytes": predicted, "hbm_bytes": hbm, "memory_source": "predicted"}
         if batch:
-            roofline = r1["matmul_flops_per_step"] / r1["effective_batch"] * program.EFFECTIVE_BATCH / chips / (
+            roofline = r1["matmul_flops_per_step"] / r1["effective_batch"] * aot.EFFECTIVE_BATCH / chips / (
                 spec.peak_bf16_tflops * 1e12)
             row["roofline_step_seconds"] = roofline
-            row["roofline_samples_per_second_per_chip"] = program.EFFECTIVE_BATCH / chips / roofline
+            row["roofline_samples_per_second_per_chip"] = aot.EFFECTIVE_BATCH / chips / roofline
         rows.append(row)
     fitting = [r for r in rows if r["per_chip_batch"]]
     smallest = fitting[0] if fitting else None
@@ -159,9 +159,9 @@ def predict_from_compiles(compiled: list[dict], chip: str) -> dict[str, Any]:
         batch, predicted = predict(model, chips, hbm)
         row = {"topology": f"{chip}:{shape}", "chips": chips, "accelerator_type": aot.accelerator_type(chip, chips),
                "per_chip_batch": batch, "predicted_bytes": predicted, "hbm_bytes": hbm,
-               "accumulation_steps": program.EFFECTIVE_BATCH // (chips * batch) if batch else None}
+               "accumulation_steps": aot.EFFECTIVE_BATCH // (chips * batch) if batch else None}
         if batch:
-            row["roofline_step_seconds"] = flops_per_example * program.EFFECTIVE_BATCH / chips / (
+            row["roofline_step_seconds"] = flops_per_example * aot.EFFECTIVE_BATCH / chips / (
                 spec.peak_bf16_tflops * 1e12)
         rows.append(row)
     fitting = [r for r in rows if r["per_chip_batch"]]

@@ -9,28 +9,16 @@ from typing import Any
 import jax
 import ml_collections
 
-from deltaworld_jax import sharding as sharding_lib
-from deltaworld_jax.bench import flops as flops_lib
-from deltaworld_jax.bench import model_info
-from deltaworld_jax.bench import program
+from deltaworld_jax import aot as program, flops as flops_lib, sharding as sharding_lib
 from deltaworld_jax.models.deltatok import DeltaTok
-from deltaworld_jax.models.predictor import Predictor
+from deltaworld_jax.training import mfu as model_info, trainer
+from deltaworld_jax.training.mfu import ModelDims, train_step_flops  # noqa: F401  (the trainer's MFU count)
 
-# The released evaluation setting (REFERENCE.md, official training/world.py): 512x512 crops, 4 context
+# The released evaluation setting (the paper; amazon-far/deltatok training/world.py): 512x512 crops, 4 context
 # frames, 3 predicted frames, 20 samples, wide frames as two overlapping square crops.
 RELEASED_FORECAST = dict(frame_hw=(512, 512), context=4, horizon=3, samples=20, crops=2)
 # Published forecast cost of DeltaWorld (the paper's efficiency comparison), in FLOPs.
 PUBLISHED_FORECAST_FLOPS = 31e12
-
-
-@dataclasses.dataclass
-class ModelDims:
-    kind: str
-    vfm: flops_lib.VFMDims | None
-    tokenizer: flops_lib.StackDims | None
-    predictor: flops_lib.PredictorDims | None
-    params: dict[str, int]
-    num_candidates: int = 0  # best-of-K during training (DeltaWorld)
 
 
 def single_device_mesh():
@@ -38,39 +26,8 @@ def single_device_mesh():
                                   devices=jax.devices()[:1])
 
 
-def model_dims(setup: program.AbstractSetup, config) -> ModelDims:
-    roots = [setup.trainable_module, setup.frozen_module]
-    vfm = model_info.vfm_module(roots)
-    tok = model_info.first(roots, DeltaTok)
-    pred = model_info.first(roots, Predictor)
-    world_cfg = getattr(setup.trainable_module, "cfg", None)
-    use_bom = bool(getattr(world_cfg, "use_bom", False))
-    k = int(getattr(world_cfg, "num_samples_train", 0)) if use_bom else 0
-    return ModelDims(
-        kind=config.model.kind,
-        vfm=model_info.vfm_dims(vfm) if vfm is not None else None,
-        tokenizer=model_info.tokenizer_dims(tok) if tok is not None else None,
-        predictor=model_info.predictor_dims(pred) if pred is not None else None,
-        params=model_info.component_params(setup.trainable_module, setup.frozen_module),
-        num_candidates=k,
-    )
-
-
-def train_step_flops(dims: ModelDims, frame_hw, batch: int, clip_frames: int, from_tokens: bool = False,
-                     official: bool = True):
-    """Analytic FLOPs of one step. official=False counts what OUR implementation computes where it differs
-    from the official code (DeltaWorld: the black frame's VFM features once per step, not once per clip)."""
-    if dims.kind == "deltatok":
-        return flops_lib.deltatok_train_step(dims.vfm, dims.tokenizer, frame_hw, batch, clip_frames=clip_frames)
-    if dims.kind == "deltaworld":
-        if dims.num_candidates == 0:
-            raise ValueError("the analytic DeltaWorld step assumes best-of-K training (use_bom=True)")
-        return flops_lib.deltaworld_train_step(dims.vfm, dims.tokenizer, dims.predictor, frame_hw, batch,
-                                               clip_frames=clip_frames, num_candidates=dims.num_candidates,
-                                               from_tokens=from_tokens, black_frames=None if official else 1)
-    if dims.kind == "dinoworld":
-        return flops_lib.dinoworld_train_step(dims.vfm, dims.predictor, frame_hw, batch, clip_frames=clip_frames)
-    raise ValueError(f"no analytic FLOPs for model kind {dims.kind!r}")
+def model_dims(setup: trainer.Setup, config) -> ModelDims:
+    return model_info.model_dims(config, setup.abstract_module, trainer.frozen_modules(setup))
 
 
 def xla_train_step(config, batch: int) -> dict[str, Any]:
@@ -102,11 +59,11 @@ def forecast_flops(dims: ModelDims, *, frame_hw, context: int, horizon: int, sam
 def flops_report(config, *, xla: bool = True, xla_batch: int = 2) -> dict[str, Any]:
     """Everything `benchmark flops` prints, as a dict (tests read it)."""
     cfg = program.benchmark_config(config)
-    setup = program.abstract_setup(cfg, single_device_mesh())
+    setup = trainer.build(cfg, single_device_mesh(), abstract_frozen=True)
     dims = model_dims(setup, cfg)
     frame_hw = program.frame_hw(cfg)
     clip_frames = int(cfg.data.num_frames)
-    from_tokens = bool(cfg.data.get("use_cached_tokens", False))
+    from_tokens = program.trains_from_tokens(cfg)
     per_example = train_step_flops(dims, frame_hw, 1, clip_frames, from_tokens)
     report: dict[str, Any] = {
         "kind": dims.kind,
@@ -211,15 +168,15 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def xla_forecast(setup: program.AbstractSetup, frame_hw, *, context: int, horizon: int, samples: int) -> dict:
+def xla_forecast(setup: trainer.Setup, frame_hw, *, context: int, horizon: int, samples: int) -> dict:
     """Compile one forecast of one clip (VFM on the context frames, plus the black frame for DeltaWorld's
     first token, then the model's own jittable rollout) and count its FLOPs: XLA and the traced matmuls.
     Forecast-only accounting: the target frames' features are not computed (zeros in their slots)."""
     from flax import nnx
     import jax.numpy as jnp
 
-    roots = [setup.trainable_module, setup.frozen_module]
-    world = setup.trainable_module
+    roots = [setup.abstract_module, trainer.frozen_modules(setup)]
+    world = setup.abstract_module
     vfm = model_info.vfm_module(roots)
     tok = model_info.first(roots, DeltaTok)
     grid = (frame_hw[0] // vfm.patch_size, frame_hw[1] // vfm.patch_size)

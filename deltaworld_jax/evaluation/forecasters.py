@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from deltaworld_jax.objectives import log_cosh, smooth_l1
+from deltaworld_jax.objectives import best_of_k, log_cosh, smooth_l1
 
 Array = jax.Array
 
@@ -148,6 +148,5 @@ def _select_samples(rollouts, targets, criterion):
     if rollouts.shape[1] > 1:
         last = rollouts[:, :, -1]
         losses = jnp.mean(criterion(last, forecast.targets[:, None, -1]), axis=(-2, -1))  # [B, S]
-        index = jnp.argmin(losses, axis=1)
-        selections["best"] = (jnp.take_along_axis(rollouts, index[:, None, None, None, None], 1)[:, 0], index)
+        selections["best"] = best_of_k(losses, rollouts)
     return selections
