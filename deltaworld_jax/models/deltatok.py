@@ -58,6 +58,9 @@ class DeltaTokConfig:
     init_std: float = 0.02
     attention_impl: str | None = "xla"
     remat: str = layers.DEFAULT_REMAT  # rematerialisation of each stack's scanned block: layers.REMAT_POLICIES
+    # Layout of both stacks: False, per-layer blocks (`encoder_blocks.{i}`, the official names); True, one
+    # layers.BlockStack each (`encoder_blocks.stacked`, [num_layers, ...] parameters; a shorter compile).
+    scan_layers: bool = False
 
     def __post_init__(self):
         layers.check_remat(self.remat)
@@ -118,12 +121,14 @@ class DeltaTok(nnx.Module):
         self.cfg = cfg
         self.dtype = dtype
         block_cfg = cfg.block_config()
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.z_embed = LearnedTokens(1, cfg.hidden_size, init_std=cfg.init_std, param_dtype=param_dtype, rngs=rngs)
         self.xy_embed = LearnedTokens(2, cfg.hidden_size, init_std=cfg.init_std, param_dtype=param_dtype,
                                       rngs=rngs)
-        self.encoder_blocks = nnx.List([layers.Block(block_cfg, **kw) for _ in range(cfg.num_layers)])
-        self.decoder_blocks = nnx.List([layers.Block(block_cfg, **kw) for _ in range(cfg.num_layers)])
+        def block(r):
+            return layers.Block(block_cfg, dtype=dtype, param_dtype=param_dtype, rngs=r)
+
+        self.encoder_blocks = layers.make_blocks(cfg.num_layers, block, stacked=cfg.scan_layers, rngs=rngs)
+        self.decoder_blocks = layers.make_blocks(cfg.num_layers, block, stacked=cfg.scan_layers, rngs=rngs)
         # float32 output, as the official norm under autocast: the token is what DeltaWorld learns to predict.
         self.norm = layers.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=jnp.float32,
                                      param_dtype=param_dtype, rngs=rngs)

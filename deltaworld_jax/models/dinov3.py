@@ -54,6 +54,10 @@ class DINOv3Config:
     initializer_range: float = 0.02
     # dot_product_attention implementation: "xla", "cudnn" (GPU, bf16), None (let JAX choose), "reference".
     attention_impl: str | None = "xla"
+    # Layout of the blocks (not a transformers field): False, per-layer modules `layer.{i}` as transformers
+    # names them; True, one layers.BlockStack `layer.stacked` with [num_layers, ...] parameters (the
+    # recipe configs' choice: a shorter compile). Both compute the same function and load the same weights.
+    scan_layers: bool = False
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -194,8 +198,9 @@ class DINOv3(nnx.Module):
         self.dtype = dtype
         self.embeddings = Embeddings(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         block_cfg = config.to_block_config()
-        self.layer = nnx.List([layers.Block(block_cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-                               for _ in range(config.num_layers)])
+        self.layer = layers.make_blocks(
+            config.num_layers, lambda r: layers.Block(block_cfg, dtype=dtype, param_dtype=param_dtype, rngs=r),
+            stacked=config.scan_layers, rngs=rngs)
         self.norm = layers.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, dtype=dtype,
                                      param_dtype=param_dtype, rngs=rngs)
         self.rope_augmentation = layers.RopeAugmentation(

@@ -1,5 +1,7 @@
-"""Shared transformer pieces: RoPE (2-D patch grid, 1-D/3-D over time), attention, MLPs, LayerScale, and
-`scan_blocks`, which runs a stack of identical blocks as one scan (optionally rematerialised).
+"""Shared transformer pieces: RoPE (2-D patch grid, 1-D/3-D over time), attention, MLPs, LayerScale, the
+two layouts of a stack of identical blocks (`make_blocks`: per-layer modules, or one `BlockStack` whose
+parameters are stored stacked on a leading layer axis), and `scan_blocks`, which runs either layout as one
+scan (optionally rematerialised).
 
 Layout conventions: tokens are [batch, length, hidden]; attention heads are [batch, length, heads, head_dim]
 (the layout `jax.nn.dot_product_attention` takes). `dtype` is the compute dtype, `param_dtype` the storage
@@ -8,6 +10,7 @@ dtype of parameters; norms, softmax and RoPE angles are computed in float32.
 Parameters carry logical axis names (see `deltaworld_jax/sharding.py` for the mapping to mesh axes):
   embed: the model width          mlp: the MLP width          heads: the flattened heads x head_dim
   vocab: per-head / output-size axes that are never sharded     norm: small vectors (scales, biases)
+  layers: the leading layer axis of a BlockStack's parameters (LAYER_AXIS; the mesh rules map it to none)
 Submodule names follow the official PyTorch/`transformers` names so weight import is a plain rename.
 """
 
@@ -480,18 +483,65 @@ def check_remat(name: str | None) -> str:
     return name
 
 
-def scan_blocks(blocks: nnx.List, hidden: Array, *broadcast, remat: str = "none", **static) -> Array:
-    """hidden -> blocks[-1](... blocks[0](hidden, *broadcast) ...), run as ONE `nnx.scan` over the blocks
-    stacked on a leading axis: the block is traced and compiled once, not once per layer, which is what
-    keeps the compilation of a deep stack short.
+# Logical axis name of the leading (layer) axis of a BlockStack's parameters. The mesh rules
+# (configs/common.py) map it to no mesh axis: each device holds its shard of every layer, and the scan
+# slices layer i of that shard.
+LAYER_AXIS = "layers"
+# The attribute of a BlockStack holding the stacked block: parameter paths read
+# `encoder_blocks.stacked.mlp.up_proj.kernel` ([L, in, out]) where the per-layer layout has
+# `encoder_blocks.3.mlp.up_proj.kernel` ([in, out]); pretrained/common.py converts between the two.
+STACKED = "stacked"
 
-    The blocks stay separate modules (an nnx.List): parameter paths (`encoder_blocks.3.mlp.up_proj.kernel`),
-    checkpoints and weight import are those of the unrolled model. Their parameters are stacked here, per
-    call; the stack is a copy (one extra copy of the stack's parameters, and of their gradients, during a
-    step), and its gradient flows back to each block's own parameters. `broadcast` arguments (RoPE tables,
-    masks, key/value tokens) go unchanged to every layer; they are not scanned. `static` keyword arguments
-    (strings) are closed over. `remat` (REMAT_POLICIES, or "auto": see DEFAULT_REMAT) puts the scanned block
-    under `nnx.remat`."""
+
+class BlockStack(nnx.Module):
+    """`num_layers` identical blocks stored as ONE block whose every parameter has a leading layer axis
+    (logical name LAYER_AXIS): [L, in, out] kernels, [L, d] norms. Built with nnx.vmap over the block's
+    constructor (each layer its own random init, from split rngs), run by `scan_blocks` with nnx.scan.
+
+    Why: a train step's program is mostly per-parameter-leaf work (AdamW, clipping, gradient norms,
+    shardings; ~76 StableHLO ops per leaf, benchmarks/RESULTS.md), so a stack of L blocks of n leaves
+    costs L * n leaves per-layer, n stacked, and compiles that much faster. The per-layer layout
+    (`nnx.List` of blocks, the official checkpoints' names) stays the models' default; see make_blocks."""
+
+    def __init__(self, num_layers: int, make_block: Callable[[nnx.Rngs], nnx.Module], *, rngs: nnx.Rngs):
+        if num_layers < 1:
+            raise ValueError(f"a BlockStack needs at least one layer, got {num_layers}")
+        self.num_layers = int(num_layers)
+
+        @nnx.split_rngs(splits=self.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=self.num_layers,
+                  transform_metadata={nnx.PARTITION_NAME: LAYER_AXIS})
+        def make(rngs):
+            return make_block(rngs)
+
+        setattr(self, STACKED, make(rngs))
+
+    def __len__(self) -> int:
+        return self.num_layers
+
+
+def make_blocks(num_layers: int, make_block: Callable[[nnx.Rngs], nnx.Module], *, stacked: bool,
+                rngs: nnx.Rngs) -> nnx.List | BlockStack:
+    """A stack of `num_layers` identical blocks, `make_block(rngs)` each: per-layer modules (an nnx.List;
+    parameter paths `blocks.3.mlp...` as in the official checkpoints; the models' default) or, with
+    `stacked`, one BlockStack (`blocks.stacked.mlp...`, [L, ...]; the recipe configs' choice, for short
+    compiles). Both run as one scan (scan_blocks) and compute the same function; weight import fills
+    either (pretrained/common.py)."""
+    if stacked:
+        return BlockStack(num_layers, make_block, rngs=rngs)
+    return nnx.List([make_block(rngs) for _ in range(num_layers)])
+
+
+def scan_blocks(blocks: nnx.List | BlockStack, hidden: Array, *broadcast, remat: str = "none", **static) -> Array:
+    """hidden -> blocks[-1](... blocks[0](hidden, *broadcast) ...), run as ONE `nnx.scan` over the layers:
+    the block is traced and compiled once, not once per layer.
+
+    `blocks` is either layout of make_blocks. A BlockStack's parameters are already stacked: the scan
+    slices layer i of each. Per-layer blocks (an nnx.List) are stacked here, per call: a copy of the
+    stack's parameters (and of their gradients) during a step, whose gradient flows back to each block's
+    own parameters. `broadcast` arguments (RoPE tables, masks, key/value tokens) go unchanged to every
+    layer; they are not scanned. `static` keyword arguments (strings) are closed over. `remat`
+    (REMAT_POLICIES, or "auto": see DEFAULT_REMAT) puts the scanned block under `nnx.remat`."""
     remat = check_remat(remat)
     if remat == "auto":
         remat = SCANNED_REMAT if len(blocks) > 1 else "none"
@@ -503,9 +553,17 @@ def scan_blocks(blocks: nnx.List, hidden: Array, *broadcast, remat: str = "none"
         # prevent_cse=False: inside a scan, XLA cannot merge the recompute into the forward pass anyway (a
         # single block, run without a scan, keeps jax's default).
         layer = nnx.remat(layer, policy=REMAT_POLICIES[remat], prevent_cse=len(blocks) == 1)
+    in_axes = (nnx.Carry, 0) + (None,) * len(broadcast)
     # The transforms run on a fresh module made here, never on the blocks themselves: those may belong to
     # an outer trace (a predictor merged outside the best-of-K lax.scan), and nnx.remat / nnx.scan write
     # their state back into the modules they are given.
+    if isinstance(blocks, BlockStack):
+        graphdef, state = nnx.split(getattr(blocks, STACKED))
+        fresh = nnx.merge(graphdef, jax.tree.map(lambda x: x, state))  # new Variables, in this trace
+        # transform_metadata: inside the scan a layer's Variables carry their per-layer logical axes.
+        run = nnx.scan(layer, in_axes=in_axes, out_axes=nnx.Carry,
+                       transform_metadata={nnx.PARTITION_NAME: LAYER_AXIS})
+        return run(hidden, fresh, *broadcast)
     if len(blocks) == 1:  # nothing to scan over
         graphdef, state = nnx.split(blocks[0])
         fresh = nnx.merge(graphdef, jax.tree.map(lambda x: x, state))  # new Variables, in this trace
@@ -518,7 +576,7 @@ def scan_blocks(blocks: nnx.List, hidden: Array, *broadcast, remat: str = "none"
             raise ValueError(f"block {i} differs in structure from block 0: only identical blocks can be scanned")
         states.append(state)
     stacked = nnx.merge(graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *states))
-    run = nnx.scan(layer, in_axes=(nnx.Carry, 0) + (None,) * len(broadcast), out_axes=nnx.Carry)
+    run = nnx.scan(layer, in_axes=in_axes, out_axes=nnx.Carry)
     return run(hidden, stacked, *broadcast)
 
 

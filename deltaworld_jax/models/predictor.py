@@ -43,6 +43,9 @@ class PredictorConfig:
     init_std: float = 0.02  # the backbone's initializer_range; also the scale of the noise queries
     attention_impl: str | None = "xla"
     remat: str = layers.DEFAULT_REMAT  # rematerialisation of the scanned block: layers.REMAT_POLICIES
+    # Layout of the blocks: False, per-layer (`blocks.{i}`, the official names); True, one
+    # layers.BlockStack (`blocks.stacked`, [num_layers, ...] parameters; a shorter compile).
+    scan_layers: bool = False
 
     def __post_init__(self):
         layers.check_remat(self.remat)
@@ -91,8 +94,9 @@ class Predictor(nnx.Module):
     def __init__(self, cfg: PredictorConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.cfg = cfg
         self.dtype = dtype
-        self.blocks = nnx.List([PredictorBlock(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-                                for _ in range(cfg.num_layers)])
+        self.blocks = layers.make_blocks(
+            cfg.num_layers, lambda r: PredictorBlock(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r),
+            stacked=cfg.scan_layers, rngs=rngs)
         self.norm = layers.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, use_bias=True, dtype=dtype,
                                      param_dtype=param_dtype, rngs=rngs)
         self.head = layers.linear(cfg.hidden_size, cfg.backbone_hidden_size, axes=("embed", "vocab"),
@@ -249,6 +253,7 @@ class WorldConfig:
     init_std: float = 0.02
     attention_impl: str | None = "xla"
     remat: str = layers.DEFAULT_REMAT  # the predictor's block rematerialisation: layers.REMAT_POLICIES
+    scan_layers: bool = False  # the predictor's block layout (PredictorConfig.scan_layers)
     use_bom: bool = True  # noise queries + best-of-K training; False: one learned query (q_embed)
     num_samples_train: int = 256  # K, the candidates per predicted frame in best-of-K training
     num_samples_eval: int = 20  # S, the rollouts drawn per clip at evaluation (use_bom only)

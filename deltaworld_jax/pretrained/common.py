@@ -10,6 +10,11 @@ The flow of a loader:
   3. `fill_abstract_model(nnx.eval_shape(build), params)`: casts to each parameter's dtype, checks shapes, and
      raises ONE `CheckpointMismatchError` listing every unused checkpoint entry, every missing parameter and
      every shape mismatch. Building abstractly means the model's weights are only ever allocated once.
+
+Both layouts of a block stack (models/layers.make_blocks) load through the same tables: the tables name the
+per-layer paths (`encoder_blocks.{i}.mlp.up_proj.kernel`); when the model stores a stack stacked
+(`encoder_blocks.stacked.mlp.up_proj.kernel`, [L, ...]) the fill stacks layer i's array at index i
+(`stack_layers`), and `unmap_weights` splits a stacked array back into per-layer entries (`unstack_layers`).
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from deltaworld_jax.models.layers import STACKED
 
 StateDict = dict[str, np.ndarray]
 
@@ -302,9 +309,11 @@ def map_weights(state: Mapping[str, np.ndarray], table: Iterable[Rule], *,
 
 
 def unmap_weights(params: Mapping[str, np.ndarray], table: Iterable[Rule]) -> dict[str, np.ndarray]:
-    """The inverse of map_weights: {official key: array} from {our parameter path: array}; a path no rule
-    matches (or whose layout has no inverse) is an error."""
+    """The inverse of map_weights: {official key: array} from {our parameter path: array} of either layout
+    (stacked entries are split per layer first); a path no rule matches (or whose layout has no inverse) is
+    an error."""
     table = tuple(table)
+    params = unstack_layers(params)
     out = {}
     for path, value in params.items():
         for rule in table:
@@ -322,6 +331,80 @@ def unmap_weights(params: Mapping[str, np.ndarray], table: Iterable[Rule]) -> di
 def model_params(model: nnx.Module) -> dict[str, np.ndarray]:
     """{dotted path: numpy array} of a concrete model's parameters."""
     return {path_to_str(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The two layouts of a block stack
+# ----------------------------------------------------------------------------------------------------
+
+_STACKED_PART = f".{STACKED}."
+
+
+def _split_stacked(path: str) -> tuple[str, str] | None:
+    """('encoder_blocks', 'mlp.up_proj.kernel') for 'encoder_blocks.stacked.mlp.up_proj.kernel', else None."""
+    if _STACKED_PART not in path:
+        return None
+    prefix, rest = path.split(_STACKED_PART, 1)
+    return prefix, rest
+
+
+def layer_path(stacked_path: str, index: int) -> str:
+    """'encoder_blocks.stacked.mlp.up_proj.kernel', 3 -> 'encoder_blocks.3.mlp.up_proj.kernel'."""
+    prefix, rest = _split_stacked(stacked_path)
+    return f"{prefix}.{index}.{rest}"
+
+
+def unstack_layers(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """{path: array} with every stacked entry ([L, ...] under `<stack>.stacked.`) split into L per-layer
+    entries (`<stack>.{i}.`); other entries unchanged. The per-layer view of a model of either layout."""
+    out = {}
+    for path, value in params.items():
+        if _split_stacked(path) is None:
+            out[path] = value
+            continue
+        value = np.asarray(value)
+        for i in range(value.shape[0]):
+            out[layer_path(path, i)] = value[i]
+    return out
+
+
+def stack_layers(params: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]]
+                 ) -> tuple["MappedParams", list[str], list[str], set[str]]:
+    """For every stacked parameter path of a model (`shapes`: {path: shape}), the per-layer entries of
+    `params` (`<stack>.{i}.<rest>`, i < L) stacked into ONE [L, ...] entry at the stacked path.
+
+    Returns (params with the stacks assembled, missing layers, mis-shaped layers, the stacked paths those
+    two lists already report). Layer keys beyond the model's depth stay as they are (the fill reports them
+    unused); a stack none of whose layers is present is left for the fill to report missing."""
+    out = MappedParams()
+    out.update(params)
+    out.source.update(getattr(params, "source", {}))
+    out.unmapped.extend(getattr(params, "unmapped", []))
+    missing, mismatched, reported = [], [], set()
+    for path, shape in shapes.items():
+        if _split_stacked(path) is None or path in params:
+            continue
+        keys = [layer_path(path, i) for i in range(shape[0])]
+        present = [k for k in keys if k in params]
+        if not present:
+            continue
+        bad = [f"{out.source.get(k, k)} (layer {i} of {path}): checkpoint {tuple(np.shape(params[k]))} vs model "
+               f"{tuple(shape[1:])}" for i, k in enumerate(keys)
+               if k in params and tuple(np.shape(params[k])) != tuple(shape[1:])]
+        absent = [f"{k} (layer {i} of {path})" for i, k in enumerate(keys) if k not in params]
+        for k in present:
+            del out[k]
+        if bad or absent:
+            mismatched += bad
+            missing += absent
+            reported.add(path)
+            continue
+        first, last = out.source.pop(keys[0], keys[0]), out.source.get(keys[-1], keys[-1])
+        for k in keys[1:]:
+            out.source.pop(k, None)
+        out[path] = np.stack([np.asarray(params[k]) for k in keys])
+        out.source[path] = f"{first} .. {last}" if len(keys) > 1 else first
+    return out, missing, mismatched, reported
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -370,7 +453,8 @@ def fill_abstract_model(
 
     Strict: raises one CheckpointMismatchError listing all entries of `params` the model does not have,
     all model variables that `params` lacks, all shape mismatches, and `unmapped_keys` (checkpoint keys
-    the caller's renaming did not recognise).
+    the caller's renaming did not recognise). `params` names per-layer paths; a stack the model stores
+    stacked (layers.BlockStack) is assembled from them (stack_layers), layer i at index i.
 
     `sharding_for(path, abstract_variable)` may return a jax Sharding per variable (e.g. from its logical axes
     and the mesh rules); each array then goes from host memory straight to its shards, never through one
@@ -378,17 +462,20 @@ def fill_abstract_model(
     graphdef, state = nnx.split(abstract_model)
     flat = list(nnx.to_flat_state(state))
     wanted = {path_to_str(p): v for p, v in flat}
-    source = getattr(params, "source", {})
-    unmapped = list(unmapped_keys) + list(getattr(params, "unmapped", []))
+    params, layers_missing, layers_mismatched, reported = stack_layers(
+        params, {k: tuple(v.shape) for k, v in wanted.items()})
+    source = params.source
+    unmapped = list(unmapped_keys) + list(params.unmapped)
 
     def named(ours: str) -> str:
         return f"{source[ours]} (-> {ours})" if ours in source and source[ours] != ours else ours
 
     unused = sorted(named(k) for k in params if k not in wanted) + sorted(unmapped)
-    missing = sorted(k for k in wanted if k not in params)
+    missing = sorted([k for k in wanted if k not in params and k not in reported] + layers_missing)
     mismatched = sorted(
-        f"{named(k)}: checkpoint {tuple(params[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in wanted.items() if k in params and tuple(params[k].shape) != tuple(v.shape))
+        [f"{named(k)}: checkpoint {tuple(params[k].shape)} vs model {tuple(v.shape)}"
+         for k, v in wanted.items() if k in params and tuple(params[k].shape) != tuple(v.shape)]
+        + layers_mismatched)
     if unused or missing or mismatched:
         lines = [f"{what} does not match the model:"]
         for title, items in (("unused checkpoint entries", unused), ("missing model parameters", missing),

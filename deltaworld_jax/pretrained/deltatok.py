@@ -90,6 +90,7 @@ def load_deltatok(
     attention_impl: str | None = "xla",
     dtype=jnp.float32,
     param_dtype=jnp.float32,
+    scan_layers: bool = False,
 ) -> DeltaTok:
     """A DeltaTok filled from official weights.
 
@@ -97,7 +98,7 @@ def load_deltatok(
     `network.` prefix; the frozen VFM's `backbone.*` keys are dropped), a `.safetensors` file, a folder
     holding one of those, or an already-read flat mapping {name: array}. vfm: the frozen VFM the tokenizer
     runs on; its width is checked against the checkpoint and its num_heads used when the tensors cannot
-    tell."""
+    tell. scan_layers: both stacks stored stacked (DeltaTokConfig.scan_layers); the same weights either way."""
     raw = dict(source) if isinstance(source, Mapping) else common.read_state_dict(source)
     sd = deltatok_state_dict(raw)
     heads_source = "num_heads"
@@ -110,7 +111,7 @@ def load_deltatok(
             num_heads, heads_source = int(vfm.num_heads), "the VFM's num_heads"
     cfg = infer_config(sd, num_heads=num_heads, heads_source=heads_source, use_delta=use_delta,
                        use_rope_aug=use_rope_aug, rope_theta=rope_theta, rope_rescale=rope_rescale,
-                       norm_eps=norm_eps, attention_impl=attention_impl)
+                       norm_eps=norm_eps, attention_impl=attention_impl, scan_layers=scan_layers)
     abstract = nnx.eval_shape(lambda: DeltaTok(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
     return common.fill_abstract_model(abstract, to_model_params(sd), what="DeltaTok checkpoint")
 

@@ -228,13 +228,15 @@ def load_dinov3(
     prefix: str = "",
     revision: str | None = None,
     sharding_for=None,
+    scan_layers: bool | None = None,
 ) -> DINOv3:
     """A DINOv3 with the weights of `source` (HF folder, checkpoint file, or hub id).
 
     The architecture comes from `config`, else the folder's config.json, else the tensors' shapes (see
     `infer_config`). `prefix` is stripped from keys first (e.g. "backbone." for a wrapped model). The model is
     built abstractly and filled, strictly: one CheckpointMismatchError lists every unused, missing or
-    mis-shaped entry. `sharding_for` places each parameter (see common.fill_abstract_model)."""
+    mis-shaped entry. `sharding_for` places each parameter (see common.fill_abstract_model). `scan_layers`
+    (None: the config's, else per-layer) stores the blocks stacked (DINOv3Config.scan_layers)."""
     path = resolve_source(source, revision=revision)
     state = common.strip_prefix(common.read_state_dict(path), prefix)
     params = convert_meta_state(state) if _is_meta_layout(state) else convert_hf_state(state)
@@ -247,6 +249,8 @@ def load_dinov3(
         else:
             config = infer_config(params, state, num_heads=num_heads)
     config = dataclasses.replace(config, attention_impl=attention_impl)
+    if scan_layers is not None:
+        config = dataclasses.replace(config, scan_layers=bool(scan_layers))
     _check_rope_periods(state, config)
     del state
     abstract = nnx.eval_shape(lambda: DINOv3(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
@@ -273,7 +277,7 @@ def as_dtype(value: Any):
 
 def build_vfm(vfm_config: Mapping[str, Any] | Any) -> DINOv3 | PixelPatchVFM:
     """The VFM of a config {kind: "dinov3"|"pixel", preset, weights, patch_size, num_heads, dtype,
-    attention_impl, seed, position_channels (pixel only), overrides}. kind "dinov3" with weights "" is randomly
+    attention_impl, scan_layers, seed, position_channels (pixel only), overrides}. kind "dinov3" with weights "" is randomly
     initialised from `preset` with `overrides` (DINOv3Config fields, e.g. {hidden_size: 192, num_layers: 4};
     for tests and benchmarks); otherwise `weights` (folder, file or hub id) is loaded and its own config wins."""
 
@@ -290,8 +294,10 @@ def build_vfm(vfm_config: Mapping[str, Any] | Any) -> DINOv3 | PixelPatchVFM:
         raise ValueError(f"unknown vfm kind {kind!r}; expected 'dinov3' or 'pixel'")
     attention_impl = get("attention_impl", "xla") or None
     weights = get("weights", "")
+    scan_layers = bool(get("scan_layers", False))  # the blocks stored stacked (DINOv3Config.scan_layers)
     if weights:
-        return load_dinov3(weights, dtype=dtype, attention_impl=attention_impl)
+        return load_dinov3(weights, dtype=dtype, attention_impl=attention_impl, scan_layers=scan_layers)
     overrides = dict(get("overrides", {}))
-    config = DINOv3Config.preset(get("preset", "vitb16"), **{"attention_impl": attention_impl, **overrides})
+    config = DINOv3Config.preset(get("preset", "vitb16"), **{"attention_impl": attention_impl,
+                                                             "scan_layers": scan_layers, **overrides})
     return DINOv3(config, dtype=dtype, rngs=nnx.Rngs(int(get("seed", 0))))
