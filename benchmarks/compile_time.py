@@ -1,8 +1,9 @@
 """Lower + compile time of the real train step, BEFORE and AFTER a change, measured in one run.
 
 Each measurement runs in a fresh subprocess with no persistent compilation cache, with PYTHONPATH set to
-one checkout of the package: "after" is this checkout, "before" a `git worktree` of `--before` (a commit)
-made in a temporary folder. Cases:
+one checkout of the package: "before" is a `git worktree` of `--before` (a commit) made in a temporary
+folder, "after" this checkout, or a worktree of `--after` (a commit: the measured code cannot change
+while a long run goes on). Cases:
   tiny_<kind>      configs/tiny.py:<kind> (deltatok, deltaworld, dinoworld): the test configs' train step
                    on the local CPU (one device)
   tok256_v5e_2x2   configs/kinetics.py:stage=deltatok_256 compiled ahead of time for TPU v5e:2x2 (FSDP,
@@ -107,6 +108,7 @@ def checkout_of(commit: str):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before", default="", help="commit to compare against (empty: only this checkout)")
+    parser.add_argument("--after", default="", help="commit measured as 'after' (empty: this checkout as it is)")
     parser.add_argument("--cases", default="tiny_deltatok,tiny_deltaworld,tiny_dinoworld",
                         help=f"comma-separated, from {sorted(CASES)}")
     parser.add_argument("--sides", default="before,after", help="which sides to run (before, after)")
@@ -123,7 +125,7 @@ def main() -> None:
     sides = [s for s in args.sides.split(",") if s]
     rows = []
     with contextlib.ExitStack() as stack:
-        checkouts = {"after": ROOT}
+        checkouts = {"after": stack.enter_context(checkout_of(args.after)) if args.after else ROOT}
         if "before" in sides:
             if not args.before:
                 parser.error("--sides includes before: give --before=<commit>")
@@ -131,19 +133,24 @@ def main() -> None:
         for case in cases:
             for repeat in range(args.repeat):  # before and after interleaved: load on the host hits both
                 for side in sides:
+                    load_start = os.getloadavg()[0]
                     r = measure(checkouts[side], case, args.remat or None, args.timeout)
+                    # The host's 1-minute load average at the start and end: a shared host's load moves the
+                    # seconds by tens of percent, so every row says what it ran beside.
+                    r.update(load_start=round(load_start, 2), load_end=round(os.getloadavg()[0], 2))
                     r.update(case=case, side=side, repeat=repeat,
-                             commit=args.before if side == "before" else "HEAD")
+                             commit=args.before if side == "before" else (args.after or "HEAD"))
                     rows.append(r)
                     print(json.dumps(r), flush=True)
-    print("\n| case | side | lower s | compile s | total s | memory GiB/device |\n|---|---|---:|---:|---:|---:|")
+    print("\n| case | side | lower s | compile s | total s | memory GiB/device | load start/end |\n"
+          "|---|---|---:|---:|---:|---:|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['case']} | {r['side']} | error | {r['error'].splitlines()[-1][:60]} | |")
+            print(f"| {r['case']} | {r['side']} | error | {r['error'].splitlines()[-1][:60]} | | | | |")
         else:
             memory = f"{r['memory_gib']:.2f}" if r.get("memory_gib") is not None else ""
             print(f"| {r['case']} | {r['side']} | {r['lower_s']:.1f} | {r['compile_s']:.1f} | {r['total_s']:.1f} | "
-                  f"{memory} |")
+                  f"{memory} | {r['load_start']} / {r['load_end']} |")
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(rows, f, indent=1)

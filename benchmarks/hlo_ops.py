@@ -1,7 +1,7 @@
 """Size of the lowered train step (StableHLO ops, while loops) and the number of parameter leaves, per depth:
 where the program's size (and so its compile time) comes from. Lowering only; nothing is compiled.
 
-    JAX_PLATFORMS=cpu ALLOW_MULTIPLE_LIBTPU_LOAD=1 nice -n 15 python benchmarks/hlo_ops.py \
+    JAX_PLATFORMS=cpu ALLOW_MULTIPLE_LIBTPU_LOAD=1 nice -n 15 python -m benchmarks.hlo_ops \
         --config=configs/kinetics.py:stage=deltatok_256 --depths=1,12
 
 With the blocks scanned (models/layers.scan_blocks) the model's own ops do not grow with depth, so
