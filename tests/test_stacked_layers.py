@@ -96,8 +96,8 @@ def test_scanned_stack_equals_the_unrolled_blocks_forward_and_gradient(remat):
     loss_u, grads_u = jax.jit(jax.value_and_grad(unrolled_loss, argnums=(0, 1)))(nnx.List(unrolled), x)
     np.testing.assert_allclose(loss_s, loss_u, rtol=1e-6)
     np.testing.assert_allclose(grads_s[1], grads_u[1], rtol=1e-5, atol=1e-6)  # input gradient
-    per_layer = {f"{i}.{k}": v for i in range(DEPTH) for k, v in _flat(grads_u[0][i]).items()}
-    stacked = {f"{layers.STACKED}.{k}": v for k, v in _flat(nnx.state(grads_s[0])[layers.STACKED]).items()}
+    per_layer = {f"blocks.{i}.{k}": v for i in range(DEPTH) for k, v in _flat(nnx.state(grads_u[0][i])).items()}
+    stacked = {f"blocks.{layers.STACKED}.{k}": v for k, v in _flat(nnx.state(grads_s[0])[layers.STACKED]).items()}
     _assert_same(per_layer, stacked, f"parameter gradients, remat={remat}", rtol=1e-5, atol=1e-6)
 
 
