@@ -310,12 +310,12 @@ MESH_CHECK = textwrap.dedent(r"""
                                                   s.tx)
         with jax.set_mesh(mesh):
             state = jax.jit(fresh, out_shardings=s.state_shardings)()
-        placed = {k: str(v.sharding.spec) for k, v in
+        placed = {k: tuple(v.sharding.spec) for k, v in
                   {"/".join(str(getattr(k, "key", k)) for k in p): x
                    for p, x in jax.tree_util.tree_leaves_with_path(state.params)}.items()}
         out[str(stacked)] = dict(rules=flat_specs(s.state_shardings.params), placed=placed,
                                  frozen=flat_specs(s.frozen_shardings),
-                                 frozen_placed={"/".join(str(getattr(k, "key", k)) for k in p): str(x.sharding.spec)
+                                 frozen_placed={"/".join(str(getattr(k, "key", k)) for k in p): tuple(x.sharding.spec)
                                                 for p, x in jax.tree_util.tree_leaves_with_path(s.frozen_state)})
     print("RESULT" + json.dumps(out))
 """)
@@ -343,5 +343,6 @@ def test_stacked_parameters_shard_like_their_layers_on_a_4_device_mesh():
     assert stacked["rules"]["encoder_blocks/stacked/norm1/weight"] == [None, None]
     assert stacked["frozen"]["layer/stacked/attention/q_proj/kernel"] == [None, "fsdp", "tensor"]
     # the placed arrays (a jitted init with the rules' out_shardings) carry those specs
-    assert stacked["placed"]["encoder_blocks/stacked/mlp/up_proj/kernel"] == "PartitionSpec(None, 'fsdp', 'tensor')"
-    assert stacked["frozen_placed"]["layer/stacked/mlp/up_proj/kernel"] == "PartitionSpec(None, 'fsdp', 'tensor')"
+    assert stacked["placed"]["encoder_blocks/stacked/mlp/up_proj/kernel"] == [None, "fsdp", "tensor"]
+    assert stacked["frozen_placed"]["layer/stacked/mlp/up_proj/kernel"] == [None, "fsdp", "tensor"]
+    assert stacked["placed"]["decoder_blocks/stacked/attention/o_proj/kernel"] == [None, "tensor", "fsdp"]
