@@ -15,6 +15,9 @@ MESH_RULES = (
     ("heads", "tensor"),
     ("vocab", None),
     ("norm", None),
+    # The leading axis of blocks stored stacked (models/layers.BlockStack): each device keeps every layer of
+    # its shard, and the scan slices one layer at a time.
+    ("layers", None),
 )
 
 # The default attention kernel of every module (see models/attention.py). "auto" (splash on TPU, cuDNN on GPU,

@@ -98,8 +98,11 @@ BASELINE_RECIPES = {"dinoworld": DINOWORLD_STAGES}
 def _base(frame_size: int, num_frames: int) -> ml_collections.ConfigDict:
     c = common.base_config()
     c.model.dtype = "bfloat16"
+    # Blocks stored stacked ([num_layers, ...] parameters, one scan; models/layers.BlockStack): the same model
+    # and weights as the per-layer layout, a several times shorter compile (benchmarks/RESULTS.md).
+    c.model.scan_layers = True
     c.vfm = ml_collections.ConfigDict(dict(kind="dinov3", preset="vitb16", weights=VFM_WEIGHTS, dtype="bfloat16",
-                                           attention_impl=common.ATTENTION_IMPL))
+                                           attention_impl=common.ATTENTION_IMPL, scan_layers=True))
     c.data = default_data_config()
     c.data.source = "arrayrecord"
     c.data.root = DATA_ROOT
@@ -162,7 +165,7 @@ def _deltaworld(lr: float, num_steps: int) -> ml_collections.ConfigDict:
         num_samples_train=256, num_samples_eval=20, bom_chunk=64))
     # The frozen tokenizer: an official pytorch_model.bin (sizes read from its tensors) or our DeltaTok run's
     # checkpoints (sizes: the DeltaTok fields below, which must match that run's config.model).
-    c.tokenizer = ml_collections.ConfigDict(dict(checkpoint="", dtype="bfloat16",
+    c.tokenizer = ml_collections.ConfigDict(dict(checkpoint="", dtype="bfloat16", scan_layers=True,
                                                  attention_impl=common.ATTENTION_IMPL, **deltatok_sizes()))
     c.optim.lr = lr
     c.optim.weight_decay = 0.4
@@ -232,11 +235,12 @@ def get_config(arg: str = "stage=deltatok_256") -> ml_collections.ConfigDict:
             world = config.stage_configs.deltaworld_512
             if value == "all":
                 world.tokenizer.checkpoint = "@deltatok_cooldown2"
-                # Our run's checkpoints carry no config: the tokenizer's sizes are the DeltaTok stages'.
-                for field in DELTATOK_SIZE_FIELDS:
+                # Our run's checkpoints carry no config: the tokenizer's sizes and layout are the DeltaTok
+                # stages'.
+                for field in DELTATOK_SIZE_FIELDS + ("scan_layers",):
                     world.tokenizer[field] = config.stage_configs.deltatok_256.model.get_ref(field)
             # The cool-down reads the same frozen tokenizer: one value, overridable once.
-            for field in ("checkpoint",) + DELTATOK_SIZE_FIELDS:
+            for field in ("checkpoint", "scan_layers") + DELTATOK_SIZE_FIELDS:
                 config.stage_configs.deltaworld_cooldown.tokenizer[field] = world.tokenizer.get_ref(field)
         return config
     raise ValueError(f"Unknown config argument {arg!r}: use stage=<{'|'.join(STAGES + BASELINE_STAGES)}> or "

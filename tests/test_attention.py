@@ -2,6 +2,7 @@
 interpret mode) against the reference path, forward and gradients, with padding and with the predictor's
 frame-causal mask; the choice of "auto"; masks; bad values. Small shapes: seconds per test."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -79,10 +80,12 @@ def test_splash_bfloat16_close_to_reference():
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref), atol=3e-2)
 
 
-def test_predictor_with_splash_matches_reference():
-    """The mask travels from the predictor's callers to the kernel as frame ids (no dense array)."""
-    kw = dict(hidden_size=128, num_layers=1, num_heads=2, backbone_hidden_size=24, rope_axis_sizes=(60,),
-              rope_unrotated_size=4)
+@pytest.mark.parametrize("num_layers,scan_layers", [(1, False), (2, True)])
+def test_predictor_with_splash_matches_reference(num_layers, scan_layers):
+    """The mask travels from the predictor's callers to the kernel as frame ids (no dense array), also through
+    the scan over blocks stored stacked (the recipe's layout)."""
+    kw = dict(hidden_size=128, num_layers=num_layers, num_heads=2, backbone_hidden_size=24, rope_axis_sizes=(60,),
+              rope_unrotated_size=4, scan_layers=scan_layers)
     models = {impl: Predictor(PredictorConfig(**kw, attention_impl=impl), rngs=nnx.Rngs(0))
               for impl in ("splash", "reference")}
     rng = np.random.default_rng(5)
@@ -181,6 +184,7 @@ def test_kernel_partition_spec_follows_the_mesh():
 
 
 SHARDED_SPLASH = """
+import dataclasses
 import os
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 os.environ["JAX_PLATFORMS"] = "cpu"
@@ -243,3 +247,16 @@ def test_traced_flops_count_a_shard_map_body_once_per_device():
     per_device = jax.shard_map(lambda a: a @ jnp.ones((32, 32)), mesh=mesh, in_specs=P("fsdp"), out_specs=P("fsdp"))
     assert flops.jaxpr_matmul_flops(per_device, x)[0] == flops.jaxpr_matmul_flops(
         lambda a: a @ jnp.ones((32, 32)), x)[0] == 2 * 8 * 16 * 32 * 32
+
+
+def test_stacked_dinov3_with_splash_matches_reference():
+    """The recipe's frozen VFM: blocks stored stacked (one scan), register tokens and RoPE, 2 x 3 patches + 3
+    prefix tokens per frame padded to the kernel's block inside the scan."""
+    from deltaworld_jax.models.dinov3 import DINOv3, DINOv3Config
+
+    cfg = DINOv3Config(hidden_size=128, num_layers=2, num_heads=2, intermediate_size=64, patch_size=8,
+                       num_register_tokens=2, scan_layers=True)
+    frames = jax.random.uniform(jax.random.key(1), (1, 2, 16, 24, 3), maxval=255.0)
+    outs = {impl: np.asarray(DINOv3(dataclasses.replace(cfg, attention_impl=impl), rngs=nnx.Rngs(0))(frames))
+            for impl in ("splash", "reference")}
+    np.testing.assert_allclose(outs["splash"], outs["reference"], atol=1e-4, rtol=1e-4)

@@ -206,17 +206,6 @@ def test_trains_and_resumes_deterministically(tmp_path):
     assert again["stopped_by"] == "done" and again["losses"] == {} and again["step"] == 6
 
 
-def test_remat_policy_is_a_config_switch_of_real_runs(tmp_path):
-    """config.model.remat reaches the trainer: the built task recomputes its blocks, losses are unchanged."""
-    assert type(trainer.build(toy_config()).task).__name__ == "ToyTask"
-    assert trainer.build(toy_config(**{"model.remat": "full"})).task.policy_name == "full"
-    plain = trainer.run(toy_config(**{"train.num_steps": 2}), str(tmp_path / "plain"), data_fn=toy_data)
-    remat = trainer.run(toy_config(**{"train.num_steps": 2, "model.remat": "full"}), str(tmp_path / "remat"),
-                        data_fn=toy_data)
-    for s in (1, 2):
-        np.testing.assert_allclose(remat["losses"][s], plain["losses"][s], rtol=1e-6)
-
-
 def test_non_finite_updates_are_skipped_counted_and_never_saved(tmp_path):
     """One poisoned batch: that update is skipped (counted), training goes on. A blow-up (lr 1e30, no clipping:
     finite but huge parameters, then NaN losses): the run stops after optim.max_consecutive_nonfinite skips in

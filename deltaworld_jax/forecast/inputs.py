@@ -316,6 +316,11 @@ def read_training_checkpoint(directory: str, kind: str) -> dict[str, np.ndarray]
             flat[path] = np.asarray(tree)
 
     walk(params, ())
+    # A run with its blocks stored stacked (config.model.scan_layers): its per-layer entries, as the
+    # official names have them.
+    from deltaworld_jax.pretrained.common import unstack_layers
+
+    flat = {tuple(path.split(".")): a for path, a in unstack_layers({".".join(p): a for p, a in flat.items()}).items()}
     is_world = any(p[:2] == ("predictor", "blocks") for p in flat)
     if kind == "world":
         if not is_world:

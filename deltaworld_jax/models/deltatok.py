@@ -11,8 +11,10 @@ config: LayerNorm eps 1e-5, q/v/o and MLP biases, no key bias, SwiGLU MLP, QK-La
 without bias applied AFTER RoPE, a per-head sigmoid output gate from the attention input, LayerScale 1e-5.
 Mixed precision as the official bf16 autocast: matmuls run in `dtype`, while the residual stream, the
 token norm and the outputs stay float32 (under autocast the residual adds and LayerNorms are float32).
-Parameter names mirror the official module names (encoder_blocks.{i}.attention.q_proj, z_embed.weight,
-xy_embed.weight, norm.weight, ...) so importing released weights is a rename plus transposes.
+Each stack runs as ONE scan over its identical blocks (layers.scan_blocks: compiled once, not per layer),
+optionally rematerialised (`DeltaTokConfig.remat`). Parameter names mirror the official module names
+(encoder_blocks.{i}.attention.q_proj, z_embed.weight, xy_embed.weight, norm.weight, ...) so importing
+released weights is a rename plus transposes.
 """
 
 from __future__ import annotations
@@ -55,8 +57,13 @@ class DeltaTokConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     attention_impl: str | None = "xla"
+    remat: str = layers.DEFAULT_REMAT  # rematerialisation of each stack's scanned block: layers.REMAT_POLICIES
+    # Layout of both stacks: False, per-layer blocks (`encoder_blocks.{i}`, the official names); True, one
+    # layers.BlockStack each (`encoder_blocks.stacked`, [num_layers, ...] parameters; a shorter compile).
+    scan_layers: bool = False
 
     def __post_init__(self):
+        layers.check_remat(self.remat)
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if (self.hidden_size // self.num_heads) % 4:
@@ -114,12 +121,14 @@ class DeltaTok(nnx.Module):
         self.cfg = cfg
         self.dtype = dtype
         block_cfg = cfg.block_config()
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.z_embed = LearnedTokens(1, cfg.hidden_size, init_std=cfg.init_std, param_dtype=param_dtype, rngs=rngs)
         self.xy_embed = LearnedTokens(2, cfg.hidden_size, init_std=cfg.init_std, param_dtype=param_dtype,
                                       rngs=rngs)
-        self.encoder_blocks = nnx.List([layers.Block(block_cfg, **kw) for _ in range(cfg.num_layers)])
-        self.decoder_blocks = nnx.List([layers.Block(block_cfg, **kw) for _ in range(cfg.num_layers)])
+        def block(r):
+            return layers.Block(block_cfg, dtype=dtype, param_dtype=param_dtype, rngs=r)
+
+        self.encoder_blocks = layers.make_blocks(cfg.num_layers, block, stacked=cfg.scan_layers, rngs=rngs)
+        self.decoder_blocks = layers.make_blocks(cfg.num_layers, block, stacked=cfg.scan_layers, rngs=rngs)
         # float32 output, as the official norm under autocast: the token is what DeltaWorld learns to predict.
         self.norm = layers.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=jnp.float32,
                                      param_dtype=param_dtype, rngs=rngs)
@@ -162,8 +171,8 @@ class DeltaTok(nnx.Module):
             rope = (jnp.concatenate([rope[0], rope[0]], axis=-2), jnp.concatenate([rope[1], rope[1]], axis=-2))
         else:
             hidden = jnp.concatenate([z, y], axis=1)
-        for block in self.encoder_blocks:
-            hidden = block(hidden, rope)
+        # One scan over the blocks; the RoPE table is broadcast to every layer, not scanned.
+        hidden = layers.scan_blocks(self.encoder_blocks, hidden, rope, remat=self.cfg.remat)
         return self.norm(hidden[:, :1])
 
     def decode(self, token_b1d: Array, prev_bnd: Array, rope: tuple[Array, Array]) -> Array:
@@ -181,8 +190,7 @@ class DeltaTok(nnx.Module):
         else:
             x = jnp.broadcast_to(self.xy_embed.weight[...][0].astype(jnp.float32), prev_bnd.shape)
         hidden = jnp.concatenate([token_b1d.astype(jnp.float32), x], axis=1)
-        for block in self.decoder_blocks:
-            hidden = block(hidden, rope)
+        hidden = layers.scan_blocks(self.decoder_blocks, hidden, rope, remat=self.cfg.remat)
         return hidden[:, 1:]
 
     # ------------------------------------------------------------------------------------------------

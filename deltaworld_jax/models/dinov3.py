@@ -55,6 +55,10 @@ class DINOv3Config:
     # The attention kernel (models/attention.py): "xla", "auto" (per backend), "cudnn", "splash", "reference";
     # None: "xla".
     attention_impl: str | None = "xla"
+    # Layout of the blocks (not a transformers field): False, per-layer modules `layer.{i}` as transformers
+    # names them; True, one layers.BlockStack `layer.stacked` with [num_layers, ...] parameters (the
+    # recipe configs' choice: a shorter compile). Both compute the same function and load the same weights.
+    scan_layers: bool = False
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -195,8 +199,9 @@ class DINOv3(nnx.Module):
         self.dtype = dtype
         self.embeddings = Embeddings(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         block_cfg = config.to_block_config()
-        self.layer = nnx.List([layers.Block(block_cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-                               for _ in range(config.num_layers)])
+        self.layer = layers.make_blocks(
+            config.num_layers, lambda r: layers.Block(block_cfg, dtype=dtype, param_dtype=param_dtype, rngs=r),
+            stacked=config.scan_layers, rngs=rngs)
         self.norm = layers.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, dtype=dtype,
                                      param_dtype=param_dtype, rngs=rngs)
         self.rope_augmentation = layers.RopeAugmentation(
@@ -220,8 +225,8 @@ class DINOv3(nnx.Module):
         pixels = normalize_frames(flat).astype(self.dtype)
         tokens = self.embeddings(pixels)
         rope = self.rope(grid, rope_rng)
-        for block in self.layer:
-            tokens = block(tokens, rope, implementation=self.config.attention_impl)
+        # One scan over the identical blocks (compiled once); the RoPE table goes to every layer.
+        tokens = layers.scan_blocks(self.layer, tokens, rope, implementation=self.config.attention_impl)
         features = self.norm(tokens)[:, self.num_prefix_tokens :]
         return features.reshape(lead + features.shape[1:])
 

@@ -44,8 +44,13 @@ class PredictorConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02  # the backbone's initializer_range; also the scale of the noise queries
     attention_impl: str | None = "xla"  # models/attention.py
+    remat: str = layers.DEFAULT_REMAT  # rematerialisation of the scanned block: layers.REMAT_POLICIES
+    # Layout of the blocks: False, per-layer (`blocks.{i}`, the official names); True, one
+    # layers.BlockStack (`blocks.stacked`, [num_layers, ...] parameters; a shorter compile).
+    scan_layers: bool = False
 
     def __post_init__(self):
+        layers.check_remat(self.remat)
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         head_dim = self.hidden_size // self.num_heads
@@ -85,13 +90,15 @@ class PredictorBlock(nnx.Module):
 
 
 class Predictor(nnx.Module):
-    """blocks[i] (PredictorBlock), then `norm` and `head` (hidden -> backbone width)."""
+    """blocks[i] (PredictorBlock; run as one scan, layers.scan_blocks, under `cfg.remat`), then `norm` and
+    `head` (hidden -> backbone width)."""
 
     def __init__(self, cfg: PredictorConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.cfg = cfg
         self.dtype = dtype
-        self.blocks = nnx.List([PredictorBlock(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-                                for _ in range(cfg.num_layers)])
+        self.blocks = layers.make_blocks(
+            cfg.num_layers, lambda r: PredictorBlock(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r),
+            stacked=cfg.scan_layers, rngs=rngs)
         self.norm = layers.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, use_bias=True, dtype=dtype,
                                      param_dtype=param_dtype, rngs=rngs)
         self.head = layers.linear(cfg.hidden_size, cfg.backbone_hidden_size, axes=("embed", "vocab"),
@@ -119,8 +126,8 @@ class Predictor(nnx.Module):
         kv_tokens = kv_tokens.astype(self.dtype)
         rope_q = layers.axis_rope_tables(pos_q, self.cfg.rope_axis_sizes)  # once for all blocks
         rope_k = layers.axis_rope_tables(pos_k, self.cfg.rope_axis_sizes)
-        for block in self.blocks:
-            x = block(x, kv_tokens, rope_q, rope_k, mask)
+        # One scan over the stacked blocks; the key/value tokens, RoPE tables and mask go to every layer.
+        x = layers.scan_blocks(self.blocks, x, kv_tokens, rope_q, rope_k, mask, remat=self.cfg.remat)
         return self.head(self.norm(x))
 
 
@@ -243,6 +250,8 @@ class WorldConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     attention_impl: str | None = "xla"  # models/attention.py
+    remat: str = layers.DEFAULT_REMAT  # the predictor's block rematerialisation: layers.REMAT_POLICIES
+    scan_layers: bool = False  # the predictor's block layout (PredictorConfig.scan_layers)
     use_bom: bool = True  # noise queries + best-of-K training; False: one learned query (q_embed)
     num_samples_train: int = 256  # K, the candidates per predicted frame in best-of-K training
     num_samples_eval: int = 20  # S, the rollouts drawn per clip at evaluation (use_bom only)

@@ -90,6 +90,7 @@ def load_deltatok(
     attention_impl: str | None = "xla",
     dtype=jnp.float32,
     param_dtype=jnp.float32,
+    scan_layers: bool = False,
 ) -> DeltaTok:
     """A DeltaTok filled from official weights.
 
@@ -97,7 +98,7 @@ def load_deltatok(
     `network.` prefix; the frozen VFM's `backbone.*` keys are dropped), a `.safetensors` file, a folder
     holding one of those, or an already-read flat mapping {name: array}. vfm: the frozen VFM the tokenizer
     runs on; its width is checked against the checkpoint and its num_heads used when the tensors cannot
-    tell."""
+    tell. scan_layers: both stacks stored stacked (DeltaTokConfig.scan_layers); the same weights either way."""
     raw = dict(source) if isinstance(source, Mapping) else common.read_state_dict(source)
     sd = deltatok_state_dict(raw)
     heads_source = "num_heads"
@@ -110,22 +111,23 @@ def load_deltatok(
             num_heads, heads_source = int(vfm.num_heads), "the VFM's num_heads"
     cfg = infer_config(sd, num_heads=num_heads, heads_source=heads_source, use_delta=use_delta,
                        use_rope_aug=use_rope_aug, rope_theta=rope_theta, rope_rescale=rope_rescale,
-                       norm_eps=norm_eps, attention_impl=attention_impl)
+                       norm_eps=norm_eps, attention_impl=attention_impl, scan_layers=scan_layers)
     abstract = nnx.eval_shape(lambda: DeltaTok(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
-    return common.fill_abstract_model(abstract, to_model_params(abstract, sd), what="DeltaTok checkpoint")
+    return common.fill_abstract_model(abstract, to_model_params(sd), what="DeltaTok checkpoint")
 
 
-def to_model_params(abstract: DeltaTok, sd: Mapping[str, np.ndarray]) -> common.MappedParams:
-    """{our dotted path: array} from official names: every nnx.Linear `kernel` [in, out] is the torch
-    `weight` [out, in] transposed; every other parameter has the official name as is. Keys that name no
-    parameter are kept under their own name, so the strict fill reports them as unused."""
-    linear_weights = {path[: -len("kernel")] + "weight": path
-                      for path in common.model_param_shapes(abstract) if path.endswith(".kernel")}
-    params = common.MappedParams()
-    for key, value in sd.items():
-        if key in linear_weights and np.ndim(value) == 2:
-            params.put(linear_weights[key], common.torch_linear_to_kernel(np.asarray(value)), key)
-        else:
-            params.put(key, np.asarray(value), key)
-    return params
+# The weight map: our parameter paths are the official names, with each Linear's torch `weight` [out, in] as
+# our transposed `kernel` [in, out]; everything else (biases, norms, LayerScale, z/xy embeddings) keeps its
+# name. A key that names no parameter keeps its own name too, so the strict fill reports it as unused.
+_LINEARS = "attention.q_proj|attention.k_proj|attention.v_proj|attention.o_proj|attention.attn_gate|" \
+           "mlp.up_proj|mlp.gate_proj|mlp.down_proj"
+DELTATOK_TABLE: tuple[common.Rule, ...] = (
+    common.Rule("{stack:encoder_blocks|decoder_blocks}.{i}.{linear:" + _LINEARS + "}.weight",
+                "{stack}.{i}.{linear}.kernel", "linear"),
+    common.Rule("{key:.+}", "{key}"),
+)
 
+
+def to_model_params(sd: Mapping[str, np.ndarray]) -> common.MappedParams:
+    """{our dotted path: array} from official names, by DELTATOK_TABLE."""
+    return common.map_weights(sd, DELTATOK_TABLE)

@@ -28,7 +28,7 @@ from deltaworld_jax.models.dinov3 import PRESETS, DINOv3, DINOv3Config, PixelPat
 from deltaworld_jax.pretrained import common
 
 # Keys that exist in released checkpoints but carry nothing the feature extractor uses.
-_DROPPED = re.compile(r"^(embeddings\.mask_token|mask_token|rope_embeddings\.inv_freq|rope_embed\.periods)$")
+_DROPPED = re.compile(r"embeddings\.mask_token|mask_token|rope_embeddings\.inv_freq|rope_embed\.periods")
 
 # Heads of the released models by width: the HF layout has no per-head tensor to read it from.
 _RELEASED_HEADS = {cfg.hidden_size: cfg.num_heads for cfg in PRESETS.values()}
@@ -50,92 +50,81 @@ def _is_meta_layout(state: Mapping[str, np.ndarray]) -> bool:
     return any(k.startswith(("blocks.", "patch_embed.")) for k in state)
 
 
-def _put_weight(out: common.MappedParams, module: str, kind: str, value: np.ndarray, source: str) -> None:
-    """Puts checkpoint tensor `source` under our `module`: a torch Linear ("linear") or Conv ("conv") weight
-    becomes a transposed `kernel`; anything else ("keep", and biases) keeps its leaf name."""
-    leaf = source.rsplit(".", 1)[-1]
-    if kind == "linear" and leaf == "weight":
-        out.put(f"{module}.kernel", common.torch_linear_to_kernel(value), source)
-    elif kind == "conv" and leaf == "weight":
-        out.put(f"{module}.kernel", common.torch_conv_to_kernel(value), source)
-    else:
-        out.put(f"{module}.{leaf}", value, source)
+def _weight_and_bias(official: str, ours: str) -> tuple[common.Rule, common.Rule]:
+    """A torch Linear module's two rules: `weight` [out, in] -> our `kernel` [in, out], `bias` as is."""
+    return (common.Rule(official + ".weight", ours + ".kernel", "linear"),
+            common.Rule(official + ".bias", ours + ".bias"))
 
 
-_HF_LAYER_RULES = [  # (regex on the key inside one layer, kind)
-    (re.compile(r"^(norm1|norm2)\.(weight|bias)$"), "keep"),
-    (re.compile(r"^attention\.(q_proj|k_proj|v_proj|o_proj)\.(weight|bias)$"), "linear"),
-    (re.compile(r"^(layer_scale1|layer_scale2)\.lambda1$"), "keep"),
-    (re.compile(r"^mlp\.(up_proj|down_proj|gate_proj)\.(weight|bias)$"), "linear"),
-]
+# `transformers` DINOv3ViTModel: >= 5 puts the layers under `model.`, older versions do not.
+_HF_LAYER = "{model:(?:model\\.)?}layer.{i}."
+HF_TABLE: tuple[common.Rule, ...] = (
+    *_weight_and_bias(_HF_LAYER + "{linear:attention.q_proj|attention.k_proj|attention.v_proj|attention.o_proj|"
+                      "mlp.up_proj|mlp.down_proj|mlp.gate_proj}", "layer.{i}.{linear}"),
+    common.Rule(_HF_LAYER + "{vector:norm1.weight|norm1.bias|norm2.weight|norm2.bias|layer_scale1.lambda1|"
+                "layer_scale2.lambda1}", "layer.{i}.{vector}"),
+    common.Rule("{name:embeddings.cls_token|embeddings.register_tokens|norm.weight|norm.bias}", "{name}"),
+    common.Rule("embeddings.patch_embeddings.weight", "embeddings.patch_embeddings.kernel", "conv"),
+    common.Rule("embeddings.patch_embeddings.bias", "embeddings.patch_embeddings.bias"),
+)
+
+# Meta's original release, after _split_fused_qkv. SwiGLU is w3(silu(w1 x) * w2 x).
+META_TABLE: tuple[common.Rule, ...] = (
+    common.Rule("cls_token", "embeddings.cls_token"),
+    common.Rule("storage_tokens", "embeddings.register_tokens"),
+    common.Rule("patch_embed.proj.weight", "embeddings.patch_embeddings.kernel", "conv"),
+    common.Rule("patch_embed.proj.bias", "embeddings.patch_embeddings.bias"),
+    common.Rule("{name:norm.weight|norm.bias}", "{name}"),
+    common.Rule("blocks.{i}.attn.{proj:q|k|v}.weight", "layer.{i}.attention.{proj}_proj.kernel", "linear"),
+    common.Rule("blocks.{i}.attn.{proj:q|v}.bias", "layer.{i}.attention.{proj}_proj.bias"),
+    *_weight_and_bias("blocks.{i}.attn.proj", "layer.{i}.attention.o_proj"),
+    common.Rule("blocks.{i}.{norm:norm1|norm2}.{leaf:weight|bias}", "layer.{i}.{norm}.{leaf}"),
+    common.Rule("blocks.{i}.ls{n:1|2}.gamma", "layer.{i}.layer_scale{n}.lambda1"),
+    *_weight_and_bias("blocks.{i}.mlp.fc1", "layer.{i}.mlp.up_proj"),
+    *_weight_and_bias("blocks.{i}.mlp.fc2", "layer.{i}.mlp.down_proj"),
+    *_weight_and_bias("blocks.{i}.mlp.w1", "layer.{i}.mlp.gate_proj"),
+    *_weight_and_bias("blocks.{i}.mlp.w2", "layer.{i}.mlp.up_proj"),
+    *_weight_and_bias("blocks.{i}.mlp.w3", "layer.{i}.mlp.down_proj"),
+)
 
 
 def convert_hf_state(state: Mapping[str, np.ndarray]) -> common.MappedParams:
     """`transformers` DINOv3ViTModel keys -> our parameter paths (with Linear/Conv transposes)."""
-    out = common.MappedParams()
+    return common.map_weights(state, HF_TABLE, dropped=_DROPPED)
+
+
+def _split_fused_qkv(state: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Meta's fused `attn.qkv` -> separate `attn.q` / `attn.k` / `attn.v` entries. DINOv3 masks the key bias
+    out (`bias_mask`), so it must be zero after masking and is dropped; a non-zero one is returned as a
+    problem (this model has no key bias)."""
+    out, problems = {}, []
     for key, value in state.items():
-        if _DROPPED.match(key):
+        m = re.fullmatch(r"blocks\.(\d+)\.attn\.qkv\.(weight|bias|bias_mask)", key)
+        if not m:
+            out[key] = value
             continue
-        m = re.match(r"^(?:model\.)?layer\.(\d+)\.(.+)$", key)
-        if m:
-            index, rest = m.groups()
-            for rule, kind in _HF_LAYER_RULES:
-                if rule.match(rest):
-                    _put_weight(out, f"layer.{index}.{rest.rsplit('.', 1)[0]}", kind, value, key)
-                    break
-            else:
-                out.unmapped.append(key)
-        elif key in ("embeddings.cls_token", "embeddings.register_tokens", "norm.weight", "norm.bias"):
-            out.put(key, value, key)
-        elif key in ("embeddings.patch_embeddings.weight", "embeddings.patch_embeddings.bias"):
-            _put_weight(out, "embeddings.patch_embeddings", "conv", value, key)
-        else:
-            out.unmapped.append(key)
-    return out
+        index, leaf = m.groups()
+        if leaf == "bias_mask":
+            continue
+        q, k, v = np.split(value, 3, axis=0)
+        prefix = f"blocks.{index}.attn."
+        if leaf == "weight":
+            out.update({prefix + "q.weight": q, prefix + "k.weight": k, prefix + "v.weight": v})
+            continue
+        mask = state.get(f"blocks.{index}.attn.qkv.bias_mask")
+        k_bias = k * np.split(mask, 3)[1] if mask is not None else k
+        if np.any(k_bias != 0):
+            problems.append(f"{key} (non-zero key bias: this model has none)")
+        out.update({prefix + "q.bias": q, prefix + "v.bias": v})
+    return out, problems
 
 
 def convert_meta_state(state: Mapping[str, np.ndarray]) -> common.MappedParams:
-    """Meta's original DINOv3 keys -> our parameter paths. The fused qkv is split into q/k/v; the key
-    bias is masked out by DINOv3 (`bias_mask`), so it must be zero after masking and is dropped."""
-    out = common.MappedParams()
-    layer_map = {"norm1": ("norm1", "keep"), "norm2": ("norm2", "keep"), "attn.proj": ("attention.o_proj", "linear"),
-                 "mlp.fc1": ("mlp.up_proj", "linear"), "mlp.fc2": ("mlp.down_proj", "linear"),
-                 # SwiGLU: w3(silu(w1 x) * w2 x)
-                 "mlp.w1": ("mlp.gate_proj", "linear"), "mlp.w2": ("mlp.up_proj", "linear"),
-                 "mlp.w3": ("mlp.down_proj", "linear")}
-    for key, value in state.items():
-        if _DROPPED.match(key) or re.match(r"^blocks\.\d+\.attn\.qkv\.bias_mask$", key):
-            continue
-        m = re.match(r"^blocks\.(\d+)\.(.+)\.(weight|bias|gamma)$", key)
-        if key == "cls_token":
-            out.put("embeddings.cls_token", value, key)
-        elif key == "storage_tokens":
-            out.put("embeddings.register_tokens", value, key)
-        elif key in ("patch_embed.proj.weight", "patch_embed.proj.bias"):
-            _put_weight(out, "embeddings.patch_embeddings", "conv", value, key)
-        elif key in ("norm.weight", "norm.bias"):
-            out.put(key, value, key)
-        elif m and m.group(2) == "attn.qkv":
-            index, _, leaf = m.groups()
-            q, k, v = np.split(value, 3, axis=0)
-            if leaf == "bias":
-                mask = state.get(f"blocks.{index}.attn.qkv.bias_mask")
-                k_bias = k * np.split(mask, 3)[1] if mask is not None else k
-                if np.any(k_bias != 0):
-                    out.unmapped.append(f"{key} (non-zero key bias: this model has none)")
-                out.put(f"layer.{index}.attention.q_proj.bias", q, key)
-                out.put(f"layer.{index}.attention.v_proj.bias", v, key)
-            else:
-                for name, part in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
-                    _put_weight(out, f"layer.{index}.attention.{name}", "linear", part, key)
-        elif m and m.group(2) in ("ls1", "ls2") and m.group(3) == "gamma":
-            out.put(f"layer.{m.group(1)}.layer_scale{m.group(2)[-1]}.lambda1", value, key)
-        elif m and m.group(2) in layer_map:
-            module, kind = layer_map[m.group(2)]
-            _put_weight(out, f"layer.{m.group(1)}.{module}", kind, value, key)
-        else:
-            out.unmapped.append(key)
-    return out
+    """Meta's original DINOv3 keys -> our parameter paths: the fused qkv split, then META_TABLE."""
+    split, problems = _split_fused_qkv(state)
+    params = common.map_weights(split, META_TABLE, dropped=_DROPPED)
+    params.unmapped.extend(problems)
+    return params
 
 
 def infer_config(params: Mapping[str, np.ndarray], state: Mapping[str, np.ndarray], *,
@@ -239,13 +228,15 @@ def load_dinov3(
     prefix: str = "",
     revision: str | None = None,
     sharding_for=None,
+    scan_layers: bool | None = None,
 ) -> DINOv3:
     """A DINOv3 with the weights of `source` (HF folder, checkpoint file, or hub id).
 
     The architecture comes from `config`, else the folder's config.json, else the tensors' shapes (see
     `infer_config`). `prefix` is stripped from keys first (e.g. "backbone." for a wrapped model). The model is
     built abstractly and filled, strictly: one CheckpointMismatchError lists every unused, missing or
-    mis-shaped entry. `sharding_for` places each parameter (see common.fill_abstract_model)."""
+    mis-shaped entry. `sharding_for` places each parameter (see common.fill_abstract_model). `scan_layers`
+    (None: the config's, else per-layer) stores the blocks stacked (DINOv3Config.scan_layers)."""
     path = resolve_source(source, revision=revision)
     state = common.strip_prefix(common.read_state_dict(path), prefix)
     params = convert_meta_state(state) if _is_meta_layout(state) else convert_hf_state(state)
@@ -258,6 +249,8 @@ def load_dinov3(
         else:
             config = infer_config(params, state, num_heads=num_heads)
     config = dataclasses.replace(config, attention_impl=attention_impl)
+    if scan_layers is not None:
+        config = dataclasses.replace(config, scan_layers=bool(scan_layers))
     _check_rope_periods(state, config)
     del state
     abstract = nnx.eval_shape(lambda: DINOv3(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
@@ -284,7 +277,7 @@ def as_dtype(value: Any):
 
 def build_vfm(vfm_config: Mapping[str, Any] | Any) -> DINOv3 | PixelPatchVFM:
     """The VFM of a config {kind: "dinov3"|"pixel", preset, weights, patch_size, num_heads, dtype,
-    attention_impl, seed, position_channels (pixel only), overrides}. kind "dinov3" with weights "" is randomly
+    attention_impl, scan_layers, seed, position_channels (pixel only), overrides}. kind "dinov3" with weights "" is randomly
     initialised from `preset` with `overrides` (DINOv3Config fields, e.g. {hidden_size: 192, num_layers: 4};
     for tests and benchmarks); otherwise `weights` (folder, file or hub id) is loaded and its own config wins."""
 
@@ -301,8 +294,10 @@ def build_vfm(vfm_config: Mapping[str, Any] | Any) -> DINOv3 | PixelPatchVFM:
         raise ValueError(f"unknown vfm kind {kind!r}; expected 'dinov3' or 'pixel'")
     attention_impl = get("attention_impl", "xla") or None
     weights = get("weights", "")
+    scan_layers = bool(get("scan_layers", False))  # the blocks stored stacked (DINOv3Config.scan_layers)
     if weights:
-        return load_dinov3(weights, dtype=dtype, attention_impl=attention_impl)
+        return load_dinov3(weights, dtype=dtype, attention_impl=attention_impl, scan_layers=scan_layers)
     overrides = dict(get("overrides", {}))
-    config = DINOv3Config.preset(get("preset", "vitb16"), **{"attention_impl": attention_impl, **overrides})
+    config = DINOv3Config.preset(get("preset", "vitb16"), **{"attention_impl": attention_impl,
+                                                             "scan_layers": scan_layers, **overrides})
     return DINOv3(config, dtype=dtype, rngs=nnx.Rngs(int(get("seed", 0))))

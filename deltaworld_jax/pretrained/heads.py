@@ -31,22 +31,6 @@ _EXPECTED_CLASSES = {"seg-head-vspw": 124, "seg-head-cityscapes": 19}
 _IGNORED_KEYS = re.compile(r"(^|\.)num_batches_tracked$")
 
 
-def _to_ours(official: Mapping[str, np.ndarray], linear_weights: tuple[str, ...]) -> common.MappedParams:
-    """Official keys -> our paths: a Linear's / 1x1 conv's 'X.weight' becomes our transposed 'X.kernel'."""
-    params = common.MappedParams()
-    for key, value in official.items():
-        module = key.rsplit(".", 1)[0]
-        if key.endswith(".weight") and any(re.fullmatch(pattern, module) for pattern in linear_weights):
-            if value.ndim == 4:
-                if value.shape[2:] != (1, 1):
-                    raise common.CheckpointMismatchError(f"{key}: expected a 1x1 conv, got shape {value.shape}")
-                value = value[:, :, 0, 0]
-            params.put(module + ".kernel", common.torch_linear_to_kernel(value), key)
-        else:
-            params.put(key, value, key)
-    return params
-
-
 def _read(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, np.ndarray]:
     if isinstance(source, Mapping):
         flat = {k: np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v) for k, v in source.items()}
@@ -55,10 +39,17 @@ def _read(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, np.ndarray
     return {k: v for k, v in flat.items() if not _IGNORED_KEYS.search(k)}
 
 
-# Modules whose '.weight' is a Linear (or 1x1 conv) weight; every other '.weight' is a norm's scale.
-_PROBE_LINEARS = (r"head",)
-_RGB_LINEARS = (r"decoder_embed", r"decoder_pred", r"decoder_layers\.\d+\.attention\.attention\.(query|key|value)",
-                r"decoder_layers\.\d+\.(attention\.output|intermediate|output)\.dense")
+# The weight maps: a Linear's (or 1x1 conv's) torch `weight` becomes our transposed `kernel`; every other
+# entry (norm scales and biases, BatchNorm statistics, position table, fixed buffers) keeps its name.
+_SAME_NAME = common.Rule("{key:.+}", "{key}")
+PROBE_TABLE: tuple[common.Rule, ...] = (common.Rule("head.weight", "head.kernel", "linear_or_1x1"), _SAME_NAME)
+_RGB_LINEARS = ("decoder_embed|decoder_pred|decoder_layers.{i}.attention.attention.query|"
+                "decoder_layers.{i}.attention.attention.key|decoder_layers.{i}.attention.attention.value|"
+                "decoder_layers.{i}.attention.output.dense|decoder_layers.{i}.intermediate.dense|"
+                "decoder_layers.{i}.output.dense")
+RGB_TABLE: tuple[common.Rule, ...] = tuple(
+    common.Rule(module + ".weight", module + ".kernel", "linear_or_1x1") for module in _RGB_LINEARS.split("|")
+) + (_SAME_NAME,)
 
 
 def _require(tensors: dict[str, np.ndarray], *names: str) -> None:
@@ -83,14 +74,14 @@ def load_head(source, kind: str, *, norm_weight=None, norm_bias=None, num_heads:
         if num_classes != _EXPECTED_CLASSES[kind]:
             raise ValueError(f"{kind} expects {_EXPECTED_CLASSES[kind]} classes, the checkpoint has {num_classes}")
         model = nnx.eval_shape(lambda: SegHead(in_features, num_classes, rngs=nnx.Rngs(0)))
-        return common.fill_abstract_model(model, _to_ours(tensors, _PROBE_LINEARS), what=kind)
+        return common.fill_abstract_model(model, common.map_weights(tensors, PROBE_TABLE), what=kind)
 
     if kind == "depth-head-kitti":
         _require(tensors, "bn.weight", "head.weight")
         num_bins, in_features = tensors["head.weight"].shape[:2]
         model = nnx.eval_shape(lambda: DepthHead(in_features, min_depth=KITTI_MIN_DEPTH, max_depth=KITTI_MAX_DEPTH,
                                                  num_bins=num_bins, rngs=nnx.Rngs(0)))
-        return common.fill_abstract_model(model, _to_ours(tensors, _PROBE_LINEARS), what=kind)
+        return common.fill_abstract_model(model, common.map_weights(tensors, PROBE_TABLE), what=kind)
 
     _require(tensors, "decoder_embed.weight", "decoder_pred.weight", "decoder_layers.0.intermediate.dense.weight")
     if norm_weight is None or norm_bias is None:
@@ -114,4 +105,4 @@ def load_head(source, kind: str, *, norm_weight=None, norm_bias=None, num_heads:
     tensors = {**tensors, "norm_weight": np.asarray(norm_weight, np.float32).reshape(-1),
                "norm_bias": np.asarray(norm_bias, np.float32).reshape(-1),
                "img_mean": np.asarray(IMAGENET_MEAN, np.float32), "img_std": np.asarray(IMAGENET_STD, np.float32)}
-    return common.fill_abstract_model(model, _to_ours(tensors, _RGB_LINEARS), what=kind)
+    return common.fill_abstract_model(model, common.map_weights(tensors, RGB_TABLE), what=kind)

@@ -20,45 +20,44 @@ from deltaworld_jax.models.deltaworld import DeltaWorld, DeltaWorldConfig
 from deltaworld_jax.models.dinoworld import DINOWorld, DINOWorldConfig
 from deltaworld_jax.pretrained import common
 
-_BLOCK_LINEARS = ("attention.q_proj", "attention.kv_proj", "attention.out_proj", "mlp.up_proj", "mlp.down_proj")
-_BLOCK_VECTORS = ("norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias", "layer_scale1.lambda1",
-                  "layer_scale2.lambda1")
 # Entries of a training checkpoint that belong to the frozen parts, not to the world model.
 _FROZEN_PREFIXES = ("tokenizer.", "backbone.", "task_heads.")
 
+# The weight map (official name -> our path): our parameter paths are the official module names, with each
+# Linear's torch `weight` [out, in] as our transposed `kernel` [in, out].
+_LINEARS = "attention.q_proj|attention.kv_proj|attention.out_proj|mlp.up_proj|mlp.down_proj"
+_VECTORS = "norm1.weight|norm1.bias|norm2.weight|norm2.bias|layer_scale1.lambda1|layer_scale2.lambda1"
+WORLD_TABLE: tuple[common.Rule, ...] = (
+    common.Rule("predictor.blocks.{i}.{linear:" + _LINEARS + "}.weight",
+                "predictor.blocks.{i}.{linear}.kernel", "linear"),
+    common.Rule("predictor.blocks.{i}.{linear:" + _LINEARS + "}.bias", "predictor.blocks.{i}.{linear}.bias"),
+    common.Rule("predictor.blocks.{i}.{vector:" + _VECTORS + "}", "predictor.blocks.{i}.{vector}"),
+    common.Rule("predictor.{name:norm.weight|norm.bias}", "predictor.{name}"),
+    common.Rule("predictor.head.weight", "predictor.head.kernel", "linear"),
+    common.Rule("predictor.head.bias", "predictor.head.bias"),
+)
+Q_EMBED_RULE = common.Rule("q_embed.weight", "q_embed")  # only the deterministic (no best-of-K) models
+
+
+def _table(with_q_embed: bool) -> tuple[common.Rule, ...]:
+    return WORLD_TABLE + ((Q_EMBED_RULE,) if with_q_embed else ())
+
 
 def world_key_map(num_layers: int, with_q_embed: bool) -> dict[str, tuple[tuple[Any, ...], bool]]:
-    """Official name -> (path in the nnx module, transpose?). Linear weights are [out, in] in torch and
-    [in, out] (`kernel`) here."""
+    """Every official name -> (path in the nnx module, transpose?), enumerated from WORLD_TABLE. Linear
+    weights are [out, in] in torch and [in, out] (`kernel`) here."""
     mapping: dict[str, tuple[tuple[Any, ...], bool]] = {}
-    for i in range(num_layers):
-        prefix = f"predictor.blocks.{i}."
-        base = ("predictor", "blocks", i)
-        for name in _BLOCK_LINEARS:
-            path = base + tuple(name.split("."))
-            mapping[prefix + name + ".weight"] = (path + ("kernel",), True)
-            mapping[prefix + name + ".bias"] = (path + ("bias",), False)
-        for name in _BLOCK_VECTORS:
-            mapping[prefix + name] = (base + tuple(name.split(".")), False)
-    for name in ("norm.weight", "norm.bias"):
-        mapping["predictor." + name] = (("predictor",) + tuple(name.split(".")), False)
-    mapping["predictor.head.weight"] = (("predictor", "head", "kernel"), True)
-    mapping["predictor.head.bias"] = (("predictor", "head", "bias"), False)
-    if with_q_embed:
-        mapping["q_embed.weight"] = (("q_embed",), False)
+    for rule in _table(with_q_embed):
+        for fields in rule.expand(num_layers):
+            ours = rule.fill(rule.ours, fields)
+            path = tuple(int(part) if part.isdigit() else part for part in ours.split("."))
+            mapping[rule.fill(rule.official, fields)] = (path, rule.layout == "linear")
     return mapping
 
 
 def world_state_dict(model: DeltaWorld | DINOWorld) -> dict[str, np.ndarray]:
     """The model's parameters under the official names and layouts (the inverse of the loaders)."""
-    state = nnx.state(model, nnx.Param)
-    flat = {tuple(path): np.asarray(value.get_value() if hasattr(value, "get_value") else value)
-            for path, value in nnx.to_flat_state(state)}
-    out = {}
-    for name, (path, transpose) in world_key_map(model.cfg.num_layers, not model.cfg.use_bom).items():
-        array = flat[path]
-        out[name] = array.T if transpose else array
-    return out
+    return common.unmap_weights(common.model_params(model), _table(not model.cfg.use_bom))
 
 
 def _world_tensors(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -95,15 +94,8 @@ def _infer_sizes(tensors: Mapping[str, np.ndarray]) -> dict[str, int]:
 
 def _fill(abstract: DeltaWorld | DINOWorld, tensors: Mapping[str, np.ndarray], what: str):
     """Strict fill through common.fill_abstract_model: every unused, missing or mis-shaped entry in one error."""
-    mapping = world_key_map(abstract.cfg.num_layers, not abstract.cfg.use_bom)
-    params, unmapped = common.MappedParams(), []
-    for name, array in tensors.items():
-        if name not in mapping:
-            unmapped.append(name)
-            continue
-        path, transpose = mapping[name]
-        params.put(".".join(map(str, path)), common.torch_linear_to_kernel(array) if transpose else array, name)
-    return common.fill_abstract_model(abstract, params, what=what, unmapped_keys=unmapped)
+    params = common.map_weights(tensors, _table(not abstract.cfg.use_bom))
+    return common.fill_abstract_model(abstract, params, what=what)
 
 
 def _describe(source) -> str:

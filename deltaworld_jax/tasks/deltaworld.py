@@ -75,13 +75,15 @@ class DeltaWorldTask(WorldTask):
                 raise ValueError(
                     f"config.tokenizer.checkpoint={checkpoint!r} (our DeltaTok run) does not match the tokenizer "
                     f"config.tokenizer describes (num_layers={cfg.num_layers}, hidden_size={cfg.hidden_size}, "
-                    f"num_heads={cfg.num_heads}, intermediate_size={cfg.intermediate_size}): set "
+                    f"num_heads={cfg.num_heads}, intermediate_size={cfg.intermediate_size}, "
+                    f"scan_layers={cfg.scan_layers}): set "
                     f"config.tokenizer.<field> to that run's config.model values. Orbax: {first}") from None
         elif checkpoint:
             from deltaworld_jax.pretrained.deltatok import load_deltatok
 
             tokenizer = load_deltatok(checkpoint, vfm=vfm, dtype=dtype,
-                                      attention_impl=config_value(tok_config, "attention_impl", "xla"))
+                                      attention_impl=config_value(tok_config, "attention_impl", "xla"),
+                                      scan_layers=bool(config_value(tok_config, "scan_layers", False)))
         elif config_value(tok_config, "allow_random", False):
             cfg = deltatok_config_from(tok_config, (int(vfm.hidden_size), int(vfm.num_heads)))
             tokenizer = DeltaTok(cfg, dtype=dtype, rngs=nnx.Rngs(int(config_value(tok_config, "seed", 0))))

@@ -31,7 +31,7 @@ from flax import nnx
 
 from deltaworld_jax import sharding as sharding_lib, tasks
 from deltaworld_jax.training import checkpointing, metrics as metrics_lib, mfu as mfu_lib
-from deltaworld_jax.training import remat as remat_lib, train_step as step_lib
+from deltaworld_jax.training import train_step as step_lib
 
 MODES = ("train", "eval", "recipe")
 
@@ -183,8 +183,9 @@ def build(config, mesh=None, *, abstract_frozen: bool = False) -> Setup:
     no mesh context), so the whole step can be lowered for devices that do not exist here (aot.py)."""
     mesh = sharding_lib.make_mesh(config.mesh) if mesh is None else mesh
     rules = sharding_lib.axis_rules(config.mesh)
-    # config.model.remat (none | full | dots_saveable | ...) puts the trainable blocks under nnx.remat.
-    task = remat_lib.apply(tasks.make_task(config), config)
+    # config.model.remat (none | full | dots_saveable | ...; unset: layers.DEFAULT_REMAT) is a model option:
+    # the task's model config carries it to the scanned blocks (models/layers.scan_blocks).
+    task = tasks.make_task(config)
     seed = int(config.seed)
     # Abstract shapes outside the mesh context: shardings come from OUR rules (sharding.py), not from
     # Flax's eager per-variable sharding.

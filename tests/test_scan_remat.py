@@ -1,0 +1,202 @@
+"""Identical blocks run as one scan (layers.scan_blocks), and remat as a model option of the scanned block:
+the scan computes what the unrolled loop computes; every remat policy gives the same loss and gradients
+while changing the program (recompute FLOPs, saved residuals); config.model.remat reaches the models."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from deltaworld_jax import flops as flops_lib, tasks
+from deltaworld_jax.models import layers
+from deltaworld_jax.models.deltatok import DeltaTok, DeltaTokConfig
+from deltaworld_jax.models.predictor import Predictor, PredictorConfig
+
+
+BLOCK = layers.BlockConfig(layers.AttentionConfig(64, 2, qk_norm=True, output_gate=True), 128, gated_mlp=True,
+                           act="silu", layer_scale_init=0.5)
+
+
+def _blocks(n: int) -> nnx.List:
+    return nnx.List([layers.Block(BLOCK, rngs=nnx.Rngs(i)) for i in range(n)])
+
+
+def _unrolled(blocks, x, rope):
+    for block in blocks:
+        x = block(x, rope)
+    return x
+
+
+def test_scan_equals_the_unrolled_loop_forward_and_gradients():
+    x = jax.random.normal(jax.random.key(1), (2, 17, 64))
+    rope = layers.rope_2d((4, 4), 32)  # 16 patches after one prefix token, broadcast to every layer
+    blocks = _blocks(3)
+    np.testing.assert_allclose(layers.scan_blocks(blocks, x, rope), _unrolled(blocks, x, rope), rtol=1e-5,
+                               atol=1e-5)
+
+    def loss(run):
+        return lambda b: jnp.sum(run(b, x, rope) ** 2)
+
+    scanned = nnx.grad(loss(lambda b, x, r: layers.scan_blocks(b, x, r)))(blocks)
+    unrolled = nnx.grad(loss(_unrolled))(blocks)
+    for a, b in zip(jax.tree.leaves(scanned), jax.tree.leaves(unrolled)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    # The gradient reaches every block's own parameters (they are not shared).
+    pure = nnx.to_pure_dict(scanned)
+    per_block = [np.asarray(pure[i]["attention"]["q_proj"]["kernel"]) for i in range(3)]
+    assert not np.allclose(per_block[0], per_block[1])
+
+
+def test_the_block_is_traced_once_not_per_layer():
+    x = jnp.zeros((1, 17, 64))
+    rope = layers.rope_2d((4, 4), 32)
+    jaxpr = jax.make_jaxpr(lambda b: layers.scan_blocks(b, x, rope))(_blocks(4))
+    scans = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
+    assert len(scans) == 1 and scans[0].params["length"] == 4
+    dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert not dots  # every matmul lives in the scan body
+
+
+def test_blocks_of_different_structure_are_refused():
+    blocks = nnx.List([layers.Block(BLOCK, rngs=nnx.Rngs(0)),
+                       layers.Block(layers.BlockConfig(BLOCK.attention, 96), rngs=nnx.Rngs(1))])
+    with pytest.raises(ValueError, match="identical blocks"):
+        layers.scan_blocks(blocks, jnp.zeros((1, 17, 64)))
+
+
+def residual_size(fn, *args) -> int:
+    """Number of values the backward pass of fn(*args) keeps from the forward pass (the leaves of its vjp)."""
+    vjp_fn = jax.eval_shape(lambda *a: jax.vjp(fn, *a)[1], *args)
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(vjp_fn))
+
+
+def _grads_flops_residuals(policy: str):
+    blocks = _blocks(2)
+    x = jax.random.normal(jax.random.key(1), (2, 17, 64))
+
+    def loss(b, x):
+        return jnp.sum(layers.scan_blocks(b, x, remat=policy) ** 2)
+
+    grad = lambda b, x: nnx.grad(loss)(b, x)  # noqa: E731
+    graphdef, state = nnx.split(blocks)
+    residuals = residual_size(lambda s: loss(nnx.merge(graphdef, s), x), state)
+    return jax.jit(grad)(blocks, x), flops_lib.jaxpr_matmul_flops(grad, blocks, x)[0], residuals
+
+
+def test_remat_policies_keep_gradients_and_change_the_program():
+    base_grads, base_flops, base_res = _grads_flops_residuals("none")
+    full_grads, full_flops, full_res = _grads_flops_residuals("full")
+    for a, b in zip(jax.tree.leaves(base_grads), jax.tree.leaves(full_grads)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    # "full": the whole forward runs again in the backward pass (fwd + bwd = 3 fwd -> 4 fwd).
+    assert full_flops == pytest.approx(base_flops * 4 / 3, rel=1e-6)
+    # ... and keeps far less for the backward pass than no remat does.
+    assert full_res < base_res / 2, (full_res, base_res)
+    # "dots_saveable": matmul outputs are kept, so no matmul is recomputed; it keeps less than "none".
+    _, dots_flops, dots_res = _grads_flops_residuals("dots_saveable")
+    assert dots_flops == pytest.approx(base_flops, rel=1e-6)
+    assert full_res < dots_res < base_res, (full_res, dots_res, base_res)
+
+
+def test_unknown_remat_policy_is_refused_by_the_model_configs():
+    with pytest.raises(ValueError, match="remat"):
+        DeltaTokConfig(hidden_size=32, num_heads=2, remat="sometimes")
+    with pytest.raises(ValueError, match="remat"):
+        PredictorConfig(hidden_size=32, num_heads=2, rope_axis_sizes=(12,), remat="sometimes")
+    with pytest.raises(ValueError, match="remat"):
+        layers.scan_blocks(_blocks(2), jnp.zeros((1, 17, 64)), remat="sometimes")
+
+
+def _deltatok_loss_grads_residuals(remat: str):
+    model = DeltaTok(DeltaTokConfig(hidden_size=32, num_heads=2, num_layers=2, intermediate_size=64, remat=remat),
+                     rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (2, 16, 32))
+    rope = model.rope((4, 4))
+    graphdef, state = nnx.split(model)
+
+    def loss(s):
+        m = nnx.merge(graphdef, s)
+        return jnp.mean((m.decode(m.encode(x, x + 1, rope), x, rope) - x - 1) ** 2)
+
+    return jax.jit(jax.value_and_grad(loss))(state), residual_size(loss, state)
+
+
+def test_deltatok_remat_option_same_loss_and_grads_other_program():
+    (loss, grads), kept = _deltatok_loss_grads_residuals("none")
+    (loss_r, grads_r), kept_r = _deltatok_loss_grads_residuals("full")
+    np.testing.assert_allclose(float(loss_r), float(loss), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_r)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
+    assert kept_r < kept / 2, (kept_r, kept)  # the backward pass recomputes instead of keeping activations
+
+
+def test_predictor_remat_option_same_output_and_grads():
+    def run(remat):
+        cfg = PredictorConfig(hidden_size=32, num_layers=3, num_heads=2, backbone_hidden_size=24,
+                              rope_axis_sizes=(12,), remat=remat)
+        model = Predictor(cfg, rngs=nnx.Rngs(0))
+        q = jax.random.normal(jax.random.key(1), (2, 3, 32))
+        kv = jax.random.normal(jax.random.key(2), (2, 5, 24))
+        pos_q, pos_k = (jnp.broadcast_to(jnp.arange(3.0), (2, 3)),), (jnp.broadcast_to(jnp.arange(5.0), (2, 5)),)
+        mask = (jnp.arange(5)[None, :] < jnp.arange(1, 4)[:, None])[None, None]
+        return jax.jit(nnx.value_and_grad(lambda m: jnp.sum(m(q, kv, pos_q, pos_k, mask) ** 2)))(model)
+
+    (out, grads), (out_r, grads_r) = run("none"), run("dots_with_no_batch_dims_saveable")
+    np.testing.assert_allclose(float(out_r), float(out), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_r)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["deltatok", "deltaworld", "dinoworld"])
+def test_config_model_remat_reaches_the_trained_model(kind):
+    """config.model.remat is a field of the model configs: the task builds the trainable model with it."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.py")
+    spec = importlib.util.spec_from_file_location("tiny_config", path)
+    tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny)
+    config = tiny.get_config(kind)
+    config.model.remat = "full"
+    model = nnx.eval_shape(lambda: tasks.make_task(config).build_trainable(nnx.Rngs(0)))
+    cfg = model.cfg if kind == "deltatok" else model.predictor.cfg
+    assert cfg.remat == "full"
+    config.model.remat = "sometimes"
+    with pytest.raises(ValueError, match="remat"):
+        tasks.make_task(config).build_trainable(nnx.Rngs(0))
+    assert isinstance(config, ml_collections.ConfigDict)
+
+
+@pytest.mark.parametrize("num_blocks", [1, 2])
+def test_blocks_of_an_outer_trace_run_remat_inside_a_scan(num_blocks):
+    """As DeltaTok's rollout and the best-of-K search do: modules made outside a lax.scan, called inside it
+    (nnx.remat must not write back into them)."""
+    blocks = _blocks(num_blocks)
+    x = jax.random.normal(jax.random.key(1), (2, 17, 64))
+
+    def step(carry, _):
+        return layers.scan_blocks(blocks, carry, remat="full"), None
+
+    out = jax.jit(lambda x: jax.lax.scan(step, x, None, length=2)[0])(x)
+    expected = _unrolled(blocks, _unrolled(blocks, x, None), None)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_remat_recomputes_attention_only_when_scanning():
+    """"auto" (the model configs' default): the scanned stack keeps the weight matmuls only; a single block
+    (unscanned, where XLA can still rematerialise on its own) keeps everything."""
+    x = jax.random.normal(jax.random.key(1), (2, 17, 64))
+
+    def kept(num_blocks, policy):
+        graphdef, state = nnx.split(_blocks(num_blocks))
+        return residual_size(lambda s: jnp.sum(layers.scan_blocks(nnx.merge(graphdef, s), x, remat=policy) ** 2),
+                             state)
+
+    assert kept(2, "auto") == kept(2, layers.SCANNED_REMAT) < kept(2, "none")
+    assert kept(1, "auto") == kept(1, "none") > kept(1, layers.SCANNED_REMAT)
+    assert DeltaTokConfig().remat == PredictorConfig().remat == "auto"
