@@ -1,6 +1,7 @@
-"""Identical blocks run as one scan (layers.scan_blocks), and remat as a model option of the scanned block:
-the scan computes what the unrolled loop computes; every remat policy gives the same loss and gradients
-while changing the program (recompute FLOPs, saved residuals); config.model.remat reaches the models."""
+"""Stacks of identical blocks (layers.run_blocks): per-layer blocks run unrolled (no scan, no per-call copy
+of their parameters into a stack), blocks stored stacked run as one scan; remat is a model option of either:
+every remat policy gives the same loss and gradients while changing the program (recompute FLOPs, saved
+residuals); config.model.remat reaches the models. (Stacked against per-layer: tests/test_stacked_layers.py.)"""
 
 from __future__ import annotations
 
@@ -25,23 +26,35 @@ def _blocks(n: int) -> nnx.List:
     return nnx.List([layers.Block(BLOCK, rngs=nnx.Rngs(i)) for i in range(n)])
 
 
+def _stack(n: int) -> layers.BlockStack:
+    return layers.BlockStack(n, lambda r: layers.Block(BLOCK, rngs=r), rngs=nnx.Rngs(0))
+
+
 def _unrolled(blocks, x, rope):
     for block in blocks:
         x = block(x, rope)
     return x
 
 
-def test_scan_equals_the_unrolled_loop_forward_and_gradients():
+def test_per_layer_blocks_run_unrolled_forward_and_gradients():
     x = jax.random.normal(jax.random.key(1), (2, 17, 64))
     rope = layers.rope_2d((4, 4), 32)  # 16 patches after one prefix token, broadcast to every layer
     blocks = _blocks(3)
-    np.testing.assert_allclose(layers.scan_blocks(blocks, x, rope), _unrolled(blocks, x, rope), rtol=1e-5,
-                               atol=1e-5)
+    np.testing.assert_array_equal(layers.run_blocks(blocks, x, rope), _unrolled(blocks, x, rope))
+    # No scan, and no stacked copy of the parameters: the program is three blocks' programs, no more.
+    def count(n):
+        eqns = jax.make_jaxpr(lambda b: layers.run_blocks(b, x, rope))(_blocks(n)).jaxpr.eqns
+        return len(eqns), sum(e.primitive.name in ("scan", "concatenate", "stack") for e in eqns)
+
+    (one, one_concat), (three, three_concat) = count(1), count(3)
+    assert three == 3 * one and three_concat == 3 * one_concat, (one, three, one_concat, three_concat)
+    assert "scan" not in {e.primitive.name for e in jax.make_jaxpr(
+        lambda b: layers.run_blocks(b, x, rope))(blocks).jaxpr.eqns}
 
     def loss(run):
         return lambda b: jnp.sum(run(b, x, rope) ** 2)
 
-    scanned = nnx.grad(loss(lambda b, x, r: layers.scan_blocks(b, x, r)))(blocks)
+    scanned = nnx.grad(loss(lambda b, x, r: layers.run_blocks(b, x, r)))(blocks)
     unrolled = nnx.grad(loss(_unrolled))(blocks)
     for a, b in zip(jax.tree.leaves(scanned), jax.tree.leaves(unrolled)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
@@ -51,21 +64,14 @@ def test_scan_equals_the_unrolled_loop_forward_and_gradients():
     assert not np.allclose(per_block[0], per_block[1])
 
 
-def test_the_block_is_traced_once_not_per_layer():
+def test_a_stored_stack_is_traced_once_not_per_layer():
     x = jnp.zeros((1, 17, 64))
     rope = layers.rope_2d((4, 4), 32)
-    jaxpr = jax.make_jaxpr(lambda b: layers.scan_blocks(b, x, rope))(_blocks(4))
+    jaxpr = jax.make_jaxpr(lambda b: layers.run_blocks(b, x, rope))(_stack(4))
     scans = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
     assert len(scans) == 1 and scans[0].params["length"] == 4
     dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
     assert not dots  # every matmul lives in the scan body
-
-
-def test_blocks_of_different_structure_are_refused():
-    blocks = nnx.List([layers.Block(BLOCK, rngs=nnx.Rngs(0)),
-                       layers.Block(layers.BlockConfig(BLOCK.attention, 96), rngs=nnx.Rngs(1))])
-    with pytest.raises(ValueError, match="identical blocks"):
-        layers.scan_blocks(blocks, jnp.zeros((1, 17, 64)))
 
 
 def residual_size(fn, *args) -> int:
@@ -79,7 +85,7 @@ def _grads_flops_residuals(policy: str):
     x = jax.random.normal(jax.random.key(1), (2, 17, 64))
 
     def loss(b, x):
-        return jnp.sum(layers.scan_blocks(b, x, remat=policy) ** 2)
+        return jnp.sum(layers.run_blocks(b, x, remat=policy) ** 2)
 
     grad = lambda b, x: nnx.grad(loss)(b, x)  # noqa: E731
     graphdef, state = nnx.split(blocks)
@@ -108,7 +114,7 @@ def test_unknown_remat_policy_is_refused_by_the_model_configs():
     with pytest.raises(ValueError, match="remat"):
         PredictorConfig(hidden_size=32, num_heads=2, rope_axis_sizes=(12,), remat="sometimes")
     with pytest.raises(ValueError, match="remat"):
-        layers.scan_blocks(_blocks(2), jnp.zeros((1, 17, 64)), remat="sometimes")
+        layers.run_blocks(_blocks(2), jnp.zeros((1, 17, 64)), remat="sometimes")
 
 
 def _deltatok_loss_grads_residuals(remat: str):
@@ -180,7 +186,7 @@ def test_blocks_of_an_outer_trace_run_remat_inside_a_scan(num_blocks):
     x = jax.random.normal(jax.random.key(1), (2, 17, 64))
 
     def step(carry, _):
-        return layers.scan_blocks(blocks, carry, remat="full"), None
+        return layers.run_blocks(blocks, carry, remat="full"), None
 
     out = jax.jit(lambda x: jax.lax.scan(step, x, None, length=2)[0])(x)
     expected = _unrolled(blocks, _unrolled(blocks, x, None), None)
@@ -188,15 +194,17 @@ def test_blocks_of_an_outer_trace_run_remat_inside_a_scan(num_blocks):
 
 
 def test_auto_remat_recomputes_attention_only_when_scanning():
-    """"auto" (the model configs' default): the scanned stack keeps the weight matmuls only; a single block
-    (unscanned, where XLA can still rematerialise on its own) keeps everything."""
+    """"auto" (the model configs' default): a scanned stack (stored stacked) keeps the weight matmuls only;
+    per-layer blocks (unrolled, where XLA can still rematerialise on its own) and a one-layer stack keep
+    everything."""
     x = jax.random.normal(jax.random.key(1), (2, 17, 64))
 
-    def kept(num_blocks, policy):
-        graphdef, state = nnx.split(_blocks(num_blocks))
-        return residual_size(lambda s: jnp.sum(layers.scan_blocks(nnx.merge(graphdef, s), x, remat=policy) ** 2),
+    def kept(blocks, policy):
+        graphdef, state = nnx.split(blocks)
+        return residual_size(lambda s: jnp.sum(layers.run_blocks(nnx.merge(graphdef, s), x, remat=policy) ** 2),
                              state)
 
-    assert kept(2, "auto") == kept(2, layers.SCANNED_REMAT) < kept(2, "none")
-    assert kept(1, "auto") == kept(1, "none") > kept(1, layers.SCANNED_REMAT)
+    assert kept(_stack(2), "auto") == kept(_stack(2), layers.SCANNED_REMAT) < kept(_stack(2), "none")
+    assert kept(_blocks(2), "auto") == kept(_blocks(2), "none") > kept(_blocks(2), layers.SCANNED_REMAT)
+    assert kept(_stack(1), "auto") == kept(_stack(1), "none")
     assert DeltaTokConfig().remat == PredictorConfig().remat == "auto"

@@ -32,6 +32,9 @@ from deltaworld_jax.pretrained.world import load_deltaworld, world_state_dict
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEPTH = 3
 TIGHT = dict(rtol=1e-6, atol=1e-6)
+# The two layouts run different programs (per-layer blocks unrolled, stacked ones as one scan), so their
+# outputs agree to float32 rounding, not bit for bit; the weights themselves must agree exactly.
+SAME_FORWARD = dict(rtol=1e-5, atol=1e-6)
 
 
 def _flat(state) -> dict[str, np.ndarray]:
@@ -85,7 +88,7 @@ def test_scanned_stack_equals_the_unrolled_blocks_forward_and_gradient(remat):
     x = jax.random.normal(jax.random.key(1), (2, 9, 32))
 
     def scanned_loss(stack, x):
-        return jnp.sum(layers.scan_blocks(stack, x, remat=remat) ** 2)
+        return jnp.sum(layers.run_blocks(stack, x, remat=remat) ** 2)
 
     def unrolled_loss(blocks, x):
         for block in blocks:
@@ -160,7 +163,9 @@ def test_dinov3_stacked_equals_per_layer():
     loss_p, grads_p = _value_and_grads(per_layer, loss)
     loss_s, grads_s = _value_and_grads(stacked, loss)
     np.testing.assert_allclose(loss_s, loss_p, **TIGHT)
-    _assert_same(grads_p, grads_s, "DINOv3 gradients")
+    # atol: the patch embedding's bias gradient sums every patch's (terms ~1, sums ~1e-3): float32 rounding
+    # of the two programs differs there by up to ~6e-6.
+    _assert_same(grads_p, grads_s, "DINOv3 gradients", rtol=1e-4, atol=2e-5)
 
 
 # ---- official weights into both layouts, and back -----------------------------------------------------------
@@ -185,7 +190,7 @@ def test_official_deltatok_weights_load_into_both_layouts_and_export_back(tmp_pa
     stacked = load_deltatok(path, scan_layers=True)
     assert isinstance(stacked.encoder_blocks, layers.BlockStack) and isinstance(per_layer.encoder_blocks, nnx.List)
     for a, b in zip(_forward_deltatok(per_layer), _forward_deltatok(stacked)):
-        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a, b, **SAME_FORWARD)
     exported = common.unmap_weights(common.model_params(stacked), DELTATOK_TABLE)
     assert exported.keys() == official.keys()
     for key in official:
@@ -225,7 +230,7 @@ def test_transformers_dinov3_folder_loads_into_both_layouts(tmp_path):
     assert isinstance(stacked.layer, layers.BlockStack) and len(stacked.layer) == DEPTH
     _assert_same(common.model_params(per_layer), common.model_params(stacked), "DINOv3 weights", rtol=0, atol=0)
     frames = np.random.default_rng(0).integers(0, 256, (1, 2, 16, 24, 3), dtype=np.uint8)
-    np.testing.assert_array_equal(np.asarray(per_layer(frames)), np.asarray(stacked(frames)))
+    np.testing.assert_allclose(np.asarray(per_layer(frames)), np.asarray(stacked(frames)), **SAME_FORWARD)
 
 
 def _world_config(**kw) -> DeltaWorldConfig:
@@ -241,8 +246,8 @@ def test_official_deltaworld_weights_load_into_both_layouts_and_export_back():
     k1, k2 = jax.random.split(jax.random.key(4))
     queries, kv = jax.random.normal(k1, (2, 4, 32)), jax.random.normal(k2, (2, 6, 24))
     pos_q, pos_k = (jnp.tile(jnp.arange(4.0), (2, 1)),), (jnp.tile(jnp.arange(6.0), (2, 1)),)
-    np.testing.assert_array_equal(np.asarray(per_layer.predictor(queries, kv, pos_q, pos_k)),
-                                  np.asarray(stacked.predictor(queries, kv, pos_q, pos_k)))
+    np.testing.assert_allclose(np.asarray(per_layer.predictor(queries, kv, pos_q, pos_k)),
+                               np.asarray(stacked.predictor(queries, kv, pos_q, pos_k)), **SAME_FORWARD)
     exported = world_state_dict(stacked)
     assert exported.keys() == official.keys()
     for key in official:

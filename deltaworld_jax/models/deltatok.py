@@ -11,8 +11,9 @@ config: LayerNorm eps 1e-5, q/v/o and MLP biases, no key bias, SwiGLU MLP, QK-La
 without bias applied AFTER RoPE, a per-head sigmoid output gate from the attention input, LayerScale 1e-5.
 Mixed precision as the official bf16 autocast: matmuls run in `dtype`, while the residual stream, the
 token norm and the outputs stay float32 (under autocast the residual adds and LayerNorms are float32).
-Each stack runs as ONE scan over its identical blocks (layers.scan_blocks: compiled once, not per layer),
-optionally rematerialised (`DeltaTokConfig.remat`). Parameter names mirror the official module names
+Each stack of identical blocks runs per-layer, unrolled, or, stored stacked (`DeltaTokConfig.scan_layers`),
+as ONE scan (layers.run_blocks: compiled once, not per layer); optionally rematerialised
+(`DeltaTokConfig.remat`). Parameter names mirror the official module names
 (encoder_blocks.{i}.attention.q_proj, z_embed.weight, xy_embed.weight, norm.weight, ...) so importing
 released weights is a rename plus transposes.
 """
@@ -172,7 +173,7 @@ class DeltaTok(nnx.Module):
         else:
             hidden = jnp.concatenate([z, y], axis=1)
         # One scan over the blocks; the RoPE table is broadcast to every layer, not scanned.
-        hidden = layers.scan_blocks(self.encoder_blocks, hidden, rope, remat=self.cfg.remat)
+        hidden = layers.run_blocks(self.encoder_blocks, hidden, rope, remat=self.cfg.remat)
         return self.norm(hidden[:, :1])
 
     def decode(self, token_b1d: Array, prev_bnd: Array, rope: tuple[Array, Array]) -> Array:
@@ -190,7 +191,7 @@ class DeltaTok(nnx.Module):
         else:
             x = jnp.broadcast_to(self.xy_embed.weight[...][0].astype(jnp.float32), prev_bnd.shape)
         hidden = jnp.concatenate([token_b1d.astype(jnp.float32), x], axis=1)
-        hidden = layers.scan_blocks(self.decoder_blocks, hidden, rope, remat=self.cfg.remat)
+        hidden = layers.run_blocks(self.decoder_blocks, hidden, rope, remat=self.cfg.remat)
         return hidden[:, 1:]
 
     # ------------------------------------------------------------------------------------------------

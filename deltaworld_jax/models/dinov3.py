@@ -226,7 +226,7 @@ class DINOv3(nnx.Module):
         tokens = self.embeddings(pixels)
         rope = self.rope(grid, rope_rng)
         # One scan over the identical blocks (compiled once); the RoPE table goes to every layer.
-        tokens = layers.scan_blocks(self.layer, tokens, rope, implementation=self.config.attention_impl)
+        tokens = layers.run_blocks(self.layer, tokens, rope, implementation=self.config.attention_impl)
         features = self.norm(tokens)[:, self.num_prefix_tokens :]
         return features.reshape(lead + features.shape[1:])
 

@@ -1,7 +1,7 @@
 """Shared transformer pieces: RoPE (2-D patch grid, 1-D/3-D over time), attention, MLPs, LayerScale, the
 two layouts of a stack of identical blocks (`make_blocks`: per-layer modules, or one `BlockStack` whose
-parameters are stored stacked on a leading layer axis), and `scan_blocks`, which runs either layout as one
-scan (optionally rematerialised).
+parameters are stored stacked on a leading layer axis), and `run_blocks`, which runs the first unrolled and
+the second as one scan (either optionally rematerialised).
 
 Layout conventions: tokens are [batch, length, hidden]; attention heads are [batch, length, heads, head_dim]
 (the layout `jax.nn.dot_product_attention` takes). `dtype` is the compute dtype, `param_dtype` the storage
@@ -440,7 +440,7 @@ class Block(nnx.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Identical blocks run by one scan (optionally rematerialised)
+# Stacks of identical blocks: per-layer (unrolled) or stored stacked (one scan); optional remat
 # ----------------------------------------------------------------------------------------------------
 
 # Rematerialisation policies of a scanned block stack (a model option: `remat` of the model configs).
@@ -452,10 +452,10 @@ REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
-# "auto", the default of the model configs' `remat`: SCANNED_REMAT for a scanned stack (two blocks or
-# more), "none" for a single block. Why not "none" everywhere: a scanned stack cannot lean on XLA's own
-# rematerialisation, which on the unrolled stack recomputed the cheap, large activations (attention
-# logits/probabilities, float32 copies) to fit HBM; a single block, unscanned, still can. Measured on
+# "auto", the default of the model configs' `remat`: SCANNED_REMAT for a scanned stack (a BlockStack of two
+# blocks or more), "none" for per-layer (unrolled) blocks. Why not "none" everywhere: a scanned stack cannot
+# lean on XLA's own rematerialisation, which on the unrolled stack recomputed the cheap, large activations
+# (attention logits/probabilities, float32 copies) to fit HBM; unrolled blocks still can. Measured on
 # DeltaTok ViT-B (12 + 12 blocks, 513 tokens, batch 8, bf16): the scan keeps 7.97 GiB of residuals with
 # "none", 1.95 GiB with SCANNED_REMAT (weight matmul outputs kept; attention's QK^T / AV and the
 # elementwise work recomputed, ~4% more FLOPs), 0.85 with "full".
@@ -485,7 +485,7 @@ STACKED = "stacked"
 class BlockStack(nnx.Module):
     """`num_layers` identical blocks stored as ONE block whose every parameter has a leading layer axis
     (logical name LAYER_AXIS): [L, in, out] kernels, [L, d] norms. Built with nnx.vmap over the block's
-    constructor (each layer its own random init, from split rngs), run by `scan_blocks` with nnx.scan.
+    constructor (each layer its own random init, from split rngs), run by `run_blocks` with nnx.scan.
 
     Why: a train step's program is mostly per-parameter-leaf work (AdamW, clipping, gradient norms,
     shardings; ~76 StableHLO ops per leaf, benchmarks/RESULTS.md), so a stack of L blocks of n leaves
@@ -514,59 +514,49 @@ def make_blocks(num_layers: int, make_block: Callable[[nnx.Rngs], nnx.Module], *
     """A stack of `num_layers` identical blocks, `make_block(rngs)` each: per-layer modules (an nnx.List;
     parameter paths `blocks.3.mlp...` as in the official checkpoints; the models' default) or, with
     `stacked`, one BlockStack (`blocks.stacked.mlp...`, [L, ...]; the recipe configs' choice, for short
-    compiles). Both run as one scan (scan_blocks) and compute the same function; weight import fills
-    either (pretrained/common.py)."""
+    compiles). run_blocks runs the first unrolled, the second as one scan; both compute the same
+    function, and weight import fills either (pretrained/common.py)."""
     if stacked:
         return BlockStack(num_layers, make_block, rngs=rngs)
     return nnx.List([make_block(rngs) for _ in range(num_layers)])
 
 
-def scan_blocks(blocks: nnx.List | BlockStack, hidden: Array, *broadcast, remat: str = "none", **static) -> Array:
-    """hidden -> blocks[-1](... blocks[0](hidden, *broadcast) ...), run as ONE `nnx.scan` over the layers:
-    the block is traced and compiled once, not once per layer.
+def run_blocks(blocks: nnx.List | BlockStack, hidden: Array, *broadcast, remat: str = "none", **static) -> Array:
+    """hidden -> blocks[-1](... blocks[0](hidden, *broadcast) ...), for either layout of make_blocks.
 
-    `blocks` is either layout of make_blocks. A BlockStack's parameters are already stacked: the scan
-    slices layer i of each. Per-layer blocks (an nnx.List) are stacked here, per call: a copy of the
-    stack's parameters (and of their gradients) during a step, whose gradient flows back to each block's
-    own parameters. `broadcast` arguments (RoPE tables, masks, key/value tokens) go unchanged to every
-    layer; they are not scanned. `static` keyword arguments (strings) are closed over. `remat`
-    (REMAT_POLICIES, or "auto": see DEFAULT_REMAT) puts the scanned block under `nnx.remat`."""
+    A BlockStack runs as ONE `nnx.scan` over its stacked parameters: the block is traced and compiled
+    once, not once per layer (the recipe's layout: short compiles). Per-layer blocks (an nnx.List) run one
+    after the other, unrolled: no copy of their parameters into a stack (and of the gradients back) in
+    every step, and XLA schedules and fuses across layers (the fastest for small models and on CPU; the
+    models' default). `broadcast` arguments (RoPE tables, masks, key/value tokens) go unchanged to every
+    layer. `static` keyword arguments (strings) are closed over. `remat` (REMAT_POLICIES, or "auto": see
+    DEFAULT_REMAT) puts each block under `nnx.remat`."""
     remat = check_remat(remat)
+    stacked = isinstance(blocks, BlockStack)
     if remat == "auto":
-        remat = SCANNED_REMAT if len(blocks) > 1 else "none"
+        remat = SCANNED_REMAT if stacked and len(blocks) > 1 else "none"
 
     def layer(x, block, *consts):
         return block(x, *consts, **static)
 
     if remat != "none":
-        # prevent_cse=False: inside a scan, XLA cannot merge the recompute into the forward pass anyway (a
-        # single block, run without a scan, keeps jax's default).
-        layer = nnx.remat(layer, policy=REMAT_POLICIES[remat], prevent_cse=len(blocks) == 1)
-    in_axes = (nnx.Carry, 0) + (None,) * len(broadcast)
-    # The transforms run on a fresh module made here, never on the blocks themselves: those may belong to
+        # prevent_cse=False inside a scan: XLA cannot merge the recompute into the forward pass anyway;
+        # unrolled blocks keep jax's default.
+        layer = nnx.remat(layer, policy=REMAT_POLICIES[remat], prevent_cse=not stacked)
+    # The transforms run on fresh modules made here, never on the blocks themselves: those may belong to
     # an outer trace (a predictor merged outside the best-of-K lax.scan), and nnx.remat / nnx.scan write
     # their state back into the modules they are given.
-    if isinstance(blocks, BlockStack):
+    if stacked:
         graphdef, state = nnx.split(getattr(blocks, STACKED))
         fresh = nnx.merge(graphdef, jax.tree.map(lambda x: x, state))  # new Variables, in this trace
         # transform_metadata: inside the scan a layer's Variables carry their per-layer logical axes.
-        run = nnx.scan(layer, in_axes=in_axes, out_axes=nnx.Carry,
+        run = nnx.scan(layer, in_axes=(nnx.Carry, 0) + (None,) * len(broadcast), out_axes=nnx.Carry,
                        transform_metadata={nnx.PARTITION_NAME: LAYER_AXIS})
         return run(hidden, fresh, *broadcast)
-    if len(blocks) == 1:  # nothing to scan over
-        graphdef, state = nnx.split(blocks[0])
-        fresh = nnx.merge(graphdef, jax.tree.map(lambda x: x, state))  # new Variables, in this trace
-        return layer(hidden, fresh, *broadcast)
-    graphdef, _ = nnx.split(blocks[0])
-    states = []
-    for i, block in enumerate(blocks):
-        block_graphdef, state = nnx.split(block)
-        if block_graphdef != graphdef:
-            raise ValueError(f"block {i} differs in structure from block 0: only identical blocks can be scanned")
-        states.append(state)
-    stacked = nnx.merge(graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *states))
-    run = nnx.scan(layer, in_axes=in_axes, out_axes=nnx.Carry)
-    return run(hidden, stacked, *broadcast)
+    for block in blocks:
+        graphdef, state = nnx.split(block)
+        hidden = layer(hidden, nnx.merge(graphdef, jax.tree.map(lambda x: x, state)), *broadcast)
+    return hidden
 
 
 def count_params(module: nnx.Module) -> int:

@@ -90,7 +90,7 @@ class PredictorBlock(nnx.Module):
 
 
 class Predictor(nnx.Module):
-    """blocks[i] (PredictorBlock; run as one scan, layers.scan_blocks, under `cfg.remat`), then `norm` and
+    """blocks[i] (PredictorBlock; layers.run_blocks: unrolled, or one scan when stored stacked; under `cfg.remat`), then `norm` and
     `head` (hidden -> backbone width)."""
 
     def __init__(self, cfg: PredictorConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
@@ -127,7 +127,7 @@ class Predictor(nnx.Module):
         rope_q = layers.axis_rope_tables(pos_q, self.cfg.rope_axis_sizes)  # once for all blocks
         rope_k = layers.axis_rope_tables(pos_k, self.cfg.rope_axis_sizes)
         # One scan over the stacked blocks; the key/value tokens, RoPE tables and mask go to every layer.
-        x = layers.scan_blocks(self.blocks, x, kv_tokens, rope_q, rope_k, mask, remat=self.cfg.remat)
+        x = layers.run_blocks(self.blocks, x, kv_tokens, rope_q, rope_k, mask, remat=self.cfg.remat)
         return self.head(self.norm(x))
 
 

@@ -184,7 +184,7 @@ def build(config, mesh=None, *, abstract_frozen: bool = False) -> Setup:
     mesh = sharding_lib.make_mesh(config.mesh) if mesh is None else mesh
     rules = sharding_lib.axis_rules(config.mesh)
     # config.model.remat (none | full | dots_saveable | ...; unset: layers.DEFAULT_REMAT) is a model option:
-    # the task's model config carries it to the scanned blocks (models/layers.scan_blocks).
+    # the task's model config carries it to the blocks (models/layers.run_blocks).
     task = tasks.make_task(config)
     seed = int(config.seed)
     # Abstract shapes outside the mesh context: shardings come from OUR rules (sharding.py), not from
