@@ -113,3 +113,14 @@ def test_frozen_module_is_not_in_the_optimizer_state():
     frozen_shapes = {tuple(l.shape) for l in frozen_leaves}
     trainable_shapes = {tuple(l.shape) for l in jax.tree.leaves(params)}
     assert not (frozen_shapes - trainable_shapes) & {tuple(l.shape) for l in opt_leaves}
+
+
+@pytest.mark.parametrize("platform", ["cpu", "tpu"])
+def test_keep_if_takes_the_new_state_or_keeps_the_old_one(platform):
+    """The step's skip of a non-finite update: a cond on CPU, a select per leaf elsewhere; the same result."""
+    new = {"w": jnp.full((3, 2), 2.0), "mu": (jnp.ones(4), jnp.int32(7))}
+    old = {"w": jnp.zeros((3, 2)), "mu": (jnp.zeros(4), jnp.int32(3))}
+    for take, expected in ((True, new), (False, old)):
+        got = jax.jit(lambda t: step_lib.keep_if(t, new, old, platform))(jnp.bool_(take))
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
