@@ -166,3 +166,25 @@ def pure_shardings(state: nnx.State, mesh: Mesh, rules) -> dict:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+    """`x` with its leading (batch) dim split over the batch axes (BATCH_AXES) of the mesh in context
+    (`jax.set_mesh`), its other dims left to the partitioner; `x` unchanged without such a mesh, when those
+    axes are all of size 1, or when they do not divide the dim.
+
+    Why: nothing else tells XLA's partitioner how to lay out activations. With FSDP (`embed` dims of the
+    weights split over `fsdp`) it kept the weights where they are and split the activations' hidden dim
+    instead, all-gathering the batch: every device ran the blocks on the whole global micro-batch with
+    1/fsdp of the width and all-reduced full-batch activations after every matmul (DeltaTok 256px on
+    v5e:2x2: [64, 261, 768] bf16 all-reduces in DINOv3's blocks), and the odd-sized full-batch tensors made
+    the TPU backend's largest, slowest-to-compile kernels (benchmarks/RESULTS.md "Where the TPU compile
+    time goes"). Split by batch, each device runs its own examples with all-gathered weights (FSDP proper)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or x.ndim == 0:
+        return x
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+    if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+        return x
+    batch = axes[0] if len(axes) == 1 else axes
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(batch, *[PartitionSpec.UNCONSTRAINED] * (x.ndim - 1)))

@@ -174,3 +174,44 @@ def test_one_step_loss_is_layout_independent(eight_device_results):
         np.testing.assert_allclose(losses[name], losses["one"], rtol=1e-5, err_msg=name)
         np.testing.assert_allclose(kernels[name], kernels["one"], rtol=1e-4, atol=1e-6, err_msg=name)
     assert losses["one"][1] > 0  # gradients flowed
+
+
+def test_scanned_blocks_keep_activations_split_by_batch_under_fsdp():
+    """On a 4-device FSDP mesh (weights' `embed` dims split over fsdp), run_blocks keeps the residual stream
+    split by batch (sharding.constrain_batch), whatever the partitioner would pick from the weights; the
+    constraint leaves arrays alone without a mesh or when the batch does not divide, and the stack's
+    result is the same as without a mesh."""
+    code = """
+    import json
+    import jax, jax.numpy as jnp, numpy as np
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from deltaworld_jax import sharding
+    from deltaworld_jax.models import layers
+
+    mesh = sharding.make_mesh(type("M", (), {"shape": {"data": 1, "fsdp": 4, "tensor": 1}})())
+    cfg = layers.BlockConfig(layers.AttentionConfig(hidden_size=32, num_heads=4), intermediate_size=64)
+    stack = layers.BlockStack(2, lambda r: layers.Block(cfg, rngs=r), rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(stack)
+    x = jax.random.normal(jax.random.key(1), (8, 5, 32))
+    expected = layers.run_blocks(stack, x)  # no mesh in context: plain arrays
+    # weights split on their embed (first non-layer) dim over fsdp, the input split on its width
+    state = jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, P(None, "fsdp") if a.ndim >= 3 else P())), state)
+    x_wide = jax.device_put(x, NamedSharding(mesh, P(None, None, "fsdp")))
+
+    @jax.jit
+    def run(state, x):
+        return layers.run_blocks(nnx.merge(graphdef, state), x)
+
+    with jax.set_mesh(mesh):
+        out = run(state, x_wide)
+        odd = jax.jit(sharding.constrain_batch)(jnp.ones((6, 3)))  # 6 examples over 4 devices: left alone
+    print(json.dumps({"out": out.sharding.spec[0], "odd": list(odd.sharding.spec),
+                      "err": float(np.max(np.abs(np.asarray(out) - np.asarray(expected)))),
+                      "no_mesh_same": sharding.constrain_batch(x) is x}))
+    """
+    r = json.loads(check(run_python(code, devices=4)).stdout.strip().splitlines()[-1])
+    assert r["out"] == "fsdp"
+    assert all(s is None for s in r["odd"])
+    assert r["no_mesh_same"]
+    assert r["err"] < 1e-5, r

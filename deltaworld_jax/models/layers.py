@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from deltaworld_jax import sharding as sharding_lib
 from deltaworld_jax.models import attention
 
 Array = jax.Array
@@ -537,12 +538,14 @@ def run_blocks(blocks: nnx.List | BlockStack, hidden: Array, *broadcast, remat: 
         remat = SCANNED_REMAT if stacked and len(blocks) > 1 else "none"
 
     def layer(x, block, *consts):
-        return block(x, *consts, **static)
+        # The carry stays split by batch over the mesh in context (see sharding.constrain_batch).
+        return sharding_lib.constrain_batch(block(x, *consts, **static))
 
     if remat != "none":
         # prevent_cse=False inside a scan: XLA cannot merge the recompute into the forward pass anyway;
         # unrolled blocks keep jax's default.
         layer = nnx.remat(layer, policy=REMAT_POLICIES[remat], prevent_cse=not stacked)
+    hidden = sharding_lib.constrain_batch(hidden)
     # The transforms run on fresh modules made here, never on the blocks themselves: those may belong to
     # an outer trace (a predictor merged outside the best-of-K lax.scan), and nnx.remat / nnx.scan write
     # their state back into the modules they are given.
