@@ -19,11 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import av
 import numpy as np
 from absl import app, flags
 from PIL import Image
 
+from benchmarks import videos
 from deltaworld_jax.data import prepare
 from deltaworld_jax.data.config import default_data_config
 from deltaworld_jax.data.pipeline import make_train_iterator
@@ -46,14 +46,10 @@ _FPS = 25
 def textured_frames(video: int, num_frames: int, height: int, width: int):
     """Synthetic-world shapes over a smooth, panning texture (compresses like real footage, not flat)."""
     world = SyntheticWorld(SyntheticWorldConfig(aspect=width / height, event_rate=1.0), seed=video)
-    rng = np.random.default_rng(video)
-    coarse = rng.integers(0, 256, (height // 8 + 2, (width + num_frames * 2) // 8 + 2, 3), dtype=np.uint8)
-    texture = np.asarray(Image.fromarray(coarse).resize((coarse.shape[1] * 8, coarse.shape[0] * 8),
-                                                        Image.Resampling.BICUBIC))
+    backgrounds = videos.panning_texture(video, num_frames, height, width)
     states = world.states_at(0, [n / _FPS for n in range(num_frames)])
-    for n, state in enumerate(states):
+    for state, background in zip(states, backgrounds):
         shapes = world.render(state, height, width)
-        background = texture[:height, 2 * n:2 * n + width]
         mask = shapes.max(axis=-1, keepdims=True) > 95  # shape pixels (backgrounds are darker)
         yield np.where(mask, shapes, background // 2 + shapes // 2)
 
@@ -62,21 +58,16 @@ def generate(folder: Path, num_videos: int, seconds: float, height: int, width: 
     """videos/<class>/<id>.mp4, frames/<id>/*.jpg and the prepared ArrayRecord folder."""
     num_frames = int(seconds * _FPS)
     for video in range(num_videos):
-        path = folder / "videos" / f"class{video % 3}" / f"video{video:03d}.mp4"
-        path.parent.mkdir(parents=True, exist_ok=True)
         frame_dir = folder / "frames" / f"video{video:03d}"
         frame_dir.mkdir(parents=True, exist_ok=True)
-        with av.open(str(path), mode="w") as container:
-            stream = container.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=_FPS)
-            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-            stream.codec_context.gop_size = gop
-            stream.options = {"g": str(gop), "crf": "23", "preset": "veryfast", "sc_threshold": "0"}
+
+        def frames_also_as_jpegs(video=video, frame_dir=frame_dir):
             for n, frame in enumerate(textured_frames(video, num_frames, height, width)):
                 Image.fromarray(frame).save(frame_dir / f"{n:05d}.jpg", quality=90)
-                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                    container.mux(packet)
-            for packet in stream.encode():
-                container.mux(packet)
+                yield frame
+
+        videos.write_video(folder / "videos" / f"class{video % 3}" / f"video{video:03d}.mp4", frames_also_as_jpegs(),
+                           height=height, width=width, fps=_FPS, gop=gop)
     prepare.prepare(str(folder / "videos"), str(folder / "arrayrecord"), num_shards=2, num_workers=1,
                     exclude_list="", jpeg_quality=90)
     # The same videos prepared at a reduced size (short side 320): what to store for 256 px training.

@@ -20,12 +20,11 @@ import time
 from unittest import mock
 from pathlib import Path
 
-import av
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import app, flags
-from PIL import Image
 
+from benchmarks import videos
 from deltaworld_jax.data import prepare, tfds_builders  # noqa: F401  (registers the builders)
 from deltaworld_jax.data.arrayrecord import ArrayRecordSource
 from deltaworld_jax.data.config import default_data_config
@@ -46,15 +45,10 @@ TFDS_NAME = "kinetics700_frames/short320"
 
 
 def panning_frames(video: int, num_frames: int, height: int, width: int):
-    """A smooth random texture panning right with a bright square crossing it: compresses like footage.
-    (data/benchmark.py has a richer generator, but importing it defines its command-line flags.)"""
-    rng = np.random.default_rng(video)
-    coarse = rng.integers(0, 256, (height // 8 + 2, (width + 2 * num_frames) // 8 + 2, 3), dtype=np.uint8)
-    texture = np.asarray(Image.fromarray(coarse).resize((coarse.shape[1] * 8, coarse.shape[0] * 8),
-                                                        Image.Resampling.BICUBIC))
+    """A smooth random texture panning right with a bright square crossing it: compresses like footage."""
     side = height // 4
-    for n in range(num_frames):
-        frame = texture[:height, 2 * n:2 * n + width].copy()
+    for n, background in enumerate(videos.panning_texture(video, num_frames, height, width)):
+        frame = background.copy()
         left = (5 * n) % (width - side)
         frame[height // 3:height // 3 + side, left:left + side] = 230
         yield frame
@@ -63,17 +57,9 @@ def panning_frames(video: int, num_frames: int, height: int, width: int):
 def write_videos(folder: Path) -> None:
     num_frames = int(_SECONDS.value * _FPS)
     for video in range(_NUM_VIDEOS.value):
-        path = folder / "train" / f"class{video % 3}" / f"video{video:03d}.mp4"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with av.open(str(path), mode="w") as container:
-            stream = container.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=_FPS)
-            stream.width, stream.height, stream.pix_fmt = _WIDTH.value, _HEIGHT.value, "yuv420p"
-            stream.options = {"g": str(_GOP), "crf": "23", "preset": "veryfast", "sc_threshold": "0"}
-            for frame in panning_frames(video, num_frames, _HEIGHT.value, _WIDTH.value):
-                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                    container.mux(packet)
-            for packet in stream.encode():
-                container.mux(packet)
+        videos.write_video(folder / "train" / f"class{video % 3}" / f"video{video:03d}.mp4",
+                           panning_frames(video, num_frames, _HEIGHT.value, _WIDTH.value),
+                           height=_HEIGHT.value, width=_WIDTH.value, fps=_FPS, gop=_GOP)
 
 
 def evict(folder: Path) -> None:

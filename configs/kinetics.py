@@ -149,9 +149,15 @@ def _deltatok(frame_size: int, lr: float, num_steps: int) -> ml_collections.Conf
     c = _base(frame_size, num_frames=2)
     c.model.kind = "deltatok"
     c.model.update(deltatok_sizes())
+    return _optimise(c, lr=lr, weight_decay=0.01, grad_clip_norm=0.01, num_steps=num_steps)
+
+
+def _optimise(c: ml_collections.ConfigDict, *, lr: float, weight_decay: float, grad_clip_norm: float,
+              num_steps: int) -> ml_collections.ConfigDict:
+    """A stage's optimiser settings and length (grad_clip_norm 0: no clipping)."""
     c.optim.lr = lr
-    c.optim.weight_decay = 0.01
-    c.optim.grad_clip_norm = 0.01
+    c.optim.weight_decay = weight_decay
+    c.optim.grad_clip_norm = grad_clip_norm
     c.train.num_steps = num_steps
     return c
 
@@ -167,54 +173,40 @@ def _deltaworld(lr: float, num_steps: int) -> ml_collections.ConfigDict:
     # checkpoints (sizes: the DeltaTok fields below, which must match that run's config.model).
     c.tokenizer = ml_collections.ConfigDict(dict(checkpoint="", dtype="bfloat16", scan_layers=True,
                                                  attention_impl=common.ATTENTION_IMPL, **deltatok_sizes()))
-    c.optim.lr = lr
-    c.optim.weight_decay = 0.4
-    c.optim.grad_clip_norm = 0.0
-    c.train.num_steps = num_steps
-    return c
+    return _optimise(c, lr=lr, weight_decay=0.4, grad_clip_norm=0.0, num_steps=num_steps)
 
 
 def _dinoworld(lr: float, num_steps: int) -> ml_collections.ConfigDict:
     c = _base(512, num_frames=8)
     c.model.kind = "dinoworld"  # sizes: DINOWorldConfig defaults (12 blocks, 768 wide, 3-D RoPE 20+20+20+4)
-    c.optim.lr = lr
-    c.optim.weight_decay = 0.4
-    c.optim.grad_clip_norm = 0.0
-    c.train.num_steps = num_steps
-    return c
+    return _optimise(c, lr=lr, weight_decay=0.4, grad_clip_norm=0.0, num_steps=num_steps)
+
+
+# Each stage: its builder and arguments (lr, steps; DeltaTok: also the frame size), and how it starts from an
+# earlier stage: (the config.train field, that stage), or None for a stage that starts fresh.
+_STAGE_TABLE = {
+    "deltatok_256": (_deltatok, (256, 1e-3, 1_000_000), None),
+    "deltatok_512": (_deltatok, (512, 1e-4, 500_000), ("init_from", "deltatok_256")),
+    "deltatok_cooldown1": (_deltatok, (512, 1e-5, 550_000), ("resume_from", "deltatok_512")),
+    "deltatok_cooldown2": (_deltatok, (512, 1e-6, 600_000), ("resume_from", "deltatok_cooldown1")),
+    "deltaworld_512": (_deltaworld, (1e-4, 300_000), None),
+    "deltaworld_cooldown": (_deltaworld, (1e-5, 305_000), ("resume_from", "deltaworld_512")),
+    "dinoworld_512": (_dinoworld, (1e-4, 300_000), None),
+    "dinoworld_cooldown": (_dinoworld, (1e-5, 305_000), ("resume_from", "dinoworld_512")),
+}
 
 
 def stage_config(name: str, in_recipe: bool = False) -> ml_collections.ConfigDict:
     """One stage. In a recipe, the link to the previous stage is an '@stage' reference; alone, it is a path
     the command line must give (train.required_source names which one)."""
-    if name == "deltatok_256":
-        c = _deltatok(256, 1e-3, 1_000_000)
-    elif name == "deltatok_512":
-        c = _deltatok(512, 1e-4, 500_000)
-        c.train.init_from = "@deltatok_256" if in_recipe else ""
-        c.train.required_source = "init_from"
-    elif name == "deltatok_cooldown1":
-        c = _deltatok(512, 1e-5, 550_000)
-        c.train.resume_from = "@deltatok_512" if in_recipe else ""
-        c.train.required_source = "resume_from"
-    elif name == "deltatok_cooldown2":
-        c = _deltatok(512, 1e-6, 600_000)
-        c.train.resume_from = "@deltatok_cooldown1" if in_recipe else ""
-        c.train.required_source = "resume_from"
-    elif name == "deltaworld_512":
-        c = _deltaworld(1e-4, 300_000)
-    elif name == "deltaworld_cooldown":
-        c = _deltaworld(1e-5, 305_000)
-        c.train.resume_from = "@deltaworld_512" if in_recipe else ""
-        c.train.required_source = "resume_from"
-    elif name == "dinoworld_512":
-        c = _dinoworld(1e-4, 300_000)
-    elif name == "dinoworld_cooldown":
-        c = _dinoworld(1e-5, 305_000)
-        c.train.resume_from = "@dinoworld_512" if in_recipe else ""
-        c.train.required_source = "resume_from"
-    else:
+    if name not in _STAGE_TABLE:
         raise ValueError(f"Unknown stage {name!r}; known: {STAGES + BASELINE_STAGES}")
+    build, args, starts_from = _STAGE_TABLE[name]
+    c = build(*args)
+    if starts_from is not None:
+        field, previous = starts_from
+        c.train[field] = f"@{previous}" if in_recipe else ""
+        c.train.required_source = field
     return c
 
 

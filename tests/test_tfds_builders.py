@@ -5,6 +5,7 @@ by the same Grain pipeline as the other sources, giving what the folder / prepar
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import ml_collections
@@ -21,6 +22,18 @@ from deltaworld_jax.data.tfds_sources import TfdsClipSource, TfdsVideoSource
 
 GOOD_VIDEOS = ["class0/vid00.mp4", "class0/vid02.mp4", "class1/vid01.mp4", "class1/vid03.mp4"]
 NUM_BROKEN = 3  # make_kinetics_tree's garbage, empty and one-frame videos
+
+
+@pytest.fixture(scope="module", autouse=True)
+def temporary_folders_under_pytest(tmp_path_factory):
+    """Apache Beam (beam-temp*) and TFDS (tmp*tfds) make temporary folders under the system temp folder and
+    do not remove them all: for these tests they go to a folder of pytest's, which pytest cleans up. TMPDIR
+    too, for the `tfds` command line's subprocess."""
+    folder = str(tmp_path_factory.mktemp("tempdir"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TMPDIR", folder)
+        patch.setattr(tempfile, "tempdir", folder)
+        yield folder
 
 
 @pytest.fixture(scope="module")

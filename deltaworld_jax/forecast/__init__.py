@@ -19,9 +19,10 @@ Weights: --vfm is `pixel` (the parameter-free pixel-patch VFM, --patch_size, --p
 weights; --tokenizer / --world / --rgb_head / --seg_head / --depth_head are the official files
 (pytorch_model.bin, a Lightning .ckpt, .safetensors), a folder holding one, a Hugging Face hub id
 (Amazon-FAR/deltatok-kinetics, Amazon-FAR/deltaworld-kinetics, Amazon-FAR/seg-head-vspw, ...), or, for
---tokenizer / --world, one of OUR training runs (its workdir or checkpoints folder). Sizes the weights do
-not carry (DeltaWorld's heads and RoPE split, the RGB head's heads) come from the flag, else from the
-repository's config.json, else the released values.
+--tokenizer / --world, one of OUR training runs (its workdir or checkpoints folder; the model config the
+trainer records there gives its sizes). Sizes the weights do not carry (DeltaWorld's heads and RoPE split,
+the RGB head's heads) come from the flag, else from the repository's config.json (or our run's recorded
+model config, which a flag must agree with), else the released values.
 
 Writes to --out: forecast.png (rows named: frames, best, mean, samples; the context columns marked),
 forecast.gif and forecast.mp4 (context, then each future step, all samples side by side), segmentation.png /
@@ -46,7 +47,7 @@ from deltaworld_jax.forecast import folder as forecast_folder
 from deltaworld_jax.forecast.inputs import (  # noqa: F401
     CROPS, DEFAULT_CROP, RELEASED_RGB_HEADS, RELEASED_WORLD_HEADS, RELEASED_WORLD_ROPE, RELEASED_WORLD_UNROTATED,
     Clip, ForecastInputError, check_source, crop_views, full_resize, is_hub_id, load_clip, load_models, progress,
-    read_clip, read_training_checkpoint, resize_frames, resolve_weights, stitch, validate,
+    read_clip, read_training_run, resize_frames, resolve_weights, stitch, validate,
     world_sizes)
 from deltaworld_jax.forecast.outputs import (  # noqa: F401
     HEADER_HEIGHT, decode_features, draw, draw_heads, feature_error, forecast_features, forecast_views,

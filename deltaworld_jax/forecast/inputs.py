@@ -12,7 +12,6 @@ import re
 from typing import Any
 
 import numpy as np
-from absl import logging
 from PIL import Image
 
 from deltaworld_jax.data.sampling import center_square, short_side_hw, square_crops
@@ -259,9 +258,10 @@ def _config_value(config: dict | None, *names: str):
     return None
 
 
-def world_sizes(config: dict | None, num_heads=None, rope_axis_sizes=None, rope_unrotated_size=None) -> dict:
-    """DeltaWorld's heads and RoPE split: the flag, else the repo's config.json, else the released values;
-    each with where it came from."""
+def world_sizes(config: dict | None, num_heads=None, rope_axis_sizes=None, rope_unrotated_size=None, *,
+                config_name: str = "config.json") -> dict:
+    """DeltaWorld's heads and RoPE split: the flag, else `config` (the repo's config.json, or the model config
+    our run recorded), else the released values; each with where it came from."""
     out = {}
     for key, given, names, released in (
             ("num_heads", num_heads, ("num_heads", "num_attention_heads"), RELEASED_WORLD_HEADS),
@@ -271,7 +271,7 @@ def world_sizes(config: dict | None, num_heads=None, rope_axis_sizes=None, rope_
         if given is not None:
             value, where = given, "--world_" + key
         elif from_config is not None:
-            value, where = from_config, "config.json"
+            value, where = from_config, config_name
         else:
             value, where = released, "the released value"
         if key == "rope_axis_sizes":
@@ -282,69 +282,26 @@ def world_sizes(config: dict | None, num_heads=None, rope_axis_sizes=None, rope_
     return out
 
 
-def read_training_checkpoint(directory: str, kind: str) -> dict[str, np.ndarray] | None:
-    """Our own training run's weights under the OFFICIAL names, or None if `directory` holds no Orbax
-    checkpoint. `directory` is a run's workdir (with checkpoints/) or its checkpoints folder; the latest
-    step's `params` item is read and renamed (Linear kernels transposed back to torch weights), so the
-    official loaders (which infer every size from the tensors) build the model: no config needed. A run of
-    the other model (a DeltaTok run given as --world, or the reverse) is refused by name."""
-    from etils import epath
+def read_training_run(directory: str, flag: str):
+    """Our own training run at `directory` (its workdir or checkpoints folder) as pretrained.runs.read_run
+    reads it, or None if it holds no Orbax checkpoint. A run of the other model (a DeltaTok run given as
+    --world, or the reverse) is refused by name."""
+    from deltaworld_jax.pretrained import runs
 
-    from deltaworld_jax.training.checkpointing import PARAMS, checkpoint_steps
-
-    folder = epath.Path(directory)
-    if (folder / "checkpoints").is_dir():
-        folder = folder / "checkpoints"
-    if not folder.is_dir() or not checkpoint_steps(str(folder)):
+    run = runs.read_run(directory)
+    if run is None:
         return None
-    import orbax.checkpoint as ocp
-
-    manager = ocp.CheckpointManager(folder, item_handlers={PARAMS: ocp.StandardCheckpointHandler()},
-                                    options=ocp.CheckpointManagerOptions(read_only=True, create=False))
-    step = manager.latest_step()
-    params = manager.restore(step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore()}))[PARAMS]
-    manager.close()
-    logging.info("read %s weights from %s step %d", kind, folder, step)
-
-    flat: dict[tuple, np.ndarray] = {}
-
-    def walk(tree, path):
-        if isinstance(tree, dict):
-            for key, value in tree.items():
-                walk(value, path + (str(key),))
-        else:
-            flat[path] = np.asarray(tree)
-
-    walk(params, ())
-    # A run with its blocks stored stacked (config.model.scan_layers): its per-layer entries, as the
-    # official names have them.
-    from deltaworld_jax.pretrained.common import unstack_layers
-
-    flat = {tuple(path.split(".")): a for path, a in unstack_layers({".".join(p): a for p, a in flat.items()}).items()}
-    is_world = any(p[:2] == ("predictor", "blocks") for p in flat)
-    if kind == "world":
-        if not is_world:
-            what = ("a DeltaTok (tokenizer) checkpoint: pass it as --tokenizer"
-                    if any(p[0] in ("encoder", "decoder", "z_embed") for p in flat)
-                    else f"no DeltaWorld predictor among its entries {sorted('.'.join(p) for p in flat)[:5]}")
-            raise ForecastInputError(f"--world={directory}: not a DeltaWorld checkpoint; step {step} holds {what}")
-        from deltaworld_jax.pretrained.world import world_key_map
-
-        num_layers = 1 + max(int(p[2]) for p in flat if p[:2] == ("predictor", "blocks"))
-        with_q_embed = ("q_embed",) in flat
-        ours = {tuple(str(x) for x in path): (name, transpose)
-                for name, (path, transpose) in world_key_map(num_layers, with_q_embed).items()}
-        missing = sorted(".".join(p) for p in flat if p not in ours)
-        if missing:
-            raise ForecastInputError(f"--world={directory}: not a DeltaWorld checkpoint (unknown entries "
-                                     f"{missing[:5]})")
-        return {ours[p][0]: (a.T if ours[p][1] else a) for p, a in flat.items()}
-    if is_world:
-        raise ForecastInputError(f"--tokenizer={directory}: not a DeltaTok checkpoint; step {step} holds a DeltaWorld "
-                                 "(predictor) checkpoint: pass it as --world")
-    # DeltaTok: the official names are our paths, with Linear kernels as transposed weights.
-    return {".".join(p[:-1] + ("weight",)) if p[-1] == "kernel" else ".".join(p): (a.T if p[-1] == "kernel" else a)
-            for p, a in flat.items()}
+    family = run.family
+    if flag == "world" and family not in ("deltaworld", "world"):
+        what = {"deltatok": "a DeltaTok (tokenizer) checkpoint: pass it as --tokenizer",
+                "dinoworld": "a DINO-World checkpoint (the forecast's world model is DeltaWorld)"}.get(
+            family, f"no DeltaWorld predictor among its entries {sorted(run.params)[:5]}")
+        raise ForecastInputError(f"--world={directory}: not a DeltaWorld checkpoint; step {run.step} holds {what}")
+    if flag == "tokenizer" and family != "deltatok":
+        what = ("a DeltaWorld (predictor) checkpoint: pass it as --world" if family in ("deltaworld", "world") else
+                f"a {family} checkpoint" if family else f"no DeltaTok entries among {sorted(run.params)[:5]}")
+        raise ForecastInputError(f"--tokenizer={directory}: not a DeltaTok checkpoint; step {run.step} holds {what}")
+    return run
 
 
 def _need(path: str | None, flag: str) -> str:
@@ -360,7 +317,9 @@ def load_models(vfm: str, tokenizer: str, world: str, *, patch_size: int = 16, p
     the weights' paths or hub ids. Errors (a wrong file, sizes that do not fit) are ForecastInputError."""
     from deltaworld_jax.models.dinov3 import PixelPatchVFM
     from deltaworld_jax.pretrained import load_deltaworld, load_dinov3, load_head
-    from deltaworld_jax.pretrained.deltatok import load_deltatok
+    from deltaworld_jax.pretrained.deltatok import deltatok_from_run, load_deltatok
+    from deltaworld_jax.pretrained.runs import MODEL_CONFIG
+    from deltaworld_jax.pretrained.world import deltaworld_from_run
     from deltaworld_jax.pretrained.dinov3 import HubDownloadError
 
     if _need(vfm, "vfm") == "pixel":
@@ -371,17 +330,21 @@ def load_models(vfm: str, tokenizer: str, world: str, *, patch_size: int = 16, p
         except HubDownloadError as e:
             raise ForecastInputError(f"--vfm: {e}") from None
     tok_path, _ = resolve_weights(_need(tokenizer, "tokenizer"), "tokenizer")
-    tok_source = (read_training_checkpoint(tok_path, "tokenizer") if os.path.isdir(tok_path) else None) or tok_path
+    tok_run = read_training_run(tok_path, "tokenizer") if os.path.isdir(tok_path) else None
+
+    def load_tokenizer(vfm=None):  # our run, built under its own names; else official weights
+        return deltatok_from_run(tok_run, vfm=vfm) if tok_run else load_deltatok(tok_path, vfm=vfm)
+
     try:
         if isinstance(vfm_model, PixelPatchVFM):
-            # The pixel VFM has no heads of its own: the tokenizer's tensors tell them when they can (our
-            # demo-style runs pick any), else the pixel VFM's default.
+            # The pixel VFM has no heads of its own: the tokenizer's tensors (or our run's record) tell them
+            # when they can (our demo-style runs pick any), else the pixel VFM's default.
             try:
-                tok = load_deltatok(tok_source)
+                tok = load_tokenizer()
             except ValueError as e:
                 if "cannot be read from the tensors" not in str(e):
                     raise
-                tok = load_deltatok(tok_source, vfm=vfm_model)
+                tok = load_tokenizer(vfm_model)
             if tok.cfg.hidden_size != vfm_model.hidden_size:
                 raise ValueError(f"the checkpoint's DeltaTok width {tok.cfg.hidden_size} does not match the pixel "
                                  f"VFM's hidden_size {vfm_model.hidden_size} (--patch_size {patch_size}, "
@@ -389,18 +352,22 @@ def load_models(vfm: str, tokenizer: str, world: str, *, patch_size: int = 16, p
             vfm_model = PixelPatchVFM(patch_size=patch_size, num_heads=tok.cfg.num_heads,
                                       num_position_channels=position_channels)
         else:
-            tok = load_deltatok(tok_source, vfm=vfm_model)
+            tok = load_tokenizer(vfm_model)
     except (ValueError, KeyError) as e:
         raise ForecastInputError(f"--tokenizer={tokenizer}: {e}") from None
     world_path, world_config = resolve_weights(_need(world, "world"), "world")
-    world_source = (read_training_checkpoint(world_path, "world") if os.path.isdir(world_path) else None) or world_path
+    world_run = read_training_run(world_path, "world") if os.path.isdir(world_path) else None
+    if world_run is not None and world_run.record is not None:  # the sizes the run was trained with
+        world_config, config_name = world_run.record["config"], f"the run's {MODEL_CONFIG}"
+    else:
+        config_name = "config.json"
     sizes = world_sizes(world_config, world_num_heads,
                         None if world_rope_axis_sizes is None else tuple(int(s) for s in world_rope_axis_sizes),
-                        world_rope_unrotated_size)
+                        world_rope_unrotated_size, config_name=config_name)
     try:
-        world_model = load_deltaworld(world_source, tokenizer=tok, num_heads=sizes["num_heads"][0],
-                                      rope_axis_sizes=sizes["rope_axis_sizes"][0],
-                                      rope_unrotated_size=sizes["rope_unrotated_size"][0])
+        chosen = {key: value for key, (value, _) in sizes.items()}
+        world_model = (deltaworld_from_run(world_run, tokenizer=tok, **chosen) if world_run else
+                       load_deltaworld(world_path, tokenizer=tok, **chosen))
     except (ValueError, KeyError, AssertionError) as e:
         said = ", ".join(f"{k} {v} (from {w})" for k, (v, w) in sizes.items())
         raise ForecastInputError(f"--world={world}: {e}. Sizes used: {said}") from None

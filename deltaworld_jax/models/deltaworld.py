@@ -22,18 +22,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from deltaworld_jax.models import layers
-from deltaworld_jax.models.predictor import (
-    Predictor,
-    WorldConfig,
-    frame_causal_mask,
-    noise_queries,
-    select_best_queries,
-    smooth_l1_loss_fn,
-)
-from deltaworld_jax.objectives import smooth_l1
+from deltaworld_jax.models.predictor import frame_causal_mask
+from deltaworld_jax.models.world import WorldConfig, WorldModel
 
 Array = jax.Array
 
@@ -58,20 +49,8 @@ def _check_clip(tokens_btd: Array, timestamps_bt: Array, width: int) -> None:
         raise ValueError(f"a training clip needs at least 2 frames, got {tokens_btd.shape[1]}")
 
 
-class DeltaWorld(nnx.Module):
-    def __init__(self, cfg: DeltaWorldConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        self.cfg = cfg
-        self.dtype = dtype
-        self.predictor = Predictor(cfg.predictor_config(), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        if not cfg.use_bom:
-            init = layers.trunc_normal(cfg.init_std)
-            self.q_embed = nnx.Param(init(rngs.params(), (1, cfg.hidden_size), param_dtype),
-                                     out_sharding=(None, "embed"))
-
-    @property
-    def num_rollout_samples(self) -> int:
-        """S: rollouts drawn per clip (1 for the deterministic variant, whose rollouts are all equal)."""
-        return self.cfg.num_samples_eval if self.cfg.use_bom else 1
+class DeltaWorld(WorldModel):
+    """The world model over delta tokens: key/values are the past frames' tokens, one query per frame."""
 
     # ------------------------------------------------------------------------------------------------
     # Training
@@ -93,24 +72,17 @@ class DeltaWorld(nnx.Module):
         flows through the choice), or the learned q_embed in the deterministic variant."""
         _check_clip(tokens_btd, timestamps_bt, self.cfg.backbone_hidden_size)
         b, t = tokens_btd.shape[:2]
-        if not self.cfg.use_bom:
-            return jnp.broadcast_to(self.q_embed[...], (b, t - 1, self.cfg.hidden_size)), {}
         pos_q, pos_k, q_frames, k_frames = self._train_layout(timestamps_bt)
-        queries, index, best_loss = select_best_queries(
-            self.predictor, rng, num_candidates=self.cfg.num_samples_train, chunk_size=self.cfg.bom_chunk,
-            kv_tokens=tokens_btd[:, :-1], pos_q_bfp=tuple(p[:, :, None] for p in pos_q), pos_k=pos_k,
-            q_frames=q_frames, k_frames=k_frames, targets_bfpd=tokens_btd[:, 1:, None],
-            loss_fn=smooth_l1_loss_fn(self.cfg.loss_beta))
-        return queries, {"bom_best_loss": jnp.mean(best_loss),
-                         "bom_index_mean": jnp.mean(index.astype(jnp.float32))}
+        return self._loss_queries(b, t - 1, rng, kv_tokens=tokens_btd[:, :-1],
+                                  pos_q_bfp=tuple(p[:, :, None] for p in pos_q), pos_k=pos_k, q_frames=q_frames,
+                                  k_frames=k_frames, targets_bfpd=tokens_btd[:, 1:, None])
 
     def loss(self, tokens_btd: Array, timestamps_bt: Array, rng: Array) -> tuple[Array, dict[str, Array]]:
         """Mean smooth-L1 between predicted and true tokens of frames 1..T-1, and metrics."""
         tokens_btd = jax.lax.stop_gradient(tokens_btd.astype(jnp.float32))
         queries, metrics = self.train_queries(tokens_btd, timestamps_bt, rng)
-        preds = self.predict_next_tokens(queries, tokens_btd, timestamps_bt)
-        loss = jnp.mean(smooth_l1(preds, tokens_btd[:, 1:], self.cfg.loss_beta))
-        return loss, {"loss": loss, **metrics}
+        return self._mean_loss(self.predict_next_tokens(queries, tokens_btd, timestamps_bt), tokens_btd[:, 1:],
+                               metrics)
 
     # ------------------------------------------------------------------------------------------------
     # Rollout (evaluation)
@@ -124,7 +96,7 @@ class DeltaWorld(nnx.Module):
         *,
         grid_hw: tuple[int, int],
         ctx_len: int,
-        rng: Array,
+        rng: Array | None,
         num_samples: int | None = None,
         black_bnd: Array | None = None,
         context_tokens_btd: Array | None = None,
@@ -140,9 +112,7 @@ class DeltaWorld(nnx.Module):
         jit the call (e.g. nnx.jit with static ctx_len / grid_hw / num_samples)."""
         num_samples = num_samples or self.num_rollout_samples
         b, t, n, d = feats_btnd.shape
-        horizon = t - ctx_len
-        if not 1 <= ctx_len < t:
-            raise ValueError(f"ctx_len {ctx_len} must be in [1, {t - 1}] for a clip of {t} frames")
+        step_rngs = self._rollout_rngs(t, ctx_len, rng)
         if timestamps_bt.shape != (b, t):
             raise ValueError(f"timestamps {timestamps_bt.shape} must be [B, T] = {(b, t)}")
         rope = tokenizer.rope(tuple(grid_hw), rng=None)
@@ -159,20 +129,15 @@ class DeltaWorld(nnx.Module):
         kv = per_sample(jax.lax.stop_gradient(context_tokens_btd[:, :ctx_len]).astype(jnp.float32))
         prev_feats = per_sample(feats_btnd[:, ctx_len - 1])
         times = per_sample(timestamps_bt)
-        step_rngs = jax.random.split(rng, horizon)
         predictions = []
-        for step in range(horizon):
+        for step, step_rng in enumerate(step_rngs):
             target_frame = ctx_len + step
-            if self.cfg.use_bom:
-                queries = noise_queries(step_rngs[step], (b * num_samples, 1), self.cfg.hidden_size,
-                                        self.cfg.init_std)
-            else:
-                queries = jnp.broadcast_to(self.q_embed[...], (b * num_samples, 1, self.cfg.hidden_size))
+            queries = self._rollout_queries(step_rng, b * num_samples)
             token = self.predictor(queries, kv, (times[:, target_frame:target_frame + 1],),
                                    (times[:, :kv.shape[1]],), None).astype(jnp.float32)
             prev_feats = tokenizer.decode(token, prev_feats, rope)
             predictions.append(prev_feats)
             kv = jnp.concatenate([kv, token], axis=1)
-        preds = jnp.stack(predictions, axis=1).reshape(b, num_samples, horizon, n, -1)
+        preds = jnp.stack(predictions, axis=1).reshape(b, num_samples, len(step_rngs), n, -1)
         return preds, feats_btnd[:, ctx_len:]
 

@@ -21,16 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from deltaworld_jax.models import layers
-from deltaworld_jax.models.predictor import (
-    Predictor,
-    WorldConfig,
-    frame_causal_mask,
-    noise_queries,
-    select_best_queries,
-    smooth_l1_loss_fn,
-)
-from deltaworld_jax.objectives import smooth_l1
+from deltaworld_jax.models.predictor import frame_causal_mask
+from deltaworld_jax.models.world import WorldConfig, WorldModel
 
 Array = jax.Array
 
@@ -82,21 +74,14 @@ def frame_positions(times_bf: Array, grid_hw: tuple[int, int]) -> tuple[Array, A
             jnp.broadcast_to(jnp.tile(y, f), (b, f * p)))
 
 
-class DINOWorld(nnx.Module):
+class DINOWorld(WorldModel):
+    """The world model over VFM features: key/values are every patch of the past frames, one query per
+    patch of the frame to predict (its frame's query repeated)."""
+
     def __init__(self, cfg: DINOWorldConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         if len(cfg.rope_axis_sizes) != 3:
             raise ValueError(f"DINO-World's RoPE has 3 axes (t, x, y), got {cfg.rope_axis_sizes}")
-        self.cfg = cfg
-        self.dtype = dtype
-        self.predictor = Predictor(cfg.predictor_config(), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        if not cfg.use_bom:
-            init = layers.trunc_normal(cfg.init_std)
-            self.q_embed = nnx.Param(init(rngs.params(), (1, cfg.hidden_size), param_dtype),
-                                     out_sharding=(None, "embed"))
-
-    @property
-    def num_rollout_samples(self) -> int:
-        return self.cfg.num_samples_eval if self.cfg.use_bom else 1
+        super().__init__(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def _check(self, feats_btnd: Array, timestamps_bt: Array, grid_hw: tuple[int, int]) -> None:
         d = self.cfg.backbone_hidden_size
@@ -134,27 +119,18 @@ class DINOWorld(nnx.Module):
         """One query per predicted frame [B, T-1, hidden]: q_embed, or the best of K noise candidates."""
         self._check(feats_btnd, timestamps_bt, grid_hw)
         b, t, p, _ = feats_btnd.shape
-        if not self.cfg.use_bom:
-            return jnp.broadcast_to(self.q_embed[...], (b, t - 1, self.cfg.hidden_size)), {}
         kv, _, pos_k, _, k_frames = self._train_layout(feats_btnd, timestamps_bt, grid_hw)
         pos_q_bfp = tuple(pos.reshape(b, t - 1, p) for pos in frame_positions(timestamps_bt[:, 1:], grid_hw))
-        queries, index, best_loss = select_best_queries(
-            self.predictor, rng, num_candidates=self.cfg.num_samples_train, chunk_size=self.cfg.bom_chunk,
-            kv_tokens=kv, pos_q_bfp=pos_q_bfp, pos_k=pos_k, q_frames=np.arange(1, t), k_frames=k_frames,
-            targets_bfpd=feats_btnd[:, 1:], loss_fn=smooth_l1_loss_fn(self.cfg.loss_beta))
-        return queries, {"bom_best_loss": jnp.mean(best_loss),
-                         "bom_index_mean": jnp.mean(index.astype(jnp.float32))}
+        return self._loss_queries(b, t - 1, rng, kv_tokens=kv, pos_q_bfp=pos_q_bfp, pos_k=pos_k,
+                                  q_frames=np.arange(1, t), k_frames=k_frames, targets_bfpd=feats_btnd[:, 1:])
 
     def loss(self, feats_btnd: Array, timestamps_bt: Array, grid_hw: tuple[int, int],
              rng: Array | None = None) -> tuple[Array, dict[str, Array]]:
         """Mean smooth-L1 between predicted and true features of frames 1..T-1 (rng: best-of-K only)."""
         feats_btnd = jax.lax.stop_gradient(feats_btnd.astype(jnp.float32))
-        if self.cfg.use_bom and rng is None:
-            raise ValueError("the best-of-K DINO-World needs an rng for its noise queries")
         queries, metrics = self.train_queries(feats_btnd, timestamps_bt, grid_hw, rng)
-        preds = self.predict_next_frames(queries, feats_btnd, timestamps_bt, grid_hw)
-        loss = jnp.mean(smooth_l1(preds, feats_btnd[:, 1:], self.cfg.loss_beta))
-        return loss, {"loss": loss, **metrics}
+        return self._mean_loss(self.predict_next_frames(queries, feats_btnd, timestamps_bt, grid_hw),
+                               feats_btnd[:, 1:], metrics)
 
     # ------------------------------------------------------------------------------------------------
     # Rollout (evaluation)
@@ -178,28 +154,18 @@ class DINOWorld(nnx.Module):
         self._check(feats_btnd, timestamps_bt, grid_hw)
         num_samples = num_samples or self.num_rollout_samples
         b, t, p, d = feats_btnd.shape
-        horizon = t - ctx_len
-        if not 1 <= ctx_len < t:
-            raise ValueError(f"ctx_len {ctx_len} must be in [1, {t - 1}] for a clip of {t} frames")
-        if self.cfg.use_bom and rng is None:
-            raise ValueError("the best-of-K DINO-World needs an rng for its rollout queries")
+        step_rngs = self._rollout_rngs(t, ctx_len, rng)
         kv = jnp.repeat(jax.lax.stop_gradient(feats_btnd[:, :ctx_len]).reshape(b, ctx_len * p, d),
                         num_samples, axis=0)
         times = jnp.repeat(timestamps_bt, num_samples, axis=0)
-        step_rngs = jax.random.split(rng, horizon) if self.cfg.use_bom else [None] * horizon
         predictions = []
-        for step in range(horizon):
+        for step, step_rng in enumerate(step_rngs):
             target_frame = ctx_len + step
-            if self.cfg.use_bom:
-                query = noise_queries(step_rngs[step], (b * num_samples, 1), self.cfg.hidden_size,
-                                      self.cfg.init_std)
-            else:
-                query = jnp.broadcast_to(self.q_embed[...], (b * num_samples, 1, self.cfg.hidden_size))
-            queries = jnp.repeat(query, p, axis=1)
+            queries = jnp.repeat(self._rollout_queries(step_rng, b * num_samples), p, axis=1)
             pos_q = frame_positions(times[:, target_frame:target_frame + 1], grid_hw)
             pos_k = frame_positions(times[:, :ctx_len + step], grid_hw)
             pred = self.predictor(queries, kv, pos_q, pos_k, None).astype(jnp.float32)
             predictions.append(pred)
             kv = jnp.concatenate([kv, pred], axis=1)
-        preds = jnp.stack(predictions, axis=1).reshape(b, num_samples, horizon, p, d)
+        preds = jnp.stack(predictions, axis=1).reshape(b, num_samples, len(step_rngs), p, d)
         return preds, feats_btnd[:, ctx_len:]

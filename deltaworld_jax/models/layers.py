@@ -121,32 +121,31 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
 
 
 class MLP(nnx.Module):
-    """up_proj -> activation -> down_proj (DINOv3ViTMLP)."""
+    """up_proj -> activation -> down_proj (DINOv3ViTMLP); `gated`: down_proj(act(gate_proj(x)) * up_proj(x))
+    (SwiGLU, DINOv3ViTGatedMLP)."""
 
-    def __init__(self, hidden: int, intermediate: int, *, act: str = "gelu", use_bias: bool = True,
-                 init_std: float = 0.02, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, hidden: int, intermediate: int, *, act: str = "gelu", gated: bool = False,
+                 use_bias: bool = True, init_std: float = 0.02, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         kw = dict(use_bias=use_bias, init_std=init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.act = act
+        self.gated = gated
+        if gated:  # first: the official module's order of initialisation
+            self.gate_proj = linear(hidden, intermediate, axes=("embed", "mlp"), **kw)
         self.up_proj = linear(hidden, intermediate, axes=("embed", "mlp"), **kw)
         self.down_proj = linear(intermediate, hidden, axes=("mlp", "embed"), **kw)
 
     def __call__(self, x: Array) -> Array:
+        if self.gated:
+            return self.down_proj(ACTIVATIONS[self.act](self.gate_proj(x)) * self.up_proj(x))
         return self.down_proj(ACTIVATIONS[self.act](self.up_proj(x)))
 
 
-class GatedMLP(nnx.Module):
-    """SwiGLU: down_proj(act(gate_proj(x)) * up_proj(x)) (DINOv3ViTGatedMLP)."""
+class GatedMLP(MLP):
+    """The SwiGLU MLP (DINOv3ViTGatedMLP): MLP(gated=True), SiLU by default."""
 
-    def __init__(self, hidden: int, intermediate: int, *, act: str = "silu", use_bias: bool = True,
-                 init_std: float = 0.02, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        kw = dict(use_bias=use_bias, init_std=init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.act = act
-        self.gate_proj = linear(hidden, intermediate, axes=("embed", "mlp"), **kw)
-        self.up_proj = linear(hidden, intermediate, axes=("embed", "mlp"), **kw)
-        self.down_proj = linear(intermediate, hidden, axes=("mlp", "embed"), **kw)
-
-    def __call__(self, x: Array) -> Array:
-        return self.down_proj(ACTIVATIONS[self.act](self.gate_proj(x)) * self.up_proj(x))
+    def __init__(self, hidden: int, intermediate: int, *, act: str = "silu", **kwargs):
+        super().__init__(hidden, intermediate, act=act, gated=True, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -429,9 +428,8 @@ class Block(nnx.Module):
         self.attention = SelfAttention(cfg.attention, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.layer_scale1 = LayerScale(d, init_value=cfg.layer_scale_init, param_dtype=param_dtype, rngs=rngs)
         self.norm2 = LayerNorm(d, **nkw)
-        mlp_cls = GatedMLP if cfg.gated_mlp else MLP
-        self.mlp = mlp_cls(d, cfg.intermediate_size, act=cfg.act, use_bias=cfg.mlp_bias, init_std=cfg.init_std,
-                           dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.mlp = MLP(d, cfg.intermediate_size, act=cfg.act, gated=cfg.gated_mlp, use_bias=cfg.mlp_bias,
+                       init_std=cfg.init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.layer_scale2 = LayerScale(d, init_value=cfg.layer_scale_init, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: Array, rope: tuple[Array, Array] | None = None, mask: Array | None = None,

@@ -158,33 +158,6 @@ def expand_candidate_positions(pos_q_bfp: Positions, num_candidates: int) -> Pos
                  .reshape(p.shape[0], -1) for p in pos_q_bfp)
 
 
-def candidate_losses(
-    predictor: Predictor,
-    candidates_bfcd: Array,
-    kv_tokens: Array,
-    pos_q_bfp: Positions,
-    pos_k: Positions,
-    q_frames: Array,
-    k_frames: Array,
-    targets_bfpd: Array,
-    loss_fn: Callable[[Array, Array], Array],
-) -> Array:
-    """Mean loss of every candidate query: [B, F, C].
-
-    candidates_bfcd: one noise query per (frame to predict, candidate); each is repeated over the P tokens
-    of its frame (P = 1 for DeltaWorld, the patches for DINO-World). All F*C*P queries go through the
-    predictor in ONE pass (queries are independent), with the frame-causal mask of their frame."""
-    b, f, c, d = candidates_bfcd.shape
-    p = targets_bfpd.shape[2]
-    queries = jnp.broadcast_to(candidates_bfcd[:, :, :, None, :], (b, f, c, p, d)).reshape(b, f * c * p, d)
-    pos_q = expand_candidate_positions(pos_q_bfp, c)
-    # numpy: the frame ids are trace-time constants, so the mask stays static (splash skips masked blocks)
-    q_frame_ids = np.broadcast_to(np.asarray(q_frames)[:, None, None], (f, c, p)).reshape(-1)
-    preds = predictor(queries, kv_tokens, pos_q, pos_k, frame_causal_mask(q_frame_ids, k_frames))
-    preds = preds.reshape(b, f, c, p, -1)
-    return jnp.mean(loss_fn(preds, targets_bfpd[:, :, None]), axis=(-2, -1))
-
-
 def select_best_queries(
     predictor: Predictor,
     rng: Array,
@@ -211,15 +184,26 @@ def select_best_queries(
     graphdef, state = nnx.split(predictor)
     frozen = nnx.merge(graphdef, jax.lax.stop_gradient(state))
     kv_tokens, targets_bfpd = jax.lax.stop_gradient((kv_tokens, targets_bfpd))
-    b, f = targets_bfpd.shape[:2]
+    b, f, p = targets_bfpd.shape[:3]
     hidden, std = predictor.cfg.hidden_size, predictor.cfg.init_std
+    pos_q = expand_candidate_positions(pos_q_bfp, chunk)
+    # numpy: the frame ids are trace-time constants, so the mask stays static (splash skips masked blocks)
+    q_frame_ids = np.broadcast_to(np.asarray(q_frames)[:, None, None], (f, chunk, p)).reshape(-1)
+    mask = frame_causal_mask(q_frame_ids, k_frames)
+
+    def candidate_losses(candidates_bfcd: Array) -> Array:
+        """Mean loss of every candidate query [B, F, C]: each is repeated over the P tokens of its frame
+        (P = 1 for DeltaWorld, the patches for DINO-World), and all F*C*P queries go through the predictor
+        in ONE pass (queries are independent), with the frame-causal mask of their frame."""
+        queries = jnp.broadcast_to(candidates_bfcd[:, :, :, None, :], (b, f, chunk, p, hidden))
+        preds = frozen(queries.reshape(b, f * chunk * p, hidden), kv_tokens, pos_q, pos_k, mask)
+        return jnp.mean(loss_fn(preds.reshape(b, f, chunk, p, -1), targets_bfpd[:, :, None]), axis=(-2, -1))
 
     def scan_chunk(carry, first_id):
         best_loss, best_index, best_query = carry
         ids = first_id + jnp.arange(chunk)
         cands = candidate_queries(rng, ids, (b, f), hidden, std)  # [B, F, C, hidden]
-        losses = candidate_losses(frozen, cands, kv_tokens, pos_q_bfp, pos_k, q_frames, k_frames,
-                                  targets_bfpd, loss_fn)
+        losses = candidate_losses(cands)
         chunk_best = jnp.argmin(losses, axis=-1)
         chunk_loss = jnp.take_along_axis(losses, chunk_best[..., None], -1)[..., 0]
         chunk_query = jnp.take_along_axis(cands, chunk_best[..., None, None], 2)[:, :, 0]
@@ -232,46 +216,6 @@ def select_best_queries(
     (best_loss, best_index, best_query), _ = jax.lax.scan(
         scan_chunk, init, jnp.arange(0, num_candidates, chunk))
     return jax.lax.stop_gradient(best_query), best_index, best_loss
-
-
-@dataclasses.dataclass(frozen=True)
-class WorldConfig:
-    """Fields shared by DeltaWorld and DINO-World: the predictor's sizes plus the query scheme.
-    `config.model` of a world-model run holds these fields (plus `kind`)."""
-
-    hidden_size: int = 768
-    num_layers: int = 12
-    num_heads: int = 12
-    backbone_hidden_size: int = 768
-    mlp_ratio: int = 4
-    rope_axis_sizes: tuple[int, ...] = (60,)
-    rope_unrotated_size: int = 4
-    layer_scale_init: float = 1e-5
-    norm_eps: float = 1e-5
-    init_std: float = 0.02
-    attention_impl: str | None = "xla"  # models/attention.py
-    remat: str = layers.DEFAULT_REMAT  # the predictor's block rematerialisation: layers.REMAT_POLICIES
-    scan_layers: bool = False  # the predictor's block layout (PredictorConfig.scan_layers)
-    use_bom: bool = True  # noise queries + best-of-K training; False: one learned query (q_embed)
-    num_samples_train: int = 256  # K, the candidates per predicted frame in best-of-K training
-    num_samples_eval: int = 20  # S, the rollouts drawn per clip at evaluation (use_bom only)
-    bom_chunk: int | None = 64  # candidates per pass of the best-of-K search (memory); None: all K at once
-    loss_beta: float = 0.1  # smooth-L1 beta
-
-    def __post_init__(self):
-        object.__setattr__(self, "rope_axis_sizes", tuple(self.rope_axis_sizes))
-        self.predictor_config()  # validates the sizes now, with a clear message
-
-    def predictor_config(self) -> PredictorConfig:
-        names = {f.name for f in dataclasses.fields(PredictorConfig)}
-        return PredictorConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
-
-    @classmethod
-    def from_mapping(cls, mapping) -> "WorldConfig":
-        """From a dict / ConfigDict holding some of the fields (others are ignored, e.g. `kind`)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in dict(mapping).items() if k in names}
-        return cls(**kwargs)
 
 
 def smooth_l1_loss_fn(beta: float) -> Callable[[Array, Array], Array]:

@@ -12,6 +12,7 @@ every shape mismatch is reported in ONE error.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any, Mapping
 
@@ -20,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from deltaworld_jax.models.deltatok import DeltaTok, DeltaTokConfig
-from deltaworld_jax.pretrained import common
+from deltaworld_jax.pretrained import common, runs
 
 # Prefix of the trained network inside a Lightning checkpoint's state_dict (the LightningModule's
 # `network` attribute) and of the frozen VFM inside the network (never part of DeltaTok's weights).
@@ -37,27 +38,29 @@ def deltatok_state_dict(raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: v for k, v in raw.items() if not k.startswith(FROZEN_VFM_PREFIX)}
 
 
-def infer_config(sd: dict[str, np.ndarray], *, num_heads: int | None = None, heads_source: str = "num_heads",
-                 **overrides: Any) -> DeltaTokConfig:
-    """A DeltaTokConfig whose sizes and switches are read from the tensors of an official state dict."""
-    for key in ("z_embed.weight", "encoder_blocks.0.mlp.up_proj.weight"):
-        if key not in sd:
-            raise ValueError(f"Not a DeltaTok checkpoint: no {key!r} among {len(sd)} keys "
-                             f"(first few: {sorted(sd)[:5]})")
-    hidden = int(sd["z_embed.weight"].shape[-1])
-    depth = {name: 1 + max((int(m.group(1)) for k in sd if (m := re.match(rf"{name}\.(\d+)\.", k))), default=-1)
+def infer_config(params: Mapping[str, np.ndarray], *, num_heads: int | None = None,
+                 heads_source: str = "num_heads", **overrides: Any) -> DeltaTokConfig:
+    """A DeltaTokConfig whose sizes and switches are read from DeltaTok's parameters under OUR per-layer
+    paths (an official checkpoint after `to_model_params`, or our run's parameters split per layer)."""
+    for key in ("z_embed.weight", "encoder_blocks.0.mlp.up_proj.kernel"):
+        if key not in params:
+            raise ValueError(f"Not a DeltaTok checkpoint: no {key!r} among {len(params)} entries "
+                             f"(first few: {sorted(getattr(params, 'source', {}).values() or params)[:5]})")
+    hidden = int(params["z_embed.weight"].shape[-1])
+    depth = {name: 1 + max((int(m.group(1)) for k in params if (m := re.match(rf"{name}\.(\d+)\.", k))),
+                           default=-1)
              for name in ("encoder_blocks", "decoder_blocks")}
     if depth["encoder_blocks"] != depth["decoder_blocks"]:
         raise ValueError(f"encoder has {depth['encoder_blocks']} blocks but decoder has "
                          f"{depth['decoder_blocks']}; DeltaTok uses one depth for both")
     block = "encoder_blocks.0."
-    use_gated_attn = f"{block}attention.attn_gate.weight" in sd
-    use_qk_norm = f"{block}attention.q_norm.weight" in sd
+    use_gated_attn = f"{block}attention.attn_gate.kernel" in params
+    use_qk_norm = f"{block}attention.q_norm.weight" in params
     heads_from_tensors = None
-    if use_gated_attn:
-        heads_from_tensors = int(sd[f"{block}attention.attn_gate.weight"].shape[0])
+    if use_gated_attn:  # kernel [hidden, heads]
+        heads_from_tensors = int(params[f"{block}attention.attn_gate.kernel"].shape[-1])
     elif use_qk_norm:
-        heads_from_tensors = hidden // int(sd[f"{block}attention.q_norm.weight"].shape[0])
+        heads_from_tensors = hidden // int(params[f"{block}attention.q_norm.weight"].shape[0])
     if heads_from_tensors is not None and num_heads is not None and num_heads != heads_from_tensors:
         raise ValueError(f"{heads_source}={num_heads} but the checkpoint's per-head tensors say "
                          f"{heads_from_tensors} heads")
@@ -69,8 +72,8 @@ def infer_config(sd: dict[str, np.ndarray], *, num_heads: int | None = None, hea
         hidden_size=hidden,
         num_layers=depth["encoder_blocks"],
         num_heads=heads,
-        intermediate_size=int(sd[f"{block}mlp.up_proj.weight"].shape[0]),
-        use_swiglu=f"{block}mlp.gate_proj.weight" in sd,
+        intermediate_size=int(params[f"{block}mlp.up_proj.kernel"].shape[-1]),
+        use_swiglu=f"{block}mlp.gate_proj.kernel" in params,
         use_qk_norm=use_qk_norm,
         use_gated_attn=use_gated_attn,
         **overrides,
@@ -100,20 +103,53 @@ def load_deltatok(
     runs on; its width is checked against the checkpoint and its num_heads used when the tensors cannot
     tell. scan_layers: both stacks stored stacked (DeltaTokConfig.scan_layers); the same weights either way."""
     raw = dict(source) if isinstance(source, Mapping) else common.read_state_dict(source)
-    sd = deltatok_state_dict(raw)
+    params = to_model_params(deltatok_state_dict(raw))
+    cfg = _config_for(params, vfm, num_heads, use_delta=use_delta, use_rope_aug=use_rope_aug,
+                      rope_theta=rope_theta, rope_rescale=rope_rescale, norm_eps=norm_eps,
+                      attention_impl=attention_impl, scan_layers=scan_layers)
+    return _fill(cfg, params, "DeltaTok checkpoint", dtype, param_dtype)
+
+
+def _config_for(params: Mapping[str, np.ndarray], vfm: nnx.Module | None, num_heads: int | None,
+                **settings: Any) -> DeltaTokConfig:
+    """infer_config, with the VFM's width checked against the checkpoint's and its heads used when the
+    tensors cannot tell (the official DeltaTok always takes its heads from the VFM)."""
     heads_source = "num_heads"
     if vfm is not None:
-        width = int(sd["z_embed.weight"].shape[-1]) if "z_embed.weight" in sd else None
+        width = int(params["z_embed.weight"].shape[-1]) if "z_embed.weight" in params else None
         if width is not None and int(vfm.hidden_size) != width:
             raise ValueError(f"The checkpoint's DeltaTok width {width} does not match the VFM's hidden_size "
                              f"{vfm.hidden_size}")
-        if num_heads is None:  # the official DeltaTok always takes its heads from the VFM
+        if num_heads is None:
             num_heads, heads_source = int(vfm.num_heads), "the VFM's num_heads"
-    cfg = infer_config(sd, num_heads=num_heads, heads_source=heads_source, use_delta=use_delta,
-                       use_rope_aug=use_rope_aug, rope_theta=rope_theta, rope_rescale=rope_rescale,
-                       norm_eps=norm_eps, attention_impl=attention_impl, scan_layers=scan_layers)
+    return infer_config(params, num_heads=num_heads, heads_source=heads_source, **settings)
+
+
+def _fill(cfg: DeltaTokConfig, params: Mapping[str, np.ndarray], what: str, dtype=jnp.float32,
+          param_dtype=jnp.float32) -> DeltaTok:
     abstract = nnx.eval_shape(lambda: DeltaTok(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
-    return common.fill_abstract_model(abstract, to_model_params(sd), what="DeltaTok checkpoint")
+    return common.fill_abstract_model(abstract, params, what=what)
+
+
+def deltatok_from_run(run: "runs.Run", *, vfm: nnx.Module | None = None, attention_impl: str | None = "xla",
+                      scan_layers: bool = False, dtype=jnp.float32) -> DeltaTok:
+    """A DeltaTok from our own training run (pretrained.runs.read_run), built from its parameters as they
+    are named in the run. Its config is the one the run recorded; a run from before the trainer recorded
+    it has its sizes read off the parameters (infer_config) and the released values for the rest (use_delta,
+    RoPE settings). How the model runs (attention_impl, scan_layers: the block layout, filled from either
+    stored layout) is the caller's choice, not the run's."""
+    if run.family not in ("deltatok", None):
+        raise ValueError(f"{run.folder} step {run.step} holds a {run.family} model, not a DeltaTok")
+    params = run.per_layer_params()
+    execution = dict(attention_impl=attention_impl, scan_layers=scan_layers)
+    if run.record is not None:
+        cfg = dataclasses.replace(runs.config_from_record(DeltaTokConfig, run.record), **execution)
+        if vfm is not None and int(vfm.hidden_size) != cfg.hidden_size:
+            raise ValueError(f"The run's DeltaTok width {cfg.hidden_size} does not match the VFM's hidden_size "
+                             f"{vfm.hidden_size}")
+    else:
+        cfg = _config_for(params, vfm, None, **execution)
+    return _fill(cfg, params, f"DeltaTok run {run.folder} step {run.step}", dtype)
 
 
 # The weight map: our parameter paths are the official names, with each Linear's torch `weight` [out, in] as

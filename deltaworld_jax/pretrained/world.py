@@ -10,7 +10,9 @@ whose defaults are the released models' values.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 from typing import Any, Mapping
 
 import numpy as np
@@ -18,7 +20,7 @@ from flax import nnx
 
 from deltaworld_jax.models.deltaworld import DeltaWorld, DeltaWorldConfig
 from deltaworld_jax.models.dinoworld import DINOWorld, DINOWorldConfig
-from deltaworld_jax.pretrained import common
+from deltaworld_jax.pretrained import common, runs
 
 # Entries of a training checkpoint that belong to the frozen parts, not to the world model.
 _FROZEN_PREFIXES = ("tokenizer.", "backbone.", "task_heads.")
@@ -60,9 +62,10 @@ def world_state_dict(model: DeltaWorld | DINOWorld) -> dict[str, np.ndarray]:
     return common.unmap_weights(common.model_params(model), _table(not model.cfg.use_bom))
 
 
-def _world_tensors(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Flat numpy dict of the world model's entries: reads the file (a Lightning checkpoint's `state_dict`
-    is unwrapped by common.read_state_dict), strips `network.`, drops the frozen tokenizer/backbone entries."""
+def _world_params(source: str | os.PathLike | Mapping[str, Any]) -> common.MappedParams:
+    """The world model's entries under our parameter paths: reads the file (a Lightning checkpoint's
+    `state_dict` is unwrapped by common.read_state_dict), strips `network.`, drops the frozen
+    tokenizer/backbone entries, maps the official names (WORLD_TABLE, q_embed included)."""
     tensors = dict(source) if isinstance(source, Mapping) else common.read_state_dict(source)
     if "state_dict" in tensors and isinstance(tensors["state_dict"], Mapping):
         tensors = dict(tensors["state_dict"])
@@ -72,34 +75,57 @@ def _world_tensors(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, n
         if name.startswith(_FROZEN_PREFIXES):
             continue
         out[name] = np.asarray(value)
-    return out
+    return common.map_weights(out, _table(with_q_embed=True))
 
 
-def _infer_sizes(tensors: Mapping[str, np.ndarray]) -> dict[str, int]:
-    """Width, depth, MLP width and the backbone width from the tensors' shapes."""
-    if "predictor.head.weight" not in tensors or "predictor.blocks.0.attention.kv_proj.weight" not in tensors:
-        raise ValueError("not a DeltaWorld / DINO-World checkpoint: no predictor.head.weight / "
-                         f"predictor.blocks.0.attention.kv_proj.weight among {sorted(tensors)[:8]}...")
-    backbone_hidden, hidden = tensors["predictor.head.weight"].shape
-    depth = 1 + max(int(k.split(".")[2]) for k in tensors if k.startswith("predictor.blocks."))
-    up = tensors.get("predictor.blocks.0.mlp.up_proj.weight")
+_BLOCK = re.compile(r"predictor\.blocks\.(\d+)\.")
+
+
+def infer_sizes(params: Mapping[str, np.ndarray]) -> dict[str, int]:
+    """Width, depth, MLP width and the backbone width from the shapes of the predictor's parameters under
+    our per-layer paths (an official checkpoint after the weight map, or our run's split per layer)."""
+    head, kv = "predictor.head.kernel", "predictor.blocks.0.attention.kv_proj.kernel"
+    if head not in params or kv not in params:
+        named = sorted(getattr(params, "source", {}).values() or params)
+        raise ValueError(f"not a DeltaWorld / DINO-World checkpoint: no {head} / {kv} among {named[:8]}...")
+    hidden, backbone_hidden = params[head].shape  # kernel [in, out]
+    depth = 1 + max(int(m.group(1)) for k in params if (m := _BLOCK.match(k)))
+    up = params.get("predictor.blocks.0.mlp.up_proj.kernel")
     if up is None:
-        raise ValueError("predictor.blocks.0.mlp.up_proj.weight is missing: the MLP width cannot be inferred")
-    intermediate = up.shape[0]
+        raise ValueError("predictor.blocks.0.mlp.up_proj is missing: the MLP width cannot be inferred")
+    intermediate = up.shape[-1]
     if intermediate % hidden:
         raise ValueError(f"MLP width {intermediate} is not a multiple of the width {hidden}")
     return dict(hidden_size=int(hidden), num_layers=int(depth), backbone_hidden_size=int(backbone_hidden),
                 mlp_ratio=int(intermediate // hidden))
 
 
-def _fill(abstract: DeltaWorld | DINOWorld, tensors: Mapping[str, np.ndarray], what: str):
-    """Strict fill through common.fill_abstract_model: every unused, missing or mis-shaped entry in one error."""
-    params = common.map_weights(tensors, _table(not abstract.cfg.use_bom))
-    return common.fill_abstract_model(abstract, params, what=what)
+def _build(model_cls, cfg, params: Mapping[str, np.ndarray], what: str, dtype=None):
+    """Strict fill of an abstract build through common.fill_abstract_model: every unused, missing or
+    mis-shaped entry in one error."""
+    kw = {} if dtype is None else {"dtype": dtype}
+    model = nnx.eval_shape(lambda: model_cls(cfg, **kw, rngs=nnx.Rngs(0)))
+    return common.fill_abstract_model(model, params, what=f"{model_cls.__name__} {what}")
 
 
 def _describe(source) -> str:
     return "<in-memory state dict>" if isinstance(source, Mapping) else os.fspath(source)
+
+
+def _released(config_cls, source, *, num_heads, rope_axis_sizes, rope_unrotated_size, config_overrides):
+    """(config, our parameters) of released weights: sizes from the tensors, the rest from the arguments."""
+    params = _world_params(source)
+    use_bom = config_overrides.pop("use_bom", "q_embed" not in params)
+    cfg = config_cls(**infer_sizes(params), num_heads=num_heads, rope_axis_sizes=tuple(rope_axis_sizes),
+                     rope_unrotated_size=rope_unrotated_size, use_bom=use_bom, **config_overrides)
+    return cfg, params
+
+
+def _check_token_width(tokenizer: Any, cfg: DeltaWorldConfig, what: str) -> None:
+    token_width = getattr(getattr(tokenizer, "cfg", None), "hidden_size", None)
+    if token_width is not None and token_width != cfg.backbone_hidden_size:
+        raise ValueError(f"the tokenizer makes {token_width}-wide tokens, {what} predictor reads "
+                         f"{cfg.backbone_hidden_size}")
 
 
 def load_deltaworld(
@@ -115,18 +141,10 @@ def load_deltaworld(
     """A DeltaWorld from released weights. `tokenizer` (a DeltaTok), when given, must produce tokens of the
     checkpoint's width (checked). Other DeltaWorldConfig fields (use_bom, num_samples_eval, ...) may be
     passed as keyword arguments."""
-    tensors = _world_tensors(source)
-    sizes = _infer_sizes(tensors)
-    use_bom = config_overrides.pop("use_bom", "q_embed.weight" not in tensors)
-    cfg = DeltaWorldConfig(**sizes, num_heads=num_heads, rope_axis_sizes=tuple(rope_axis_sizes),
-                           rope_unrotated_size=rope_unrotated_size, use_bom=use_bom, **config_overrides)
-    token_width = getattr(getattr(tokenizer, "cfg", None), "hidden_size", None)
-    if token_width is not None and token_width != cfg.backbone_hidden_size:
-        raise ValueError(f"the tokenizer makes {token_width}-wide tokens, the checkpoint's predictor reads "
-                         f"{cfg.backbone_hidden_size}")
-    kw = {} if dtype is None else {"dtype": dtype}
-    model = nnx.eval_shape(lambda: DeltaWorld(cfg, **kw, rngs=nnx.Rngs(0)))
-    return _fill(model, tensors, f"{type(model).__name__} checkpoint {_describe(source)}")
+    cfg, params = _released(DeltaWorldConfig, source, num_heads=num_heads, rope_axis_sizes=rope_axis_sizes,
+                            rope_unrotated_size=rope_unrotated_size, config_overrides=config_overrides)
+    _check_token_width(tokenizer, cfg, "the checkpoint's")
+    return _build(DeltaWorld, cfg, params, f"checkpoint {_describe(source)}", dtype)
 
 
 def load_dinoworld(
@@ -140,14 +158,42 @@ def load_dinoworld(
     **config_overrides,
 ) -> DINOWorld:
     """A DINO-World from released weights; `vfm`, when given, must have the checkpoint's feature width."""
-    tensors = _world_tensors(source)
-    sizes = _infer_sizes(tensors)
-    use_bom = config_overrides.pop("use_bom", "q_embed.weight" not in tensors)
-    cfg = DINOWorldConfig(**sizes, num_heads=num_heads, rope_axis_sizes=tuple(rope_axis_sizes),
-                          rope_unrotated_size=rope_unrotated_size, use_bom=use_bom, **config_overrides)
+    cfg, params = _released(DINOWorldConfig, source, num_heads=num_heads, rope_axis_sizes=rope_axis_sizes,
+                            rope_unrotated_size=rope_unrotated_size, config_overrides=config_overrides)
     if vfm is not None and vfm.hidden_size != cfg.backbone_hidden_size:
         raise ValueError(f"the VFM makes {vfm.hidden_size}-wide features, the checkpoint's predictor reads "
                          f"{cfg.backbone_hidden_size}")
-    kw = {} if dtype is None else {"dtype": dtype}
-    model = nnx.eval_shape(lambda: DINOWorld(cfg, **kw, rngs=nnx.Rngs(0)))
-    return _fill(model, tensors, f"{type(model).__name__} checkpoint {_describe(source)}")
+    return _build(DINOWorld, cfg, params, f"checkpoint {_describe(source)}", dtype)
+
+
+# Sizes the parameters of a run without a MODEL_CONFIG record cannot tell: the caller's, else released.
+_RUN_SIZES = {"num_heads": 12, "rope_axis_sizes": (60,), "rope_unrotated_size": 4}
+
+
+def deltaworld_from_run(run: "runs.Run", *, tokenizer: Any = None, attention_impl: str | None = "xla",
+                        scan_layers: bool = False, dtype=None, **sizes: Any) -> DeltaWorld:
+    """A DeltaWorld from our own training run (pretrained.runs.read_run), built from its parameters as they
+    are named in the run. Its config is the one the run recorded, and `sizes` (num_heads, rope_axis_sizes,
+    rope_unrotated_size) given here must agree with it; a run from before the trainer recorded it has its
+    widths and depth read off the parameters (infer_sizes) and `sizes` (default: the released values) for
+    what they cannot tell. How the model runs (attention_impl, scan_layers: the block layout, filled from
+    either stored layout) is the caller's choice, not the run's."""
+    unknown = set(sizes) - set(_RUN_SIZES)
+    if unknown:
+        raise TypeError(f"unknown sizes {sorted(unknown)}; known: {sorted(_RUN_SIZES)}")
+    if run.family not in ("deltaworld", "world"):
+        raise ValueError(f"{run.folder} step {run.step} holds a {run.family} model, not a DeltaWorld")
+    given = {k: (tuple(v) if k == "rope_axis_sizes" else v) for k, v in sizes.items() if v is not None}
+    params = run.per_layer_params()
+    execution = dict(attention_impl=attention_impl, scan_layers=scan_layers)
+    if run.record is not None:
+        cfg = dataclasses.replace(runs.config_from_record(DeltaWorldConfig, run.record), **execution)
+        differ = {k: (v, getattr(cfg, k)) for k, v in given.items() if v != getattr(cfg, k)}
+        if differ:
+            raise ValueError("the run was trained with " + ", ".join(
+                f"{k}={trained} (not {v})" for k, (v, trained) in differ.items()) + f" ({runs.MODEL_CONFIG})")
+    else:
+        cfg = DeltaWorldConfig(**infer_sizes(params), **{**_RUN_SIZES, **given}, use_bom="q_embed" not in params,
+                               **execution)
+    _check_token_width(tokenizer, cfg, "the run's")
+    return _build(DeltaWorld, cfg, params, f"run {run.folder} step {run.step}", dtype)

@@ -2,7 +2,7 @@
 tasks/dinoworld.py): the official `World._forward_train` + smooth-L1 (beta 0.1) on a predictor whose config
 comes from `config.model`.
 
-config.model: kind plus the WorldConfig fields (models/predictor.py), `dtype` (compute). The predictor reads
+config.model: kind plus the WorldConfig fields (models/world.py), `dtype` (compute). The predictor reads
 tokens/features of the VFM's width: `backbone_hidden_size` defaults to the VFM's hidden size.
 config.vfm: the frozen VFM (pretrained.build_vfm).
 """

@@ -18,6 +18,7 @@ saved on one topology (e.g. 2 processes, FSDP over 8 devices) resumes on another
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import json
 import time
 import zlib
@@ -35,7 +36,7 @@ from deltaworld_jax.training.train_step import TrainState
 
 # Reading a run's weights (weights-only init, our DeltaTok run as a frozen tokenizer) is in pretrained/runs.py.
 from deltaworld_jax.pretrained.runs import (  # noqa: F401
-    PARAMS, abstract_like as _abstract, checkpoint_steps, restore_module_params, restore_params)
+    MODEL_CONFIG, PARAMS, abstract_like as _abstract, checkpoint_steps, restore_module_params, restore_params)
 
 TRAIN, DATA_ITER = "train", "data_iter"
 CHECKSUMS = "checksums.json"
@@ -239,6 +240,20 @@ def _any_process_error(error: str, elsewhere: str) -> str:
 
     failed = multihost_utils.process_allgather(np.int32(bool(error)))
     return error or (elsewhere if np.any(failed) else "")
+
+
+def write_model_config(directory: str, kind: str, model_config: Any) -> None:
+    """<directory>/MODEL_CONFIG: the family and the trained module's config (a dataclass), so the run's
+    weights can be built into a model later with no other input (pretrained.runs.read_run). Process 0
+    writes; the file is replaced whole (a temporary name, then a rename)."""
+    if jax.process_index() != 0:
+        return
+    directory = epath.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    record = {"kind": kind, "config": dataclasses.asdict(model_config)}
+    tmp = directory / f".{MODEL_CONFIG}.tmp"
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(directory / MODEL_CONFIG)
 
 
 def seed_for_resume(source: str, target: str) -> int | None:

@@ -477,6 +477,10 @@ def train(config, workdir: str, *, eval_fn: Callable | None = None, data_fn: Cal
     if config.train.get("resume_from", ""):
         checkpointing.seed_for_resume(config.train.resume_from, str(workdir / "checkpoints"))
     checkpointer = _checkpointer(config, workdir)
+    # What the checkpoints hold, so the run's weights build a model with no other input (the forecast).
+    model_config = getattr(setup.abstract_module, "cfg", None)
+    if dataclasses.is_dataclass(model_config):
+        checkpointing.write_model_config(str(workdir / "checkpoints"), setup.task.name, model_config)
     data_iter = data_fn(config, process_index=jax.process_index(), process_count=jax.process_count())
     state = checkpointer.restore_latest(setup.abstract_state, setup.state_shardings, data_iter=data_iter)
     if state is None and config.train.get("init_from", ""):
