@@ -17,7 +17,6 @@ the load than wall seconds. Only measures.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import time
 
@@ -27,15 +26,8 @@ import optax
 from flax import nnx
 
 from deltaworld_jax import aot, sharding as sharding_lib
+from deltaworld_jax.training.recipe import load_config_file
 from deltaworld_jax.training import optimizer as optimizer_lib, train_step as step_lib, trainer
-
-
-def load_config(spec: str):
-    path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("measured_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
 
 
 def main() -> None:
@@ -49,7 +41,7 @@ def main() -> None:
 
     devices = aot.topology_devices(args.topology)
     accumulation = aot.EFFECTIVE_BATCH // (len(devices) * args.per_chip_batch)
-    cfg = aot.benchmark_config(load_config(args.config), batch_size=aot.EFFECTIVE_BATCH,
+    cfg = aot.benchmark_config(load_config_file(args.config), batch_size=aot.EFFECTIVE_BATCH,
                                accumulation_steps=accumulation, mesh_shape=aot.SHARDINGS[args.sharding])
     mesh = sharding_lib.make_mesh(cfg.mesh, devices=devices)
     setup = trainer.build(cfg, mesh, abstract_frozen=True)

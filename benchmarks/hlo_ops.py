@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import importlib.util
 import json
 import re
 
@@ -33,13 +32,11 @@ def main() -> None:
     from deltaworld_jax import aot
     program = aot  # the trainer's real step as a program (was bench/program.py)
 
-    path, _, arg = args.config.partition(":")
-    spec = importlib.util.spec_from_file_location("measured_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    from deltaworld_jax.training.recipe import load_config_file
+
     rows = []
     for depth in [int(d) for d in args.depths.split(",") if d]:
-        config = module.get_config(arg) if arg else module.get_config()
+        config = load_config_file(args.config)
         config.model.num_layers = depth
         if args.topology:
             devices = aot.topology_devices(args.topology)

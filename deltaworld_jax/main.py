@@ -15,12 +15,13 @@ an override of a field the config does not have stops before anything runs, nami
 from __future__ import annotations
 
 import difflib
-import importlib.util
 import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from deltaworld_jax.training.recipe import load_config_file
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:arg]).",
                                           lock_config=True)
@@ -32,15 +33,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 _OVERRIDE = "--config."
 
 
-def _load_config_file(spec: str):
-    """The ConfigDict of `path[:arg]`, loaded as config_flags loads it."""
-    path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("_deltaworld_config_for_errors", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
-
-
 def unknown_field_message(argv) -> str | None:
     """For the first `--config.<path>=...` of argv whose path the config does not have: a message naming it
     and the nearest known fields (difflib). None when every override names a known field."""
@@ -48,7 +40,7 @@ def unknown_field_message(argv) -> str | None:
     if spec is None:
         return None
     try:
-        config = _load_config_file(spec)
+        config = load_config_file(spec)
     except Exception:  # noqa: BLE001  (the config itself is broken: absl's own error says how)
         return None
     for arg in argv:

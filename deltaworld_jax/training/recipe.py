@@ -19,6 +19,7 @@ the unfinished one. How a stage starts from the previous one is part of its conf
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any, Callable
 
 import ml_collections
@@ -26,6 +27,19 @@ from absl import logging
 from etils import epath
 
 STAGE_REF = "@"
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """The config of `path[:arg]`, as `--config=` (ml_collections' config_flags) loads it: the module at `path`
+    is executed and its `get_config(arg)` (`get_config()` without an arg) returned. For the entry point's
+    own checks and the benchmarks, which read config files outside absl's flag parsing."""
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("_deltaworld_config_file", path)
+    if module_spec is None:
+        raise FileNotFoundError(f"config file {path!r} (from {spec!r}) cannot be loaded as a Python module")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
 
 
 def stage_dir(workdir: str, stage: str) -> epath.Path:
