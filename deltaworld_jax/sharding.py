@@ -168,6 +168,18 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def current_platform(mesh: Mesh | None = None) -> str:
+    """"tpu", "gpu" or "cpu": of the devices of `mesh`, else of the mesh in context (`jax.set_mesh`), else of
+    the default backend. An ahead-of-time compile for TPU devices from a CPU host lowers for TPU."""
+    if mesh is not None:
+        device = mesh.devices.flat[0]
+    else:
+        context = jax.sharding.get_abstract_mesh()
+        device = None if context.empty else getattr(context, "abstract_device", None)
+    platform = device.platform if device is not None else jax.default_backend()
+    return "gpu" if platform in ("cuda", "rocm", "gpu") else platform
+
+
 def constrain_batch(x: jax.Array) -> jax.Array:
     """`x` with its leading (batch) dim split over the batch axes (BATCH_AXES) of the mesh in context
     (`jax.set_mesh`), its other dims left to the partitioner; `x` unchanged without such a mesh, when those

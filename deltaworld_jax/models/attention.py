@@ -138,22 +138,13 @@ def check_implementation(implementation: str | None) -> str:
     return name
 
 
-def current_platform() -> str:
-    """"tpu", "gpu" or "cpu": of the devices of the mesh in context (an ahead-of-time compile for TPU devices
-    from a CPU host lowers for TPU), else of the default backend."""
-    mesh = jax.sharding.get_abstract_mesh()
-    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
-    platform = device.platform if device is not None else jax.default_backend()
-    return "gpu" if platform in ("cuda", "rocm", "gpu") else platform
-
-
 def resolve_implementation(implementation: str | None, q: Array, mask=None, platform: str | None = None) -> str:
     """The concrete implementation for these inputs: "auto" resolved on `platform` (default: the current
     one); any other name returned as is, after validation."""
     name = check_implementation(implementation)
     if name != "auto":
         return name
-    platform = current_platform() if platform is None else platform
+    platform = sharding_lib.current_platform() if platform is None else platform
     if platform == "tpu" and (mask is None or isinstance(mask, FrameCausalMask)):
         return "splash"
     head_dim = q.shape[-1]
@@ -178,7 +169,7 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, mask=None, implementa
     name = resolve_implementation(implementation, q, mask)
     scale = q.shape[-1] ** -0.5
     if name == "splash":
-        return splash_attention(q, k, v, mask=mask, interpret=current_platform() != "tpu")
+        return splash_attention(q, k, v, mask=mask, interpret=sharding_lib.current_platform() != "tpu")
     mask = dense_mask(mask)
     if name == "reference":
         logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32)) * scale

@@ -98,8 +98,7 @@ def make_train_step(
         return loss.astype(jnp.float32), aux
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    # The platform the step compiles for (an AOT compile for a TPU topology traces on a CPU host).
-    platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+    platform = sharding_lib.current_platform(mesh)  # the step's target (AOT: TPU, traced on a CPU host)
 
     def step(state: TrainState, frozen_state, batch: dict, base_key: jax.Array, apply: Any = True):
         step_key = jax.random.fold_in(base_key, state.step)
