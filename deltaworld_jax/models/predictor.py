@@ -90,8 +90,8 @@ class PredictorBlock(nnx.Module):
 
 
 class Predictor(nnx.Module):
-    """blocks[i] (PredictorBlock; layers.run_blocks: unrolled, or one scan when stored stacked; under `cfg.remat`), then `norm` and
-    `head` (hidden -> backbone width)."""
+    """blocks[i] (PredictorBlock; layers.run_blocks: unrolled, or one scan when stored stacked; under
+    `cfg.remat`), then `norm` and `head` (hidden -> backbone width)."""
 
     def __init__(self, cfg: PredictorConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.cfg = cfg
