@@ -357,3 +357,19 @@ def test_kinetics_stages_are_the_papers_and_bad_values_fail_before_build(tmp_pat
         trainer.run(_load_config_file("kinetics", "stage=deltaworld_512"), str(tmp_path))
     with pytest.raises(ValueError, match="Unknown stage"):
         _load_config_file("kinetics", "stage=nope")
+
+
+@pytest.mark.parametrize("batch_size", [4, 8])  # 1 and 2 examples per micro-batch: the trailing dims flattened / kept
+def test_micro_batch_i_is_every_accumulation_th_example_in_the_batch_shapes(batch_size):
+    from deltaworld_jax.training import train_step
+
+    accumulation = 4
+    batch = {"frames": np.arange(batch_size * 2 * 3 * 5 * 3, dtype=np.uint8).reshape(batch_size, 2, 3, 5, 3),
+             "times": np.arange(batch_size * 2, dtype=np.float32).reshape(batch_size, 2)}
+    micro = train_step._microbatches(batch, accumulation, None)
+    flattened = batch_size // accumulation == 1
+    assert micro["frames"].ndim == (3 if flattened else 6)
+    for i in range(accumulation):
+        one = train_step._microbatch(micro, batch, i)
+        for key in batch:
+            np.testing.assert_array_equal(np.asarray(one[key]), batch[key][i::accumulation])

@@ -19,6 +19,8 @@ updating it (step unchanged): the trainer's check that a state it is about to sa
 
 from __future__ import annotations
 
+import math
+
 import dataclasses
 from typing import Any, Callable
 
@@ -50,17 +52,26 @@ def split_trainable(module: nnx.Module):
 
 
 def _microbatches(batch: dict, accumulation: int, mesh: Mesh | None) -> dict:
-    """[B, ...] -> [B/A, A, prod(...)]: micro-batch i is [:, i] (= batch[i::A]; `_microbatch` restores its
-    shape), so each device's contiguous block of the batch yields its share of every micro-batch without any
-    communication. Only the leading dim is split and the trailing dims are flattened, never transposed: on
-    TPU an array whose minor dim is the 3 colour channels is laid out padded to the 128 lanes, and a
-    transposed copy of DINO-World's uint8 512px clips took 32 GiB per device that way."""
+    """[B, ...] -> [B/A, A, ...]: micro-batch i is [:, i] (= batch[i::A]; `_microbatch` restores its shape),
+    so each device's contiguous block of the batch yields its share of every micro-batch without any
+    communication. Only the leading dim is split, never transposed: on TPU an array whose minor dim is the
+    3 colour channels is laid out padded to the 128 lanes, and a transposed copy of DINO-World's uint8
+    512px clips took 32 GiB per device that way.
+
+    The trailing dims are kept (the split is then a bitcast of the batch) unless each device's share of a
+    micro-batch is a single example; then they are flattened ([B/A, A, prod(...)]). Measured on the 512px
+    stages for TPU v5e:2x2 (benchmarks/RESULTS.md): flattening made XLA copy the chip's frames into another
+    layout, 11.64 GiB per chip for DeltaWorld at 2 per chip against 6.05 GiB unflattened; but with a unit
+    per-device dim the unflattened split let XLA propagate the model's padded frame layout back to the
+    whole batch (a 32 GiB copy at 1 per chip, DINO-World and DeltaWorld alike), which flattening walls off."""
+    shards = 1 if mesh is None else math.prod(mesh.shape.get(axis, 1) for axis in sharding_lib.BATCH_AXES)
 
     def split(x):
         b = x.shape[0]
         if b % accumulation:
             raise ValueError(f"batch dim {b} is not divisible by accumulation_steps={accumulation}")
-        x = x.reshape((b // accumulation, accumulation, -1))
+        per_device = b // accumulation // shards if (b // accumulation) % shards == 0 else 1
+        x = x.reshape((b // accumulation, accumulation) + (x.shape[1:] if per_device > 1 else (-1,)))
         if mesh is not None:
             x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(sharding_lib.BATCH_AXES)))
         return x
