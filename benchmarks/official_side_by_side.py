@@ -24,6 +24,16 @@ forecast loop is @torch.compiler.disable, so eager there). Ours = the trainer's 
 Timing: `--rounds` rounds; in each, every row runs official eager, official compiled, ours (in that
 order), `--steps` timed steps each after warm-up. Reported: the median ms over all timed steps of a side,
 with the range of per-round medians; ratio = official / ours (> 1: ours is faster).
+
+Work and throughput (second table): the matmul FLOPs of one step, counted on our program (the traced
+jaxpr of the jitted step or forecast, `flops.jaxpr_matmul_flops`, attention included), which both sides
+run (the same model and configuration); the official count by `torch.utils.flop_counter` over one eager
+step is printed as a cross-check (it leaves out scaled_dot_product_attention on the CPU, which the counter
+does not count). From it the GFLOP/s each side reaches, and the machine's fp32 GEMM rate measured in the
+same run (the better of jax and torch on a 4096^3 matmul, before and after the rounds). "Goal needs" is
+the matmul rate the issue's goal (ours >= 1.5x faster than the official code, the forecast >= 2x) would
+take, as a share of that GEMM rate: a goal needing more than ~70% of it over a whole step (attention,
+elementwise and optimiser work included) is not reachable by scheduling or fusion on this machine, only by doing less work.
 """
 
 from __future__ import annotations
@@ -50,6 +60,8 @@ ROW_TITLES = {"deltatok": "DeltaTok train step (8x2)", "deltaworld": "DeltaWorld
               "dinoworld": "DINO-World train step (2x4)", "forecast": "forecast (4 clips x 7, 20 samples, ctx 4)"}
 BATCH = {"deltatok": (8, 2), "deltaworld": (4, 8), "dinoworld": (2, 4), "forecast": (4, 7)}
 NUM_CANDIDATES, NUM_SAMPLES, CTX_LEN = 64, 20, 4
+# issue 18's goals: ours at least this many times faster than the official code
+GOALS = {"deltatok": 1.5, "deltaworld": 1.5, "dinoworld": 1.5, "forecast": 2.0}
 
 
 def timestamps(b: int, t: int, seed: int = 0) -> np.ndarray:
@@ -191,6 +203,16 @@ class Official:
             return loss
         return count, step
 
+    def matmul_flops(self, row: str) -> float:
+        """Matmul/conv FLOPs of one eager official step (forward, backward, optimiser), counted by torch."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        _, step = self.build(row, compiled=False)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            step()
+        return float(counter.get_total_flops())
+
 
 # ----------------------------------------------------------------------------------------------------
 # Our side
@@ -229,13 +251,13 @@ def our_config(row: str, dtype: str):
 
 
 def build_ours(row: str, dtype: str):
-    """(trainable parameter count, compile seconds, step() callable)."""
+    """(trainable parameter count, compile seconds, step() callable, matmul FLOPs of one step)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
     from benchmarks.step import compile_step, materialize, random_batch
-    from deltaworld_jax import aot as program, sharding as sharding_lib
+    from deltaworld_jax import aot as program, flops as flops_lib, sharding as sharding_lib
     from deltaworld_jax.training import trainer
 
     cfg = program.benchmark_config(our_config(row, dtype))
@@ -264,18 +286,48 @@ def build_ours(row: str, dtype: str):
         t0 = time.perf_counter()
         jax.block_until_ready(forecast(world, vfm, tokenizer, frames, times, key))
         compile_s = time.perf_counter() - t0
-        return count, compile_s, lambda: jax.block_until_ready(forecast(world, vfm, tokenizer, frames, times, key))
+        flops = flops_lib.jaxpr_matmul_flops(forecast, world, vfm, tokenizer, frames, times, key)[0]
+        return (count, compile_s, lambda: jax.block_until_ready(forecast(world, vfm, tokenizer, frames, times, key)),
+                flops)
 
     batch = random_batch(cfg, mesh)
     batch["frames"] = jax.device_put(frames_uint8(b, t), batch["frames"].sharding)
     key = jax.random.PRNGKey(0)
     compiled, compile_s = compile_step(setup, cfg, state, frozen, batch, key)
+    _, jitted = program.build_jitted_step(setup, cfg, jax.tree.map(lambda x: x.sharding, batch))
+    with jax.set_mesh(setup.mesh):
+        flops = flops_lib.jaxpr_matmul_flops(jitted, state, frozen, batch, key)[0]
     box = {"state": state}
 
     def step():
         box["state"], metrics = compiled(box["state"], frozen, batch, key)
         return jax.block_until_ready(metrics["loss"])
-    return count, compile_s, step
+    return count, compile_s, step, flops
+
+
+def gemm_gflops(size: int = 4096, repeats: int = 5) -> dict[str, float]:
+    """The machine's fp32 GEMM rate, GFLOP/s: the best of `repeats` size^3 matmuls, in jax and in torch."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((size, size), dtype=np.float32) for _ in range(2))
+    ja, jb = jnp.asarray(a), jnp.asarray(b)
+    matmul = jax.jit(jnp.matmul)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    out = {}
+    for name, fn in (("jax", lambda: matmul(ja, jb).block_until_ready()), ("torch", lambda: ta @ tb)):
+        fn()
+        best = min(timed_once(fn) for _ in range(repeats))
+        out[name] = 2 * size ** 3 / best / 1e9
+    return out
+
+
+def timed_once(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -336,8 +388,13 @@ def main(argv=None) -> dict:
             step()  # torch.compile compiles on the first call
             sides[row][f"official_{mode}"] = {"params": count, "step": step, "ms": [], "round_medians": [],
                                               "first_call_s": time.perf_counter() - t0}
-        count, compile_s, step = build_ours(row, args.ours_dtype)
-        sides[row]["ours"] = {"params": count, "step": step, "ms": [], "round_medians": [], "compile_s": compile_s}
+        count, compile_s, step, flops = build_ours(row, args.ours_dtype)
+        sides[row]["ours"] = {"params": count, "step": step, "ms": [], "round_medians": [], "compile_s": compile_s,
+                              "matmul_flops": flops}
+        if official is not None:
+            official_flops = official.matmul_flops(row)
+            for mode in modes:
+                sides[row][f"official_{mode}"]["matmul_flops"] = official_flops
         counts = {name: s["params"] for name, s in sides[row].items()}
         print(f"{row}: trainable parameters {counts}; ours compiled in {compile_s:.1f} s; official first call "
               + ", ".join(f"{n} {s['first_call_s']:.1f} s" for n, s in sides[row].items() if "first_call_s" in s),
@@ -345,6 +402,8 @@ def main(argv=None) -> dict:
         if len(set(counts.values())) > 1:
             raise SystemExit(f"{row}: trainable parameter counts differ: {counts}")
 
+    gemm = gemm_gflops()  # again after the rounds: the better of the two
+    print(f"fp32 GEMM 4096^3: {gemm['jax']:.0f} GFLOP/s (jax), {gemm['torch']:.0f} GFLOP/s (torch)", flush=True)
     loads = []
     for r in range(args.rounds):
         loads.append(os.getloadavg()[0])
@@ -355,8 +414,10 @@ def main(argv=None) -> dict:
                 side["round_medians"].append(statistics.median(ms))
         print(f"round {r + 1}/{args.rounds} done; load {os.getloadavg()}", flush=True)
 
+    gemm = {k: max(v, gemm[k]) for k, v in gemm_gflops().items()}
+    gemm_peak = max(gemm.values())
     results = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                           "jax": jax.__version__, "load_1min_per_round": loads},
+                           "jax": jax.__version__, "load_1min_per_round": loads, "fp32_gemm_gflops": gemm},
                "config": {"rounds": args.rounds, "steps": args.steps, "warmup": args.warmup,
                           "ours_dtype": args.ours_dtype, "official_modes": modes}, "rows": {}}
     lines = [f"| | official ({' / '.join(modes)}) | ours {args.ours_dtype} | official / ours |", "|---|---|---|---|"]
@@ -374,6 +435,27 @@ def main(argv=None) -> dict:
                      f"({fmt_range(entry['ours']['round_medians'])}) | {ratio:.2f} |")
     print("\nmedian ms per step (range of per-round medians); official / ours uses the better official mode")
     print("\n".join(lines))
+    print(f"\nmatmul work per step and the rate each side reaches; the machine's fp32 GEMM rate: {gemm_peak:.0f} GFLOP/s "
+          "(4096^3, the better of jax and torch)")
+    print("| | matmul GFLOP/step (ours; torch's counter on the official step) | official GFLOP/s | ours GFLOP/s | goal "
+          "| goal needs GFLOP/s (share of GEMM rate) |\n|---|---|---|---|---|---|")
+    for row in rows:
+        entry = results["rows"][row]
+        ours_flops = entry["ours"]["matmul_flops"]
+        ours_rate = ours_flops / entry["ours"]["median_ms"] / 1e6
+        best = entry["official_best"]
+        goal = GOALS[row]
+        if best:
+            off_ms = entry[best]["median_ms"]
+            needed = ours_flops / (off_ms / goal) / 1e6
+            entry["throughput"] = {"official_gflops_per_s": ours_flops / off_ms / 1e6, "ours_gflops_per_s": ours_rate,
+                                   "goal": goal, "goal_needs_gflops_per_s": needed,
+                                   "goal_needs_share_of_gemm": needed / gemm_peak}
+            print(f"| {ROW_TITLES[row]} | {ours_flops / 1e9:.1f} ({entry[best]['matmul_flops'] / 1e9:.1f}) | "
+                  f"{ours_flops / off_ms / 1e6:.0f} | {ours_rate:.0f} | {goal}x | {needed:.0f} ({100 * needed / gemm_peak:.0f}%) |")
+        else:
+            entry["throughput"] = {"ours_gflops_per_s": ours_rate}
+            print(f"| {ROW_TITLES[row]} | {ours_flops / 1e9:.1f} | | {ours_rate:.0f} | {goal}x | |")
     print(f"load average (1 min) at the start of each round: {', '.join(f'{x:.1f}' for x in loads)}")
     if args.json_out:
         with open(args.json_out, "w") as f:
