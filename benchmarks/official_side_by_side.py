@@ -318,16 +318,9 @@ def gemm_gflops(size: int = 4096, repeats: int = 5) -> dict[str, float]:
     ta, tb = torch.from_numpy(a), torch.from_numpy(b)
     out = {}
     for name, fn in (("jax", lambda: matmul(ja, jb).block_until_ready()), ("torch", lambda: ta @ tb)):
-        fn()
-        best = min(timed_once(fn) for _ in range(repeats))
-        out[name] = 2 * size ** 3 / best / 1e9
+        best_ms = min(timed(fn, repeats, warmup=1))
+        out[name] = 2 * size ** 3 / best_ms / 1e6
     return out
-
-
-def timed_once(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -402,7 +395,7 @@ def main(argv=None) -> dict:
         if len(set(counts.values())) > 1:
             raise SystemExit(f"{row}: trainable parameter counts differ: {counts}")
 
-    gemm = gemm_gflops()  # again after the rounds: the better of the two
+    gemm = gemm_gflops()  # measured again after the rounds; the better of the two counts
     print(f"fp32 GEMM 4096^3: {gemm['jax']:.0f} GFLOP/s (jax), {gemm['torch']:.0f} GFLOP/s (torch)", flush=True)
     loads = []
     for r in range(args.rounds):

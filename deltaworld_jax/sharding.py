@@ -180,6 +180,11 @@ def current_platform(mesh: Mesh | None = None) -> str:
     return "gpu" if platform in ("cuda", "rocm", "gpu") else platform
 
 
+def batch_ways(mesh) -> int:
+    """How many ways `mesh` (a Mesh or AbstractMesh) splits the batch: the product of its BATCH_AXES' sizes."""
+    return math.prod(mesh.shape.get(axis, 1) for axis in BATCH_AXES)
+
+
 def constrain_batch(x: jax.Array) -> jax.Array:
     """`x` with its leading (batch) dim split over the batch axes (BATCH_AXES) of the mesh in context
     (`jax.set_mesh`), its other dims left to the partitioner; `x` unchanged without such a mesh, when those
@@ -195,8 +200,8 @@ def constrain_batch(x: jax.Array) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or x.ndim == 0:
         return x
-    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
-    if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+    axes = tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
+    if not axes or x.shape[0] % batch_ways(mesh):
         return x
     batch = axes[0] if len(axes) == 1 else axes
     return jax.lax.with_sharding_constraint(x, PartitionSpec(batch, *[PartitionSpec.UNCONSTRAINED] * (x.ndim - 1)))

@@ -548,16 +548,19 @@ def run_blocks(blocks: nnx.List | BlockStack, hidden: Array, *broadcast, remat: 
     # an outer trace (a predictor merged outside the best-of-K lax.scan), and nnx.remat / nnx.scan write
     # their state back into the modules they are given.
     if stacked:
-        graphdef, state = nnx.split(getattr(blocks, STACKED))
-        fresh = nnx.merge(graphdef, jax.tree.map(lambda x: x, state))  # new Variables, in this trace
         # transform_metadata: inside the scan a layer's Variables carry their per-layer logical axes.
         run = nnx.scan(layer, in_axes=(nnx.Carry, 0) + (None,) * len(broadcast), out_axes=nnx.Carry,
                        transform_metadata={nnx.PARTITION_NAME: LAYER_AXIS})
-        return run(hidden, fresh, *broadcast)
+        return run(hidden, _fresh(getattr(blocks, STACKED)), *broadcast)
     for block in blocks:
-        graphdef, state = nnx.split(block)
-        hidden = layer(hidden, nnx.merge(graphdef, jax.tree.map(lambda x: x, state)), *broadcast)
+        hidden = layer(hidden, _fresh(block), *broadcast)
     return hidden
+
+
+def _fresh(module: nnx.Module) -> nnx.Module:
+    """`module` rebuilt with new Variables (the same values) in the current trace."""
+    graphdef, state = nnx.split(module)
+    return nnx.merge(graphdef, jax.tree.map(lambda x: x, state))
 
 
 def count_params(module: nnx.Module) -> int:

@@ -19,8 +19,6 @@ updating it (step unchanged): the trainer's check that a state it is about to sa
 
 from __future__ import annotations
 
-import math
-
 import dataclasses
 from typing import Any, Callable
 
@@ -64,14 +62,15 @@ def _microbatches(batch: dict, accumulation: int, mesh: Mesh | None) -> dict:
     layout, 11.64 GiB per chip for DeltaWorld at 2 per chip against 6.05 GiB unflattened; but with a unit
     per-device dim the unflattened split let XLA propagate the model's padded frame layout back to the
     whole batch (a 32 GiB copy at 1 per chip, DINO-World and DeltaWorld alike), which flattening walls off."""
-    shards = 1 if mesh is None else math.prod(mesh.shape.get(axis, 1) for axis in sharding_lib.BATCH_AXES)
+    ways = 1 if mesh is None else sharding_lib.batch_ways(mesh)
 
     def split(x):
         b = x.shape[0]
         if b % accumulation:
             raise ValueError(f"batch dim {b} is not divisible by accumulation_steps={accumulation}")
-        per_device = b // accumulation // shards if (b // accumulation) % shards == 0 else 1
-        x = x.reshape((b // accumulation, accumulation) + (x.shape[1:] if per_device > 1 else (-1,)))
+        micro = b // accumulation
+        keep_dims = micro % ways == 0 and micro // ways > 1  # at least 2 examples per device
+        x = x.reshape((micro, accumulation) + (x.shape[1:] if keep_dims else (-1,)))
         if mesh is not None:
             x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(sharding_lib.BATCH_AXES)))
         return x
