@@ -27,7 +27,8 @@ INSTALL_REQUIRES = [
     "orbax-checkpoint",
     "pillow",
     "safetensors",
-    # clu.metric_writers writes TensorBoard event files through TensorFlow's summary API.
+    # TensorBoard event files are written with the tensorboard package's event writer and protos
+    # (training/metrics.py), without importing TensorFlow; TensorFlow is for tensorflow-datasets.
     "tensorboard",
     "tensorflow-cpu",
     "tensorflow-datasets",

@@ -17,6 +17,7 @@ import sys
 
 import numpy as np
 import pytest
+from flax import nnx
 from PIL import Image
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -39,6 +40,12 @@ def test_demo_trains_both_stages_and_reports_progress(demo_run):
         assert "Stage %s: training" % stage in log
         assert (workdir / stage / "checkpoints" / "2").is_dir(), f"{stage} has no final checkpoint"
     assert "steps/s" in log and "ETA" in log  # progress while it runs
+    # TensorBoard's view of each stage: the training loss and the progress, as TensorBoard reads them.
+    from test_writers import read_events
+
+    for stage in ("deltatok", "deltaworld"):
+        events = read_events(workdir / stage)
+        assert [e.step for e in events.Scalars("loss")] == [1, 2] and events.Scalars("steps_per_sec")
 
 
 def test_demo_writes_metrics_table(demo_run):
@@ -65,11 +72,11 @@ def test_demo_writes_metrics_table(demo_run):
     assert f"| the pair's own delta token | {use['own_token']:.4f} |" in markdown
 
 
-class _ShiftTokenizer:
-    """A stand-in DeltaTok whose token is the (global) feature shift between two frames: its decoder reads
-    the token exactly (`reads=True`) or ignores it (`reads=False`): it copies, plus 1e-5 times the token,
-    so that the own token is better than another clip's by a difference of ~1e-5, which a verdict
-    without a margin would call reading."""
+class _ShiftTokenizer(nnx.Module):
+    """A stand-in DeltaTok (an nnx Module, as the real one: token_use compiles it) whose token is the
+    (global) feature shift between two frames: its decoder reads the token exactly (`reads=True`) or ignores
+    it (`reads=False`): it copies, plus 1e-5 times the token, so that the own token is better than another
+    clip's by a difference of ~1e-5, which a verdict without a margin would call reading."""
 
     def __init__(self, reads: bool):
         self.reads = reads

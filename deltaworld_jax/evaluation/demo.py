@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from flax import nnx
 
 from deltaworld_jax import objectives
 from deltaworld_jax.evaluation import pictures, protocol as evaluation
@@ -89,20 +90,27 @@ def token_use(tokenizer: Any, feats_btnd: Any, grid_hw: tuple[int, int], criteri
     (c) no model (copy the previous frame). own < other-clip means the decoder reads its token; own ~
     other-clip means it ignores it (its gain over copy-last is then a blur, and DeltaWorld's sampled
     futures, decoded by it, cannot differ). Mean criterion over pixels and pairs; None for one clip."""
-    b, t, n, d = feats_btnd.shape
+    b, t = feats_btnd.shape[:2]
     if b < 2 or t < 2:
         return None
-    feats = jnp.asarray(feats_btnd, jnp.float32)
+    own, other, copy = _token_errors(tokenizer, jnp.asarray(feats_btnd, jnp.float32), tuple(grid_hw), criterion)
+    return {"own_token": float(own), "other_clip_token": float(other), "copy_last": float(copy)}
+
+
+@nnx.jit(static_argnums=(2, 3))
+def _token_errors(tokenizer: Any, feats: Any, grid_hw: tuple[int, int], criterion) -> tuple[Any, Any, Any]:
+    """token_use's three errors in one compiled program (eager, its encoder and two decoder passes would
+    compile op by op: about a hundred small compiles, seconds of every demo run)."""
+    t, n, d = feats.shape[1:]
     prev, cur = feats[:, :-1].reshape(-1, n, d), feats[:, 1:].reshape(-1, n, d)
-    rope = tokenizer.rope(tuple(grid_hw))
+    rope = tokenizer.rope(grid_hw)
     tokens = tokenizer.encode(prev, cur, rope)
     other = jnp.roll(tokens, t - 1, axis=0)  # pairs are clip-major: the same step of the previous clip
 
     def error(pred):
-        return float(jnp.mean(criterion(pred, cur)))
+        return jnp.mean(criterion(pred, cur))
 
-    return {"own_token": error(tokenizer.decode(tokens, prev, rope)),
-            "other_clip_token": error(tokenizer.decode(other, prev, rope)), "copy_last": error(prev)}
+    return error(tokenizer.decode(tokens, prev, rope)), error(tokenizer.decode(other, prev, rope)), error(prev)
 
 
 def token_reads(use: dict[str, float]) -> bool:
@@ -126,10 +134,14 @@ DISPLAY_SIZE = 96  # small frames are enlarged (nearest neighbour, pixels stay s
 
 def _pixels(vfm: Any, feats_tnd: np.ndarray, grid_hw: tuple[int, int]) -> list[np.ndarray]:
     """Pixel-patch features [T, N, D] -> float pictures in [0, 1], enlarged for display."""
-    frames = np.asarray(vfm.patches_to_frames(np.asarray(feats_tnd, np.float32), grid_hw))
+    frames = np.asarray(_patches_to_frames(vfm, np.asarray(feats_tnd, np.float32), tuple(grid_hw)))
     scale = max(1, DISPLAY_SIZE // max(frames.shape[1:3]))
     frames = frames.repeat(scale, axis=1).repeat(scale, axis=2)
     return [pictures.frame_image(f) for f in frames]
+
+
+# One compiled program per shape (eager, each of its ops would compile on its own).
+_patches_to_frames = nnx.jit(lambda vfm, feats, grid_hw: vfm.patches_to_frames(feats, grid_hw), static_argnums=2)
 
 
 def futures_rows(output: dict, vfm: Any, clip: int, samples_shown: int) -> tuple[list[list], list[str]]:
@@ -204,6 +216,7 @@ def write_demo_results(results: dict, results_dir: str, picture: np.ndarray | No
 
 
 TOKEN_CHECK_NAME = "token_check.jsonl"
+_features = nnx.jit(lambda vfm, frames: vfm(frames))  # one program, not the VFM op by op
 
 
 def evaluate_tokenizer(config, trainable: Any, frozen: Any, step: int) -> dict[str, float]:
@@ -219,7 +232,7 @@ def evaluate_tokenizer(config, trainable: Any, frozen: Any, step: int) -> dict[s
     batch = next(iter(make_eval_iterator(config.data, "synthetic", process_index=jax.process_index(),
                                          process_count=jax.process_count())))
     frames = jnp.asarray(batch["frames"])
-    feats = vfm(frames)
+    feats = _features(vfm, frames)
     grid_hw = vfm.grid_hw(frames.shape)
     criterion = objectives.LOSSES[settings.get("criterion", "") or "mse"]
     use = token_use(trainable, feats, grid_hw, criterion)

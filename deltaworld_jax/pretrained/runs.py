@@ -66,10 +66,14 @@ def restore_params(directory: str, abstract_params: Any, shardings: Any, step: i
 
 
 def restore_module_params(directory: str, module: Any, step: int | None = None) -> Any:
-    """A built nnx module with its Params replaced by those of a run's checkpoint (e.g. our own DeltaTok
-    run as DeltaWorld's frozen tokenizer); restored onto the default device (the trainer places frozen
-    modules itself). Shapes must match the module's: a mismatch is Orbax's error naming the array."""
+    """A module with its Params replaced by those of a run's checkpoint (e.g. our own DeltaTok run as
+    DeltaWorld's frozen tokenizer); restored onto the default device (the trainer places frozen modules
+    itself). `module` may be abstract (nnx.eval_shape) as long as all its state is Params. Shapes must match
+    the module's: a mismatch is Orbax's error naming the array."""
     graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    if any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(rest)):
+        raise ValueError(f"{type(module).__name__} has state besides its Params that a checkpoint's params do "
+                         "not restore: build it concretely, not with nnx.eval_shape")
     pure = nnx.to_pure_dict(params)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     restored = restore_params(directory, pure, jax.tree.map(lambda _: device, pure), step=step)
