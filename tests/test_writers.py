@@ -78,16 +78,18 @@ def test_progress_reports_steps_per_second_and_eta_from_the_second_call(monkeypa
         def write_scalars(self, step, scalars):
             self.scalars.append((step, scalars))
 
-    clock = iter([0.0, 10.0, 12.0, 13.0, 14.0, 16.0])
+    clock = iter([0.0, 10.0, 12.0, 13.0, 14.0, 80.0, 81.0, 83.0])
     monkeypatch.setattr(metrics.time, "monotonic", lambda: next(clock))
     writer = Recorder()
-    progress = metrics.Progress(num_train_steps=9, writer=writer, every_steps=4)  # clock 0: start
+    progress = metrics.Progress(num_train_steps=11, writer=writer, every_steps=4)  # clock 0: start
     progress(1)  # 10 s: the first step (compiling) only starts the clock
     progress(2)  # not a reporting step
     progress(4)  # 13 s: 3 steps in 3 s
     progress(8)  # 14 s: 4 steps in 1 s
-    progress(9)  # 16 s: the last step is always reported
+    progress(9)  # 80 s: not a multiple of 4, but a minute since the last report
+    progress(10)  # neither
+    progress(11)  # 83 s: the last step is always reported
     assert [(s, v["steps_per_sec"], v["uptime"]) for s, v in writer.scalars] == [
-        (4, 1.0, 13.0), (8, 4.0, 14.0), (9, 0.5, 16.0)]
+        (4, 1.0, 13.0), (8, 4.0, 14.0), (9, 1 / 66, 80.0), (11, 2 / 3, 83.0)]
     # A NullWriter (metrics off, or not process 0) gets no progress at all.
     assert metrics.create_progress(9, metrics.NullWriter(), 4)(5) is None

@@ -159,12 +159,13 @@ def create_writer(workdir: str, enabled: bool = True):
 
 
 class Progress:
-    """Every `every_steps` steps (and at the last): steps/s since the previous report, uptime and ETA, in
-    the log and as the scalars `steps_per_sec` and `uptime`. The first call only starts the clock: the
-    first step compiles."""
+    """Every `every_steps` steps, at least every `every_secs` seconds, and at the last step: steps/s since
+    the previous report, uptime and ETA, in the log and as the scalars `steps_per_sec` and `uptime`. The
+    first call only starts the clock: the first step compiles."""
 
-    def __init__(self, num_train_steps: int, writer, every_steps: int):
+    def __init__(self, num_train_steps: int, writer, every_steps: int, every_secs: float = 60.0):
         self.num_train_steps, self.writer, self.every_steps = int(num_train_steps), writer, max(1, int(every_steps))
+        self.every_secs = float(every_secs)
         self._start = time.monotonic()
         self._last: tuple[int, float] | None = None
 
@@ -173,9 +174,10 @@ class Progress:
         if self._last is None:
             self._last = (step, now)
             return
-        if step % self.every_steps and step != self.num_train_steps:
-            return
         last_step, last_time = self._last
+        due = step % self.every_steps == 0 or step == self.num_train_steps or now - last_time >= self.every_secs
+        if not due:
+            return
         if step <= last_step or now <= last_time:
             return
         rate = (step - last_step) / (now - last_time)
