@@ -16,7 +16,6 @@ import pytest
 from nbclient import NotebookClient
 
 from conftest import JIT_CACHE_ENV
-from test_demo import DEMO_PROGRAMS
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 COLABS = REPO / "colabs"
@@ -43,7 +42,7 @@ def _execute(name: str, tmp_path: pathlib.Path, env: dict[str, str]) -> nbformat
 def _base_env() -> dict[str, str]:
     python_path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     # The tests' compilation cache: the quickstart's training compiles the demo recipe's programs, which
-    # test_demo.py's runs (the same xdist worker, see DEMO_PROGRAMS) then load instead of compiling again.
+    # test_demo.py's runs load instead of compiling again when they come later (and the other way round).
     return {**JIT_CACHE_ENV, "DELTAWORLD_COLAB_TINY": "1", "PYTHONPATH": python_path, "JAX_PLATFORMS": "cpu",
             "DELTAWORLD_REPO_DIR": str(REPO)}
 
@@ -138,7 +137,6 @@ def test_forecast_with_released_weights_runs(tiny_released_weights, tmp_path):
     assert any("image/gif" in o["data"] for o in displays)  # the animation
 
 
-@DEMO_PROGRAMS
 def test_quickstart_runs(tmp_path):
     """The demo recipe at its "quick" setting (2 steps a stage) through the trainer, then the token and
     forecast cells on the trained modules."""

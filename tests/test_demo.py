@@ -23,12 +23,11 @@ from PIL import Image
 from conftest import JIT_CACHE_ENV
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-# The runs of the demo recipe here and in test_colabs.py's quickstart compile the same programs: one xdist
-# worker runs them in turn, sharing them through the tests' compilation cache (JIT_CACHE_ENV).
-DEMO_PROGRAMS = pytest.mark.xdist_group("demo_programs")
 
 
 def _env() -> dict[str, str]:
+    """The runs of the demo recipe here and test_colabs.py's quickstart compile the same programs: they share
+    them through the tests' compilation cache (JIT_CACHE_ENV) whenever one runs after the other."""
     return {**os.environ, **JIT_CACHE_ENV, "JAX_PLATFORMS": "cpu",
             "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
 
@@ -43,7 +42,6 @@ def demo_run(tmp_path_factory):
     return workdir, proc.stdout + proc.stderr
 
 
-@DEMO_PROGRAMS
 def test_demo_trains_both_stages_and_reports_progress(demo_run):
     workdir, log = demo_run
     for stage in ("deltatok", "deltaworld"):
@@ -58,7 +56,6 @@ def test_demo_trains_both_stages_and_reports_progress(demo_run):
         assert [e.step for e in events.Scalars("loss")] == [1, 2] and events.Scalars("steps_per_sec")
 
 
-@DEMO_PROGRAMS
 def test_demo_writes_metrics_table(demo_run):
     workdir, _ = demo_run
     results = json.loads((workdir / "demo_results.json").read_text())
@@ -152,7 +149,6 @@ def test_claim_verdict_needs_its_margins():
     assert not demo.claim_rows(results(float("nan"), 0.50, 0.80))[0]["holds"]
 
 
-@DEMO_PROGRAMS
 def test_demo_writes_picture_of_sampled_futures(demo_run):
     workdir, _ = demo_run
     image = np.asarray(Image.open(workdir / "demo_futures.png"))
@@ -168,7 +164,6 @@ def test_demo_writes_picture_of_sampled_futures(demo_run):
     assert grid[cell:2 * cell, 4 * cell:].std() > 0  # the best future is drawn
 
 
-@DEMO_PROGRAMS
 def test_the_same_command_twice_gives_the_same_numbers(demo_run, tmp_path):
     """Determinism: the README's command run again in a fresh workdir reproduces every number bit for bit (the
     token check, the whole results table). What makes it so: Grain reads in the main process (num_workers=0)
@@ -187,7 +182,6 @@ def test_the_same_command_twice_gives_the_same_numbers(demo_run, tmp_path):
     assert again["synthetic"] == before["synthetic"] and again["token_use"] == before["token_use"]
 
 
-@DEMO_PROGRAMS
 def test_mode_eval_on_the_demo_recipe_evaluates_each_stage_that_declares_one(demo_run):
     """`--mode=eval` on a config of stages: each stage's workdir, with the stage's own evaluation (the DeltaTok
     stage's is the token check, which appends to token_check.jsonl; DeltaWorld's the demo evaluation)."""
