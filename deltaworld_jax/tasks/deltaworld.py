@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from etils import epath
 from flax import nnx
 
-from deltaworld_jax.models.deltatok import DeltaTok, DeltaTokConfig
+from deltaworld_jax.models.deltatok import DeltaTok
 from deltaworld_jax.models.deltaworld import DeltaWorld, DeltaWorldConfig
 from deltaworld_jax.pretrained import runs
 from deltaworld_jax.pretrained.dinov3 import as_dtype
@@ -68,8 +68,8 @@ class DeltaWorldTask(WorldTask):
             # DeltaTokConfig fields of config.tokenizer, its weights the run's latest checkpoint.
             cfg = deltatok_config_from(tok_config, (int(vfm.hidden_size), int(vfm.num_heads)))
             try:
-                # Built abstractly: every weight comes from the checkpoint (initialising them would compile
-                # an init program for nothing: ~4 s for the demo's tiny tokenizer on a CPU).
+                # Built abstractly: every weight comes from the checkpoint (initialising them first cost
+                # ~2.5 s of op-by-op compiles for the demo's tiny tokenizer on a CPU, for nothing).
                 tokenizer = runs.restore_module_params(
                     checkpoint, nnx.eval_shape(lambda: DeltaTok(cfg, dtype=dtype, rngs=nnx.Rngs(0))))
             except ValueError as error:  # Orbax: a tree / shape mismatch, many lines long
@@ -88,7 +88,7 @@ class DeltaWorldTask(WorldTask):
                                       scan_layers=bool(config_value(tok_config, "scan_layers", False)))
         elif config_value(tok_config, "allow_random", False):
             cfg = deltatok_config_from(tok_config, (int(vfm.hidden_size), int(vfm.num_heads)))
-            tokenizer = _built_once(cfg, dtype, tok_config)
+            tokenizer = DeltaTok(cfg, dtype=dtype, rngs=nnx.Rngs(int(config_value(tok_config, "seed", 0))))
         else:
             raise ValueError("config.tokenizer.checkpoint is empty: DeltaWorld trains on the tokens of a trained "
                              "DeltaTok. Give its weights (pytorch_model.bin / .ckpt / .safetensors), or set "
@@ -109,10 +109,3 @@ class DeltaWorldTask(WorldTask):
         else:
             tokens = clip_tokens(frozen["vfm"], frozen["tokenizer"], batch["frames"])
         return trainable.loss(tokens, batch["timestamps"], rng)
-
-
-def _built_once(cfg: DeltaTokConfig, dtype, tok_config) -> DeltaTok:
-    """A freshly initialised DeltaTok, its initialisers compiled as one program (eagerly, each of them would
-    compile on its own)."""
-    seed = int(config_value(tok_config, "seed", 0))
-    return nnx.jit(lambda: DeltaTok(cfg, dtype=dtype, rngs=nnx.Rngs(seed)))()
