@@ -27,7 +27,7 @@ INSTALL_REQUIRES = [
     "orbax-checkpoint",
     "pillow",
     "safetensors",
-    # TensorBoard event files are written with the tensorboard package's event writer and protos
+    # TensorBoard event files are written with the tensorboard package's record framing and protos
     # (training/metrics.py), without importing TensorFlow; TensorFlow is for tensorflow-datasets.
     "tensorboard",
     "tensorflow-cpu",

@@ -134,14 +134,10 @@ DISPLAY_SIZE = 96  # small frames are enlarged (nearest neighbour, pixels stay s
 
 def _pixels(vfm: Any, feats_tnd: np.ndarray, grid_hw: tuple[int, int]) -> list[np.ndarray]:
     """Pixel-patch features [T, N, D] -> float pictures in [0, 1], enlarged for display."""
-    frames = np.asarray(_patches_to_frames(vfm, np.asarray(feats_tnd, np.float32), tuple(grid_hw)))
+    frames = pictures.pixel_frames(vfm, feats_tnd, grid_hw)
     scale = max(1, DISPLAY_SIZE // max(frames.shape[1:3]))
     frames = frames.repeat(scale, axis=1).repeat(scale, axis=2)
     return [pictures.frame_image(f) for f in frames]
-
-
-# One compiled program per shape (eager, each of its ops would compile on its own).
-_patches_to_frames = nnx.jit(lambda vfm, feats, grid_hw: vfm.patches_to_frames(feats, grid_hw), static_argnums=2)
 
 
 def futures_rows(output: dict, vfm: Any, clip: int, samples_shown: int) -> tuple[list[list], list[str]]:
@@ -216,7 +212,6 @@ def write_demo_results(results: dict, results_dir: str, picture: np.ndarray | No
 
 
 TOKEN_CHECK_NAME = "token_check.jsonl"
-_features = nnx.jit(lambda vfm, frames: vfm(frames))  # one program, not the VFM op by op
 
 
 def evaluate_tokenizer(config, trainable: Any, frozen: Any, step: int) -> dict[str, float]:
@@ -232,7 +227,7 @@ def evaluate_tokenizer(config, trainable: Any, frozen: Any, step: int) -> dict[s
     batch = next(iter(make_eval_iterator(config.data, "synthetic", process_index=jax.process_index(),
                                          process_count=jax.process_count())))
     frames = jnp.asarray(batch["frames"])
-    feats = _features(vfm, frames)
+    feats = evaluation.vfm_features(vfm, frames)
     grid_hw = vfm.grid_hw(frames.shape)
     criterion = objectives.LOSSES[settings.get("criterion", "") or "mse"]
     use = token_use(trainable, feats, grid_hw, criterion)

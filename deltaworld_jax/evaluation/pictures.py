@@ -227,6 +227,16 @@ def head_maps(head, feats_tnd: np.ndarray, grid_hw: tuple[int, int]) -> np.ndarr
 _jit_on_patch_grid = nnx.jit(on_patch_grid, static_argnums=2)
 
 
+def pixel_frames(vfm, feats: np.ndarray, grid_hw: tuple[int, int]) -> np.ndarray:
+    """The pixel-patch VFM's features [..., N, D] back to uint8 frames [..., H, W, 3] (its patches_to_frames)
+    as numpy, in one call compiled once per shape (eager calls would compile op by op)."""
+    return np.asarray(_jit_patches_to_frames(vfm, np.asarray(feats, np.float32), tuple(grid_hw)))
+
+
+_jit_patches_to_frames = nnx.jit(lambda vfm, feats, grid_hw: vfm.patches_to_frames(feats, grid_hw),
+                                 static_argnums=2)
+
+
 def evaluation_pictures(output: dict, head=None, rgb_head=None, index: int = 0,
                         max_samples: int = 4) -> dict[str, np.ndarray]:
     """Pictures of one clip of an `Evaluator.update` output (the official _plot_feats / _plot_task /

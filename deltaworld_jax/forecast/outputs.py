@@ -108,8 +108,7 @@ def decode_features(models: dict[str, Any], result: dict[str, Any], fit_on: np.n
 
         return rgb, "rgb"
     if isinstance(vfm, PixelPatchVFM):
-        return lambda f: [pictures.frame_image(x) for x in np.asarray(vfm.patches_to_frames(np.asarray(f), grid_hw))], \
-            "pixels"
+        return lambda f: [pictures.frame_image(x) for x in pictures.pixel_frames(vfm, f, grid_hw)], "pixels"
     if fit_on is None:
         fit_on = np.concatenate([result["context"], result["truth"]])
 

@@ -51,8 +51,8 @@ class LoggingWriter:
 
 
 class TensorBoardWriter:
-    """TensorBoard event files: scalars, images (PNG) and texts, written with the tensorboard package's own
-    event-file writer and protos. No TensorFlow: clu's SummaryWriter imports it, about 6 s at every start on
+    """TensorBoard event files: scalars, images (PNG) and texts, written with the tensorboard package's
+    record framing and protos. No TensorFlow: clu's SummaryWriter imports it, about 6 s at every start on
     a CPU machine, for files this class writes in the same format."""
 
     def __init__(self, logdir: str):
@@ -176,9 +176,7 @@ class Progress:
             return
         last_step, last_time = self._last
         due = step % self.every_steps == 0 or step == self.num_train_steps or now - last_time >= self.every_secs
-        if not due:
-            return
-        if step <= last_step or now <= last_time:
+        if not due or step <= last_step or now <= last_time:
             return
         rate = (step - last_step) / (now - last_time)
         self._last = (step, now)
