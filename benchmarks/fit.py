@@ -33,11 +33,15 @@ def _probe(config, topology, sharding, remat, batch, log) -> dict[str, Any]:
 
 
 def memory_model(r1: dict, r2: dict, chips: int) -> dict[str, float]:
-    """Per-device bytes: code + state * (chips / C) + per_example * m, from compiles at m=1 and m=2."""
-    per_example = max(r2["memory"]["total"] - r1["memory"]["total"], 0.0)
+    """Per-device bytes: code + state * (chips / C) + other + per_example * m, from compiles at two per-chip
+    batches m1 < m2 (each result's `per_chip_batch`; the probes' 1 and 2 when absent)."""
+    m1, m2 = r1.get("per_chip_batch", 1), r2.get("per_chip_batch", 2)
+    if m2 <= m1:
+        raise ValueError(f"the memory model needs two compiles at growing per-chip batches, got {m1} and {m2}")
+    per_example = max(r2["memory"]["total"] - r1["memory"]["total"], 0.0) / (m2 - m1)
     code = r1["memory"]["generated_code"]
     state = r1["memory"]["arguments"]  # params + optimiser state + frozen modules + the batch (small)
-    rest = r1["memory"]["total"] - code - state - per_example
+    rest = r1["memory"]["total"] - code - state - m1 * per_example
     return {"code": code, "state": state, "other": max(rest, 0.0), "per_example": per_example,
             "probe_chips": chips}
 
@@ -145,8 +149,6 @@ def predict_from_compiles(compiled: list[dict], chip: str) -> dict[str, Any]:
     compiled = sorted(compiled, key=lambda r: r["per_chip_batch"])
     if len({r["per_chip_batch"] for r in compiled}) >= 2:
         model = memory_model(compiled[0], compiled[-1], compiled[0]["chips"])
-        model["per_example"] = ((compiled[-1]["memory"]["total"] - compiled[0]["memory"]["total"])
-                                / (compiled[-1]["per_chip_batch"] - compiled[0]["per_chip_batch"]))
         source = "linear model from compiles at per-chip batches " + ", ".join(str(r["per_chip_batch"]) for r in compiled)
     else:
         model = model_from_one_compile(compiled[0])
