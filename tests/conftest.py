@@ -20,6 +20,33 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402  (after JAX_PLATFORMS)
 
+# The tests in THIS process compile with LLVM at -O0 (XLA's HLO passes unchanged: the same program, less
+# machine-code optimisation), as a C++ suite builds its tests unoptimised: most of a test's time is compiling
+# tiny programs (a stacked-vs-per-layer gradient check: 17.8 -> 10.5 s), not running them. Their numbers can
+# differ from -O2's in the last bits (e.g. the erf-based initialisers), which no test depends on. XLA reads
+# XLA_FLAGS once per process, at its first compile, so the flag is set for that compile and taken out again:
+# the subprocesses that run the documented commands (demo, recipe, notebooks, forecast, multi-process runs)
+# compile as users do. DELTAWORLD_TEST_XLA_OPT=default runs the in-process tests at XLA's default level too.
+IN_PROCESS_XLA_FLAGS = "--xla_backend_optimization_level=0"
+
+
+def pytest_configure(config):
+    """In pytest's own processes only (test scripts that import this module for its helpers, e.g. the
+    multi-process workers, must not start JAX's backend before jax.distributed.initialize)."""
+    del config
+    if os.environ.get("DELTAWORLD_TEST_XLA_OPT", "O0") != "O0":
+        return
+    user_xla_flags = os.environ.get("XLA_FLAGS")
+    os.environ["XLA_FLAGS"] = f"{user_xla_flags or ''} {IN_PROCESS_XLA_FLAGS}".strip()
+    try:
+        jax.jit(lambda x: x + 1)(1.0).block_until_ready()
+    finally:
+        if user_xla_flags is None:
+            del os.environ["XLA_FLAGS"]
+        else:
+            os.environ["XLA_FLAGS"] = user_xla_flags
+
+
 JIT_CACHE_DIR = os.path.join(tempfile.gettempdir(), "deltaworld_jax_test_jit_cache")
 JIT_CACHE_ENV = {"JAX_COMPILATION_CACHE_DIR": JIT_CACHE_DIR, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
                  "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
