@@ -220,6 +220,17 @@ def test_task_trains_from_frames_or_from_precomputed_tokens():
     np.testing.assert_allclose(float(from_frames), float(from_tokens), rtol=1e-6)
 
 
+def test_tokenizer_attention_option_reaches_the_frozen_tokenizer():
+    """config.tokenizer.attention_impl picks the frozen tokenizer's attention kernel: on TPU v5e DeltaWorld 512px
+    compiles at 4-16 per chip only with it on splash (libtpu 0.0.42.1 crashes on the `xla` attention;
+    benchmarks/RESULTS.md, session 10). Built abstractly, as the ahead-of-time compiles build it."""
+    from deltaworld_jax.tasks import make_task
+
+    default = nnx.eval_shape(make_task(task_config(allow_random=True)).build_frozen)["tokenizer"]
+    splash = nnx.eval_shape(make_task(task_config(allow_random=True, attention_impl="splash")).build_frozen)["tokenizer"]
+    assert default.cfg.attention_impl == "xla" and splash.cfg.attention_impl == "splash"
+
+
 def test_task_without_tokenizer_weights_says_so():
     from deltaworld_jax.tasks import make_task
 
