@@ -33,9 +33,9 @@ def _probe(config, topology, sharding, remat, batch, log) -> dict[str, Any]:
 
 
 def memory_model(r1: dict, r2: dict, chips: int) -> dict[str, float]:
-    """Per-device bytes: code + state * (chips / C) + other + per_example * m, from compiles at two per-chip
-    batches m1 < m2 (each result's `per_chip_batch`; the probes' 1 and 2 when absent)."""
-    m1, m2 = r1.get("per_chip_batch", 1), r2.get("per_chip_batch", 2)
+    """Per-device bytes: code + state * (chips / C) + other + per_example * m, from compiles (`aot` results) at
+    two per-chip batches m1 < m2."""
+    m1, m2 = r1["per_chip_batch"], r2["per_chip_batch"]
     if m2 <= m1:
         raise ValueError(f"the memory model needs two compiles at growing per-chip batches, got {m1} and {m2}")
     per_example = max(r2["memory"]["total"] - r1["memory"]["total"], 0.0) / (m2 - m1)

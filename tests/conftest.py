@@ -22,7 +22,7 @@ import jax  # noqa: E402  (after JAX_PLATFORMS)
 
 # The tests in THIS process compile with LLVM at -O0 (XLA's HLO passes unchanged: the same program, less
 # machine-code optimisation), as a C++ suite builds its tests unoptimised: most of a test's time is compiling
-# tiny programs (a stacked-vs-per-layer gradient check: 17.8 -> 10.5 s), not running them. Their numbers can
+# tiny programs (a stacked-vs-per-layer gradient check: 16.9 -> 12.9 s), not running them. Their numbers can
 # differ from -O2's in the last bits (e.g. the erf-based initialisers), which no test depends on. XLA reads
 # XLA_FLAGS once per process, at its first compile, so the flag is set for that compile and taken out again:
 # the subprocesses that run the documented commands (demo, recipe, notebooks, forecast, multi-process runs)
@@ -50,6 +50,23 @@ def pytest_configure(config):
 JIT_CACHE_DIR = os.path.join(tempfile.gettempdir(), "deltaworld_jax_test_jit_cache")
 JIT_CACHE_ENV = {"JAX_COMPILATION_CACHE_DIR": JIT_CACHE_DIR, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
                  "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+def repo_pythonpath() -> str:
+    """PYTHONPATH for a subprocess: the repository first, then the caller's own entries."""
+    return os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH", "")) if p)
+
+
+def command_env(devices: int = 1) -> dict[str, str]:
+    """The environment of a subprocess that runs one of the documented commands: CPU, the package importable
+    from this checkout, the tests' compilation cache (runs of the same recipe share their programs), and
+    `devices` fake CPU devices when more than one."""
+    env = {**os.environ, **JIT_CACHE_ENV, "JAX_PLATFORMS": "cpu", "PYTHONPATH": repo_pythonpath()}
+    if devices > 1:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return env
+
+
 if not os.environ.get("DELTAWORLD_TEST_NO_JIT_CACHE"):
     jax.config.update("jax_compilation_cache_dir", JIT_CACHE_DIR)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)

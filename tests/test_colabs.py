@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from nbclient import NotebookClient
 
-from conftest import JIT_CACHE_ENV
+from conftest import JIT_CACHE_ENV, repo_pythonpath
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 COLABS = REPO / "colabs"
@@ -40,10 +40,9 @@ def _execute(name: str, tmp_path: pathlib.Path, env: dict[str, str]) -> nbformat
 
 
 def _base_env() -> dict[str, str]:
-    python_path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     # The tests' compilation cache: the quickstart's training compiles the demo recipe's programs, which
     # test_demo.py's runs load instead of compiling again when they come later (and the other way round).
-    return {**JIT_CACHE_ENV, "DELTAWORLD_COLAB_TINY": "1", "PYTHONPATH": python_path, "JAX_PLATFORMS": "cpu",
+    return {**JIT_CACHE_ENV, "DELTAWORLD_COLAB_TINY": "1", "PYTHONPATH": repo_pythonpath(), "JAX_PLATFORMS": "cpu",
             "DELTAWORLD_REPO_DIR": str(REPO)}
 
 

@@ -10,7 +10,6 @@ here; the verdicts' margins are tested here on hand-made numbers."""
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -20,22 +19,17 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from conftest import JIT_CACHE_ENV
+# command_env: the runs of the demo recipe here and test_colabs.py's quickstart compile the same programs and
+# share them through the tests' compilation cache whenever one runs after the other.
+from conftest import command_env
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _env() -> dict[str, str]:
-    """The runs of the demo recipe here and test_colabs.py's quickstart compile the same programs: they share
-    them through the tests' compilation cache (JIT_CACHE_ENV) whenever one runs after the other."""
-    return {**os.environ, **JIT_CACHE_ENV, "JAX_PLATFORMS": "cpu",
-            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
 
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("demo")
-    env = _env()
+    env = command_env()
     proc = subprocess.run([sys.executable, "-m", "deltaworld_jax.main", "--config=configs/demo.py:quick",
                            f"--workdir={workdir}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]
@@ -174,7 +168,7 @@ def test_the_same_command_twice_gives_the_same_numbers(demo_run, tmp_path):
     first, _ = demo_run
     second = tmp_path / "again"
     proc = subprocess.run([sys.executable, "-m", "deltaworld_jax.main", "--config=configs/demo.py:quick",
-                           f"--workdir={second}"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+                           f"--workdir={second}"], cwd=REPO, env=command_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert (second / "token_check.jsonl").read_text().splitlines()[0] == \
         (first / "token_check.jsonl").read_text().splitlines()[0]
@@ -190,7 +184,7 @@ def test_mode_eval_on_the_demo_recipe_evaluates_each_stage_that_declares_one(dem
     before = results.stat().st_mtime_ns
     checks = workdir / "token_check.jsonl"
     checks_before = len(checks.read_text().splitlines()) if checks.exists() else 0
-    env = _env()
+    env = command_env()
     proc = subprocess.run([sys.executable, "-m", "deltaworld_jax.main", "--config=configs/demo.py:quick",
                            f"--workdir={workdir}", "--mode=eval"], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=600)

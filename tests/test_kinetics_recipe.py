@@ -14,7 +14,6 @@ the evaluation being switched off, with its reason, when no validation root is g
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import JIT_CACHE_ENV
+from conftest import command_env
 from test_data_fixtures import make_cityscapes, make_kinetics_tree, make_kitti, make_vspw
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -34,17 +33,11 @@ STEPS = {"deltatok_256": 2, "deltatok_512": 2, "deltatok_cooldown1": 4, "deltato
          "deltaworld_512": 2, "deltaworld_cooldown": 4}
 
 
-def _env(devices: int = 1) -> dict:
-    env = {**os.environ, **JIT_CACHE_ENV, "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
-    if devices > 1:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    return env
 
 
 def _main(args: list[str], devices: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
     """`python -m deltaworld_jax.main <args>` from the repository root, as the docstring runs it."""
-    return subprocess.run([sys.executable, "-m", "deltaworld_jax.main", *args], cwd=REPO, env=_env(devices),
+    return subprocess.run([sys.executable, "-m", "deltaworld_jax.main", *args], cwd=REPO, env=command_env(devices),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -259,7 +252,7 @@ print(json.dumps(specs))
 def test_build_loads_dinov3_weights_and_places_them_by_the_mesh_rules(inputs):
     """trainer.build with config.vfm.weights (a transformers folder) on an FSDP mesh of 2 devices: the loaded
     DINOv3 is split over 'fsdp' along its logical 'embed' dims (our rules), not replicated, not an error."""
-    run = subprocess.run([sys.executable, "-c", BUILD_WITH_WEIGHTS, str(inputs["dinov3"])], cwd=REPO, env=_env(),
+    run = subprocess.run([sys.executable, "-c", BUILD_WITH_WEIGHTS, str(inputs["dinov3"])], cwd=REPO, env=command_env(),
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-4000:]
     specs = json.loads(run.stdout.strip().splitlines()[-1])

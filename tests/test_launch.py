@@ -312,7 +312,6 @@ def test_fit_memory_model_from_two_compiles_reproduces_a_third():
     """`benchmark fit --inputs=...` with compiles at two per-chip batches m1 < m2 (not only the probes' 1 and 2):
     the linear model passes through both compiled totals, and predicts the committed DeltaWorld 512px compile at
     8/chip from those at 4 and 16/chip (v5e:2x2, the tokenizer on splash attention) within 15%."""
-    sys.path.insert(0, str(REPO))
     from benchmarks import fit
     from deltaworld_jax import aot
 

@@ -11,6 +11,8 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import repo_pythonpath
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 WRITE = r"""
@@ -37,8 +39,7 @@ def read_events(logdir):
 
 
 def test_tensorboard_reads_what_the_writer_wrote_and_tensorflow_is_never_imported(tmp_path):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": repo_pythonpath()}
     proc = subprocess.run([sys.executable, "-c", WRITE, str(tmp_path)], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
