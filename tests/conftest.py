@@ -30,11 +30,15 @@ import jax  # noqa: E402  (after JAX_PLATFORMS)
 IN_PROCESS_XLA_FLAGS = "--xla_backend_optimization_level=0"
 
 
+def _checks_at_o0() -> bool:
+    return os.environ.get("DELTAWORLD_TEST_XLA_OPT", "O0") == "O0"
+
+
 def pytest_configure(config):
     """In pytest's own processes only (test scripts that import this module for its helpers, e.g. the
     multi-process workers, must not start JAX's backend before jax.distributed.initialize)."""
     del config
-    if os.environ.get("DELTAWORLD_TEST_XLA_OPT", "O0") != "O0":
+    if not _checks_at_o0():
         return
     user_xla_flags = os.environ.get("XLA_FLAGS")
     os.environ["XLA_FLAGS"] = f"{user_xla_flags or ''} {IN_PROCESS_XLA_FLAGS}".strip()
@@ -55,6 +59,25 @@ JIT_CACHE_ENV = {"JAX_COMPILATION_CACHE_DIR": JIT_CACHE_DIR, "JAX_PERSISTENT_CAC
 def repo_pythonpath() -> str:
     """PYTHONPATH for a subprocess: the repository first, then the caller's own entries."""
     return os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH", "")) if p)
+
+
+def check_env(devices: int = 1, *, cache: bool = True) -> dict[str, str]:
+    """The environment of a subprocess that runs a CHECK, not a documented command (a fake multi-device mesh,
+    several processes on localhost, a signal or a kill mid-run): CPU, this checkout and tests/ importable,
+    the tests' compilation cache (unless `cache` is False), `devices` fake CPU devices, and compiled as the
+    tests in pytest's own processes are (IN_PROCESS_XLA_FLAGS): these programs are the tests' own tiny ones,
+    which LLVM's optimisation only makes slower to build (the 8-device sharding checks and the 2-process
+    preemption test: about -20% each). The scripts must not set XLA_FLAGS themselves."""
+    flags = [os.environ.get("XLA_FLAGS", "")]
+    if devices > 1:
+        flags.append(f"--xla_force_host_platform_device_count={devices}")
+    if _checks_at_o0():
+        flags.append(IN_PROCESS_XLA_FLAGS)
+    path = os.pathsep.join([os.path.dirname(os.path.abspath(__file__)), repo_pythonpath()])
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": path, "XLA_FLAGS": " ".join(f for f in flags if f)}
+    if cache:
+        env.update(JIT_CACHE_ENV)
+    return env
 
 
 def command_env(devices: int = 1) -> dict[str, str]:

@@ -3,7 +3,6 @@ interpret mode) against the reference path, forward and gradients, with padding 
 frame-causal mask; the choice of "auto"; masks; bad values. Small shapes: seconds per test."""
 
 import dataclasses
-import os
 import subprocess
 import sys
 
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import check_env
 from deltaworld_jax.models import attention, layers
 from deltaworld_jax.models.predictor import Predictor, PredictorConfig
 
@@ -186,8 +186,6 @@ def test_kernel_partition_spec_follows_the_mesh():
 SHARDED_SPLASH = """
 import dataclasses
 import os
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-os.environ["JAX_PLATFORMS"] = "cpu"
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from deltaworld_jax.models import attention
@@ -212,9 +210,7 @@ print("OK")
 
 
 def test_splash_under_a_mesh_runs_per_device_shard():
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(__file__)),
-                                                        os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-c", SHARDED_SPLASH], env=env, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", SHARDED_SPLASH], env=check_env(devices=4), capture_output=True, text=True,
                           timeout=900)  # seconds when idle; generous for a loaded 2-core host
     assert done.returncode == 0 and done.stdout.strip().endswith("OK"), done.stderr[-3000:]
 

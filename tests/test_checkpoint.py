@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from deltaworld_jax.training import checkpointing, recipe, trainer
-from test_trainer import HERE, JIT_CACHE_ENV, ROOT, toy_config, toy_data
+from conftest import check_env
+from test_trainer import ROOT, toy_config, toy_data
 
 # A training subprocess: toy task, overrides as JSON in argv[2]; prints RESULT {...} at the end. Each batch
 # it consumes touches <workdir>/consumed_<n> so the parent can time its signals.
@@ -36,7 +37,7 @@ print("RESULT" + json.dumps({"step": out["step"], "stopped_by": out["stopped_by"
 
 
 def _start(workdir, overrides):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([ROOT, HERE]), **JIT_CACHE_ENV)
+    env = check_env()
     return subprocess.Popen([sys.executable, "-c", TRAIN_SCRIPT, str(workdir), json.dumps(overrides)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
 

@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 import deltaworld_jax  # noqa: F401
+from conftest import check_env
 from deltaworld_jax.models.heads import DepthHead, SegHead, on_patch_grid
 from deltaworld_jax.data.sampling import square_crops
 from deltaworld_jax.evaluation import protocol as ev
@@ -291,9 +292,6 @@ def test_eval_hook_on_synthetic_clips(tmp_path):
 
 SHARDED_EVAL = """
 import os, sys, json
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-os.environ["JAX_PLATFORMS"] = "cpu"
-sys.path.insert(0, os.environ["TESTS"])
 import numpy as np, jax
 import test_evaluation as t
 from deltaworld_jax.evaluation import protocol as ev
@@ -307,7 +305,6 @@ print(json.dumps(out))
 
 
 def test_evaluation_split_over_local_devices_matches_one_device():
-    import os
     import subprocess
     import sys
 
@@ -315,8 +312,7 @@ def test_evaluation_split_over_local_devices_matches_one_device():
     batch["labels"] = np.random.default_rng(13).integers(0, 5, (2, 3, 6, 9))
     expected = ev.evaluate([ev.CopyLast()], PixelVFM(), {"vspw": [batch]}, {"vspw": _seg_head(seed=14)},
                            ev.EvalSettings(ctx_lens=(2,), horizons=(1,)))
-    env = {**os.environ, "TESTS": os.path.dirname(__file__)}
-    done = subprocess.run([sys.executable, "-c", SHARDED_EVAL], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", SHARDED_EVAL], env=check_env(devices=4), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     got = json.loads(done.stdout.strip().splitlines()[-1])
     assert got.keys() == expected.keys()

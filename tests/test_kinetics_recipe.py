@@ -21,7 +21,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import command_env
+from conftest import check_env, command_env
 from test_data_fixtures import make_cityscapes, make_kinetics_tree, make_kitti, make_vspw
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -233,7 +233,6 @@ def test_kinetics_deltaworld_stage_with_official_tokenizer_evaluates_while_train
 
 BUILD_WITH_WEIGHTS = """
 import os, sys, json
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
 sys.path.insert(0, "configs")
 import jax
 import kinetics
@@ -252,7 +251,7 @@ print(json.dumps(specs))
 def test_build_loads_dinov3_weights_and_places_them_by_the_mesh_rules(inputs):
     """trainer.build with config.vfm.weights (a transformers folder) on an FSDP mesh of 2 devices: the loaded
     DINOv3 is split over 'fsdp' along its logical 'embed' dims (our rules), not replicated, not an error."""
-    run = subprocess.run([sys.executable, "-c", BUILD_WITH_WEIGHTS, str(inputs["dinov3"])], cwd=REPO, env=command_env(),
+    run = subprocess.run([sys.executable, "-c", BUILD_WITH_WEIGHTS, str(inputs["dinov3"])], cwd=REPO, env=check_env(devices=2),
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-4000:]
     specs = json.loads(run.stdout.strip().splitlines()[-1])

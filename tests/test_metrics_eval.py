@@ -1,6 +1,5 @@
 """mIoU / RMSE accumulators: hand-computed cases, torchmetrics semantics, and batch/device invariance."""
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -9,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import check_env
 from deltaworld_jax.evaluation import metrics as me
 
 
@@ -74,8 +74,6 @@ def _numpy_reference(preds, labels, depth_pred, depth_gt, num_classes):
 
 SHARDED_SCRIPT = textwrap.dedent("""
     import os
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    os.environ["JAX_PLATFORMS"] = "cpu"
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     from deltaworld_jax.evaluation import metrics as me
@@ -103,7 +101,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
 
 def test_sharded_multi_batch_accumulation_equals_single_pass(tmp_path):
     out = tmp_path / "out.npz"
-    env = {**os.environ, "OUT": str(out)}
+    env = {**check_env(devices=8), "OUT": str(out)}
     subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], env=env, check=True, timeout=120)
     r = np.load(out)
     miou_ref, rmse_ref = _numpy_reference(r["logits"].argmax(-1), r["labels"], r["dpred"], r["dgt"], 7)

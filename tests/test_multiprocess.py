@@ -17,7 +17,8 @@ from deltaworld_jax.training import checkpointing, trainer
 import grain
 import numpy as np
 
-from test_trainer import HERE, ROOT, toy_config, toy_data
+from conftest import check_env
+from test_trainer import ROOT, toy_config, toy_data
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -52,9 +53,8 @@ def _two_processes(workdir, marks, overrides, *, sigterm_to=(), after_batch=0):
     overrides = {**overrides, "distributed.coordinator_address": f"127.0.0.1:{port}", "distributed.num_processes": 2}
     procs = []
     for pid in range(2):
-        env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([ROOT, HERE]),
-                   XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PROCESS_ID=str(pid),
-                   DELTAWORLD_TEST_NO_JIT_CACHE="1")
+        # The workers compile into config.train.compilation_cache (checked below), not the tests' cache.
+        env = {**check_env(devices=2, cache=False), "JAX_PROCESS_ID": str(pid), "DELTAWORLD_TEST_NO_JIT_CACHE": "1"}
         procs.append(subprocess.Popen([sys.executable, "-c", SIGNAL_WORKER, str(workdir), str(marks),
                                        json.dumps(overrides)], env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True, cwd=ROOT))

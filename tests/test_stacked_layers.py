@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import check_env
 from deltaworld_jax.models import layers
 from deltaworld_jax.models.deltatok import DeltaTok, DeltaTokConfig
 from deltaworld_jax.models.deltaworld import DeltaWorld, DeltaWorldConfig
@@ -327,9 +328,7 @@ MESH_CHECK = textwrap.dedent(r"""
 
 
 def test_stacked_parameters_shard_like_their_layers_on_a_4_device_mesh():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", MESH_CHECK], cwd=ROOT, env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", MESH_CHECK], cwd=ROOT, env=check_env(devices=4), capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]
     out = json.loads(proc.stdout.split("RESULT", 1)[1])

@@ -31,8 +31,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 PATCH = 4
 
-# The persistent compilation cache is configured in conftest.py; subprocesses that want it take JIT_CACHE_ENV.
-from conftest import JIT_CACHE_ENV  # noqa: E402,F401
+# The persistent compilation cache is configured in conftest.py; check subprocesses take conftest.check_env.
+from conftest import check_env  # noqa: E402
 
 
 class ToyEncoder(nnx.Module):
@@ -168,9 +168,7 @@ def toy_data(config, *, process_index: int, process_count: int):
 
 def run_python(code: str, *, devices: int = 1, env: dict | None = None, timeout: int = 240):
     """Run `code` in a fresh interpreter with `devices` fake CPU devices; returns the CompletedProcess."""
-    full_env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([ROOT, HERE]),
-                    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **JIT_CACHE_ENV)
-    full_env.update(env or {})
+    full_env = {**check_env(devices), **(env or {})}
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=full_env, capture_output=True,
                           text=True, timeout=timeout, cwd=ROOT)
 

@@ -3,7 +3,6 @@ without importing TensorFlow (clu's writer imported it: ~6 s at every start), an
 
 from __future__ import annotations
 
-import os
 import pathlib
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import repo_pythonpath
+from conftest import check_env
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -39,8 +38,7 @@ def read_events(logdir):
 
 
 def test_tensorboard_reads_what_the_writer_wrote_and_tensorflow_is_never_imported(tmp_path):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": repo_pythonpath()}
-    proc = subprocess.run([sys.executable, "-c", WRITE, str(tmp_path)], env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", WRITE, str(tmp_path)], env=check_env(), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "TENSORFLOW_IMPORTED False" in proc.stdout
