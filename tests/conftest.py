@@ -19,36 +19,38 @@ if REPO_ROOT not in sys.path:
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402  (after JAX_PLATFORMS)
+import pytest  # noqa: E402
 
-# The tests in THIS process compile with LLVM at -O0 (XLA's HLO passes unchanged: the same program, less
-# machine-code optimisation), as a C++ suite builds its tests unoptimised: most of a test's time is compiling
-# tiny programs (a stacked-vs-per-layer gradient check: 16.9 -> 12.9 s), not running them. Their numbers can
-# differ from -O2's in the last bits (e.g. the erf-based initialisers), which no test depends on. XLA reads
-# XLA_FLAGS once per process, at its first compile, so the flag is set for that compile and taken out again:
-# the subprocesses that run the documented commands (demo, recipe, notebooks, forecast, multi-process runs)
-# compile as users do. DELTAWORLD_TEST_XLA_OPT=default runs the in-process tests at XLA's default level too.
-IN_PROCESS_XLA_FLAGS = "--xla_backend_optimization_level=0"
-
-
-def _checks_at_o0() -> bool:
+# The tests compile with `jax_disable_most_optimizations` (LLVM at -O0, its expensive passes off; XLA's HLO
+# passes unchanged: the same program, less machine-code optimisation), as a C++ suite builds its tests
+# unoptimised: most of a check's time is compiling tiny programs, not running them (a stacked-vs-per-layer
+# gradient check: 16.9 -> 12.9 s). Their numbers can differ from the optimised build's in the last bits (e.g. the
+# erf-based initialisers), which no test depends on. It is JAX's per-compile option (read at every compile, part of
+# the compilation cache's key), so a test that runs a documented command in this process switches it off for its
+# duration (the `compiled_as_users_do` fixture): the commands users run are tested as users compile them, and their
+# heavier programs run faster optimised (the README's folder forecast: 27.5 s at -O0, 20.2 s optimised).
+# Subprocesses that run documented commands (demo, recipe, notebooks) never get it; those that run checks (fake
+# meshes, several processes, kills) do, through check_env. DELTAWORLD_TEST_XLA_OPT=default turns it off everywhere.
+def _checks_unoptimised() -> bool:
     return os.environ.get("DELTAWORLD_TEST_XLA_OPT", "O0") == "O0"
 
 
 def pytest_configure(config):
     """In pytest's own processes only (test scripts that import this module for its helpers, e.g. the
-    multi-process workers, must not start JAX's backend before jax.distributed.initialize)."""
+    multi-process workers, take check_env's environment instead)."""
     del config
-    if not _checks_at_o0():
-        return
-    user_xla_flags = os.environ.get("XLA_FLAGS")
-    os.environ["XLA_FLAGS"] = f"{user_xla_flags or ''} {IN_PROCESS_XLA_FLAGS}".strip()
+    jax.config.update("jax_disable_most_optimizations", _checks_unoptimised())
+
+
+@pytest.fixture
+def compiled_as_users_do():
+    """For a test that runs a documented command in this process: its programs compile with XLA's default
+    optimisation, as the user's do."""
+    jax.config.update("jax_disable_most_optimizations", False)
     try:
-        jax.jit(lambda x: x + 1)(1.0).block_until_ready()
+        yield
     finally:
-        if user_xla_flags is None:
-            del os.environ["XLA_FLAGS"]
-        else:
-            os.environ["XLA_FLAGS"] = user_xla_flags
+        jax.config.update("jax_disable_most_optimizations", _checks_unoptimised())
 
 
 JIT_CACHE_DIR = os.path.join(tempfile.gettempdir(), "deltaworld_jax_test_jit_cache")
@@ -65,16 +67,14 @@ def check_env(devices: int = 1, *, cache: bool = True) -> dict[str, str]:
     """The environment of a subprocess that runs a CHECK, not a documented command (a fake multi-device mesh,
     several processes on localhost, a signal or a kill mid-run): CPU, this checkout and tests/ importable,
     the tests' compilation cache (unless `cache` is False), `devices` fake CPU devices, and compiled as the
-    tests in pytest's own processes are (IN_PROCESS_XLA_FLAGS): these programs are the tests' own tiny ones,
+    tests in pytest's own processes are (jax_disable_most_optimizations): these programs are the tests' own tiny ones,
     which LLVM's optimisation only makes slower to build (the 8-device sharding checks and the 2-process
     preemption test: about -20% each). The scripts must not set XLA_FLAGS themselves."""
-    flags = [os.environ.get("XLA_FLAGS", "")]
-    if devices > 1:
-        flags.append(f"--xla_force_host_platform_device_count={devices}")
-    if _checks_at_o0():
-        flags.append(IN_PROCESS_XLA_FLAGS)
     path = os.pathsep.join([os.path.dirname(os.path.abspath(__file__)), repo_pythonpath()])
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": path, "XLA_FLAGS": " ".join(f for f in flags if f)}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": path,
+           "JAX_DISABLE_MOST_OPTIMIZATIONS": "1" if _checks_unoptimised() else "0"}
+    if devices > 1:
+        env["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
     if cache:
         env.update(JIT_CACHE_ENV)
     return env
@@ -85,6 +85,7 @@ def command_env(devices: int = 1) -> dict[str, str]:
     from this checkout, the tests' compilation cache (runs of the same recipe share their programs), and
     `devices` fake CPU devices when more than one."""
     env = {**os.environ, **JIT_CACHE_ENV, "JAX_PLATFORMS": "cpu", "PYTHONPATH": repo_pythonpath()}
+    env.pop("JAX_DISABLE_MOST_OPTIMIZATIONS", None)
     if devices > 1:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     return env

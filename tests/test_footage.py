@@ -344,7 +344,7 @@ def released_layout_hub(tmp_path_factory):
 
 @pytest.mark.parametrize("container", ["mp4", "mpg"])
 def test_the_readme_forecast_command_runs_unchanged_on_real_footage(tmp_path, released_layout_hub, monkeypatch,
-                                                                     container, containers):
+                                                                     container, containers, compiled_as_users_do):
     """The README's command, word for word, in a folder where clip.mp4 is the real camera clip (as shot: first
     frame stamped 3.04 s; or its MPEG-2 program-stream transcode, B-frames and a 0.54 s first stamp)."""
     import huggingface_hub.constants
@@ -401,7 +401,8 @@ def test_segmentation_and_depth_of_the_futures_with_two_squares(tmp_path, weight
                              world_rope_axis_sizes=(12,), seg_head=str(tmp_path / "narrow.bin"))
 
 
-def test_the_readme_folder_command_runs_unchanged_on_real_footage(tmp_path, released_layout_hub, monkeypatch):
+def test_the_readme_folder_command_runs_unchanged_on_real_footage(tmp_path, released_layout_hub, monkeypatch,
+                                                                   compiled_as_users_do):
     """The README's --videos command, word for word, on a folder of the two real clips."""
     import huggingface_hub.constants
 
