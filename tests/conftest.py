@@ -70,24 +70,29 @@ def check_env(devices: int = 1, *, cache: bool = True) -> dict[str, str]:
     tests in pytest's own processes are (jax_disable_most_optimizations): these programs are the tests' own tiny ones,
     which LLVM's optimisation only makes slower to build (the 8-device sharding checks and the 2-process
     preemption test: about -20% each). The scripts must not set XLA_FLAGS themselves."""
-    path = os.pathsep.join([os.path.dirname(os.path.abspath(__file__)), repo_pythonpath()])
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": path,
-           "JAX_DISABLE_MOST_OPTIMIZATIONS": "1" if _checks_unoptimised() else "0"}
-    if devices > 1:
-        env["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
-    if cache:
-        env.update(JIT_CACHE_ENV)
+    env = _subprocess_env(devices, cache=cache,
+                          pythonpath=os.pathsep.join([os.path.dirname(os.path.abspath(__file__)), repo_pythonpath()]))
+    env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1" if _checks_unoptimised() else "0"
     return env
 
 
 def command_env(devices: int = 1) -> dict[str, str]:
     """The environment of a subprocess that runs one of the documented commands: CPU, the package importable
     from this checkout, the tests' compilation cache (runs of the same recipe share their programs), and
-    `devices` fake CPU devices when more than one."""
-    env = {**os.environ, **JIT_CACHE_ENV, "JAX_PLATFORMS": "cpu", "PYTHONPATH": repo_pythonpath()}
+    `devices` fake CPU devices when more than one; compiled as users do."""
+    env = _subprocess_env(devices, cache=True, pythonpath=repo_pythonpath())
     env.pop("JAX_DISABLE_MOST_OPTIMIZATIONS", None)
+    return env
+
+
+def _subprocess_env(devices: int, *, cache: bool, pythonpath: str) -> dict[str, str]:
+    """What check_env and command_env share: this environment on the CPU, `pythonpath`, `devices` fake CPU
+    devices (after the caller's own XLA_FLAGS) and, with `cache`, the tests' compilation cache."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": pythonpath}
     if devices > 1:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        env["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+    if cache:
+        env.update(JIT_CACHE_ENV)
     return env
 
 

@@ -185,7 +185,6 @@ def test_kernel_partition_spec_follows_the_mesh():
 
 SHARDED_SPLASH = """
 import dataclasses
-import os
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from deltaworld_jax.models import attention
@@ -210,8 +209,8 @@ print("OK")
 
 
 def test_splash_under_a_mesh_runs_per_device_shard():
-    done = subprocess.run([sys.executable, "-c", SHARDED_SPLASH], env=check_env(devices=4), capture_output=True, text=True,
-                          timeout=900)  # seconds when idle; generous for a loaded 2-core host
+    done = subprocess.run([sys.executable, "-c", SHARDED_SPLASH], env=check_env(devices=4), capture_output=True,
+                          text=True, timeout=900)  # seconds when idle; generous for a loaded 2-core host
     assert done.returncode == 0 and done.stdout.strip().endswith("OK"), done.stderr[-3000:]
 
 

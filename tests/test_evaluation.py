@@ -291,7 +291,7 @@ def test_eval_hook_on_synthetic_clips(tmp_path):
 
 
 SHARDED_EVAL = """
-import os, sys, json
+import json
 import numpy as np, jax
 import test_evaluation as t
 from deltaworld_jax.evaluation import protocol as ev
@@ -312,7 +312,8 @@ def test_evaluation_split_over_local_devices_matches_one_device():
     batch["labels"] = np.random.default_rng(13).integers(0, 5, (2, 3, 6, 9))
     expected = ev.evaluate([ev.CopyLast()], PixelVFM(), {"vspw": [batch]}, {"vspw": _seg_head(seed=14)},
                            ev.EvalSettings(ctx_lens=(2,), horizons=(1,)))
-    done = subprocess.run([sys.executable, "-c", SHARDED_EVAL], env=check_env(devices=4), capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", SHARDED_EVAL], env=check_env(devices=4), capture_output=True,
+                          text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     got = json.loads(done.stdout.strip().splitlines()[-1])
     assert got.keys() == expected.keys()

@@ -232,7 +232,7 @@ def test_kinetics_deltaworld_stage_with_official_tokenizer_evaluates_while_train
 # ---- the frozen VFM from real weights, placed by our rules --------------------------------------------------
 
 BUILD_WITH_WEIGHTS = """
-import os, sys, json
+import sys, json
 sys.path.insert(0, "configs")
 import jax
 import kinetics
@@ -251,8 +251,8 @@ print(json.dumps(specs))
 def test_build_loads_dinov3_weights_and_places_them_by_the_mesh_rules(inputs):
     """trainer.build with config.vfm.weights (a transformers folder) on an FSDP mesh of 2 devices: the loaded
     DINOv3 is split over 'fsdp' along its logical 'embed' dims (our rules), not replicated, not an error."""
-    run = subprocess.run([sys.executable, "-c", BUILD_WITH_WEIGHTS, str(inputs["dinov3"])], cwd=REPO, env=check_env(devices=2),
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-c", BUILD_WITH_WEIGHTS, str(inputs["dinov3"])], cwd=REPO,
+                         env=check_env(devices=2), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-4000:]
     specs = json.loads(run.stdout.strip().splitlines()[-1])
     assert specs["['embeddings']['cls_token']"] == [None, None, "fsdp"]

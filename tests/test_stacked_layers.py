@@ -328,8 +328,8 @@ MESH_CHECK = textwrap.dedent(r"""
 
 
 def test_stacked_parameters_shard_like_their_layers_on_a_4_device_mesh():
-    proc = subprocess.run([sys.executable, "-c", MESH_CHECK], cwd=ROOT, env=check_env(devices=4), capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run([sys.executable, "-c", MESH_CHECK], cwd=ROOT, env=check_env(devices=4), capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]
     out = json.loads(proc.stdout.split("RESULT", 1)[1])
     per_layer, stacked = out["False"], out["True"]
