@@ -101,16 +101,35 @@ class LayerNorm(nnx.Module):
 
 
 class LayerScale(nnx.Module):
-    """Per-channel residual scale (`lambda1` in DINOv3), initialised to `init_value`."""
+    """Per-channel residual scale (`lambda1` in DINOv3), initialised to `init_value`: the parameter only (its
+    module path is the official checkpoints' name). The blocks apply it folded into their branch's last
+    projection (`scaled_linear`): the same function as branch(x) * lambda1, with a cheaper gradient."""
 
     def __init__(self, dim: int, *, init_value: float, param_dtype=jnp.float32, rngs: nnx.Rngs):
         del rngs
         self.lambda1 = nnx.Param(jnp.full((dim,), init_value, param_dtype), out_sharding=("norm",))
 
-    def __call__(self, x: Array) -> Array:
-        # Promotes as torch does under autocast (bf16 activation * float32 lambda -> float32), so the scaled
-        # update added to a float32 residual stream is not rounded to bf16 first.
-        return x * self.lambda1[...]
+
+def scaled_linear(layer: nnx.Linear, x: Array, scale: Array | None) -> Array:
+    """layer(x) * scale for a per-output-channel `scale` (LayerScale after a block's last projection), with
+    the scale folded into the weights: x @ (W * scale) + b * scale.
+
+    Why: written as (x @ W + b) * scale, the gradient of `scale` is an activation-sized product and reduction
+    (sum over every token of (x @ W + b) * dy, with x @ W + b kept or recomputed for it), one per LayerScale
+    per layer; folded, it is weight-sized (sum over W's rows of W * dW_folded), and the backward pass has no
+    activation-sized work beyond the matmuls'. The forward differs from the unfolded one by rounding only
+    (float32: ~1 ulp of the branch's update). The result is promoted as the unfolded product is (a bf16 compute
+    dtype with a float32 scale gives float32, as torch's autocast does), so the update added to a float32
+    residual stream is not left in bf16."""
+    if scale is None:
+        return layer(x)
+    kernel = layer.kernel[...] * scale
+    bias = layer.bias[...] * scale if layer.bias is not None else None
+    x, kernel, bias = layer.promote_dtype((x, kernel, bias), dtype=layer.dtype)
+    y = layer.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=layer.precision)
+    if bias is not None:
+        y = y + bias
+    return y.astype(jnp.promote_types(y.dtype, scale.dtype))
 
 
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
@@ -135,10 +154,13 @@ class MLP(nnx.Module):
         self.up_proj = linear(hidden, intermediate, axes=("embed", "mlp"), **kw)
         self.down_proj = linear(intermediate, hidden, axes=("mlp", "embed"), **kw)
 
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, out_scale: Array | None = None) -> Array:
+        """`out_scale`: a LayerScale's lambda, folded into down_proj (scaled_linear)."""
         if self.gated:
-            return self.down_proj(ACTIVATIONS[self.act](self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(ACTIVATIONS[self.act](self.up_proj(x)))
+            hidden = ACTIVATIONS[self.act](self.gate_proj(x)) * self.up_proj(x)
+        else:
+            hidden = ACTIVATIONS[self.act](self.up_proj(x))
+        return scaled_linear(self.down_proj, hidden, out_scale)
 
 
 class GatedMLP(MLP):
@@ -345,7 +367,8 @@ class SelfAttention(nnx.Module):
             self.attn_gate = linear(d, cfg.num_heads, axes=("embed", "vocab"), use_bias=True, **kw)
 
     def __call__(self, x: Array, rope: tuple[Array, Array] | None = None, mask: Array | None = None,
-                 implementation: str | None = None) -> Array:
+                 implementation: str | None = None, out_scale: Array | None = None) -> Array:
+        """`out_scale`: a LayerScale's lambda, folded into o_proj (scaled_linear)."""
         b, l, _ = x.shape
         h, hd = self.cfg.num_heads, self.cfg.head_dim
         q = self.q_proj(x).reshape(b, l, h, hd)
@@ -360,7 +383,7 @@ class SelfAttention(nnx.Module):
         if self.cfg.output_gate:
             gate = jax.nn.sigmoid(self.attn_gate(x).astype(jnp.float32))  # [B, L, H]
             out = (out.astype(jnp.float32) * gate[..., None]).astype(out.dtype)
-        return self.o_proj(out.reshape(b, l, h * hd))
+        return scaled_linear(self.o_proj, out.reshape(b, l, h * hd), out_scale)
 
 
 class CrossAttention(nnx.Module):
@@ -386,8 +409,10 @@ class CrossAttention(nnx.Module):
         self.out_proj = linear(hidden_size, hidden_size, axes=("heads", "embed"), **kw)
 
     def __call__(self, queries: Array, kv_tokens: Array, rope_q: AxisRopeTables, rope_k: AxisRopeTables,
-                 mask: Array | None = None, implementation: str | None = None) -> Array:
-        """rope_q / rope_k: axis_rope_tables of the query / key positions (computed once per predictor call)."""
+                 mask: Array | None = None, implementation: str | None = None,
+                 out_scale: Array | None = None) -> Array:
+        """rope_q / rope_k: axis_rope_tables of the query / key positions (computed once per predictor call);
+        `out_scale`: a LayerScale's lambda, folded into out_proj (scaled_linear)."""
         b, lq, _ = queries.shape
         lk = kv_tokens.shape[1]
         h, hd = self.num_heads, self.head_dim
@@ -398,7 +423,7 @@ class CrossAttention(nnx.Module):
         q = apply_axis_rope(q, None, self.rope_axis_sizes, self.rope_unrotated_size, tables=rope_q)
         k = apply_axis_rope(k, None, self.rope_axis_sizes, self.rope_unrotated_size, tables=rope_k)
         out = dot_product_attention(q, k, v, mask=mask, implementation=implementation or self.implementation)
-        return self.out_proj(out.reshape(b, lq, h * hd))
+        return scaled_linear(self.out_proj, out.reshape(b, lq, h * hd), out_scale)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -419,7 +444,8 @@ class BlockConfig:
 
 
 class Block(nnx.Module):
-    """x = x + ls1(attn(norm1(x))); x = x + ls2(mlp(norm2(x))) (transformers' DINOv3ViTLayer)."""
+    """x = x + ls1(attn(norm1(x))); x = x + ls2(mlp(norm2(x))) (transformers' DINOv3ViTLayer), each LayerScale
+    folded into its branch's last projection (scaled_linear)."""
 
     def __init__(self, cfg: BlockConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         d = cfg.attention.hidden_size
@@ -434,8 +460,9 @@ class Block(nnx.Module):
 
     def __call__(self, x: Array, rope: tuple[Array, Array] | None = None, mask: Array | None = None,
                  implementation: str | None = None) -> Array:
-        x = x + self.layer_scale1(self.attention(self.norm1(x), rope, mask, implementation))
-        return x + self.layer_scale2(self.mlp(self.norm2(x)))
+        x = x + self.attention(self.norm1(x), rope, mask, implementation,
+                               out_scale=self.layer_scale1.lambda1[...])
+        return x + self.mlp(self.norm2(x), out_scale=self.layer_scale2.lambda1[...])
 
 
 # ----------------------------------------------------------------------------------------------------

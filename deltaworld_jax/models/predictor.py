@@ -84,9 +84,10 @@ class PredictorBlock(nnx.Module):
 
     def __call__(self, queries: Array, kv_tokens: Array, rope_q: layers.AxisRopeTables,
                  rope_k: layers.AxisRopeTables, mask: FrameCausalMask | Array | None) -> Array:
-        attended = self.attention(self.norm1(queries), kv_tokens, rope_q, rope_k, mask)
-        queries = queries + self.layer_scale1(attended)
-        return queries + self.layer_scale2(self.mlp(self.norm2(queries)))
+        # Each LayerScale folded into its branch's last projection (layers.scaled_linear: a cheaper gradient).
+        queries = queries + self.attention(self.norm1(queries), kv_tokens, rope_q, rope_k, mask,
+                                           out_scale=self.layer_scale1.lambda1[...])
+        return queries + self.mlp(self.norm2(queries), out_scale=self.layer_scale2.lambda1[...])
 
 
 class Predictor(nnx.Module):
