@@ -35,6 +35,14 @@ def _checks_unoptimised() -> bool:
     return os.environ.get("DELTAWORLD_TEST_XLA_OPT", "O0") == "O0"
 
 
+# Tests that compile the same programs in a subprocess or a notebook kernel are marked with one xdist_group
+# (pytest.ini distributes with --dist=loadgroup): run on the same xdist worker, one after the other, the later
+# ones load the programs the first compiled from the tests' compilation cache (JIT_CACHE_ENV); spread over both
+# workers they ran at the same time and each compiled them (the quickstart notebook after the demo's tests:
+# 36 s alone -> 22 s).
+DEMO_RECIPE_PROGRAMS = pytest.mark.xdist_group("demo_recipe_programs")  # configs/demo.py:quick's stages
+
+
 def pytest_configure(config):
     """In pytest's own processes only (test scripts that import this module for its helpers, e.g. the
     multi-process workers, take check_env's environment instead)."""

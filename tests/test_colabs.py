@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from nbclient import NotebookClient
 
-from conftest import JIT_CACHE_ENV, repo_pythonpath
+from conftest import DEMO_RECIPE_PROGRAMS, JIT_CACHE_ENV, repo_pythonpath
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 COLABS = REPO / "colabs"
@@ -136,6 +136,7 @@ def test_forecast_with_released_weights_runs(tiny_released_weights, tmp_path):
     assert any("image/gif" in o["data"] for o in displays)  # the animation
 
 
+@DEMO_RECIPE_PROGRAMS  # on the worker that runs test_demo.py's demo recipe (the same programs)
 def test_quickstart_runs(tmp_path):
     """The demo recipe at its "quick" setting (2 steps a stage) through the trainer, then the token and
     forecast cells on the trained modules."""

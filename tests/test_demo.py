@@ -20,10 +20,12 @@ from flax import nnx
 from PIL import Image
 
 # command_env: the runs of the demo recipe here and test_colabs.py's quickstart compile the same programs and
-# share them through the tests' compilation cache whenever one runs after the other.
-from conftest import command_env
+# share them through the tests' compilation cache; DEMO_RECIPE_PROGRAMS runs them on one xdist worker, so one
+# always runs after the other.
+from conftest import DEMO_RECIPE_PROGRAMS, command_env
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+pytestmark = DEMO_RECIPE_PROGRAMS
 
 
 @pytest.fixture(scope="module")
