@@ -3,7 +3,6 @@ FLOPs XLA counts in the compiled real train step, side by side."""
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
@@ -141,7 +140,7 @@ def format_report(report: dict[str, Any]) -> str:
                          "loop body once, the traced count multiplies scans by their length")
     if "xla_forecast_check" in report:
         c = report["xla_forecast_check"]
-        lines += ["", f"Compiled forecast at the config's frame size (one clip, one crop, forecast only):",
+        lines += ["", "Compiled forecast at the config's frame size (one clip, one crop, forecast only):",
                   f"  analytic (matmuls)            {f(c['analytic']):>16s}",
                   f"  traced program (matmuls)      {f(c['jaxpr_matmul']):>16s}   diff {100 * c['jaxpr_vs_analytic']:.2f}%",
                   f"  XLA cost analysis (all ops)   {f(c['xla']):>16s}   diff {100 * c['xla_vs_analytic']:.2f}%"]

@@ -22,7 +22,6 @@ import argparse
 import pathlib
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
