@@ -17,6 +17,7 @@ Submodule names follow the official PyTorch/`transformers` names so weight impor
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Callable
 
@@ -91,13 +92,48 @@ class LayerNorm(nnx.Module):
         )
 
     def __call__(self, x: Array) -> Array:
-        x32 = x.astype(jnp.float32)
-        mean = jnp.mean(x32, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.weight[...].astype(jnp.float32)
-        if self.bias is not None:
-            y = y + self.bias[...].astype(jnp.float32)
+        bias = None if self.bias is None else self.bias[...].astype(jnp.float32)
+        y = layer_norm_f32(x.astype(jnp.float32), self.weight[...].astype(jnp.float32), bias, self.eps)
         return y.astype(self.dtype)
+
+
+def _normalise(x: Array, eps: float) -> tuple[Array, Array]:
+    """(x - mean) / sqrt(var + eps) over the last axis, and 1 / sqrt(var + eps); float32."""
+    centred = x - jnp.mean(x, axis=-1, keepdims=True)
+    inv_std = jax.lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1, keepdims=True) + eps)
+    return centred * inv_std, inv_std
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm_f32(x: Array, weight: Array, bias: Array | None, eps: float) -> Array:
+    """LayerNorm over the last axis, all float32, with its gradient written out by hand.
+
+    Why a hand-written gradient: autodiff of the two-pass forward (mean, then the variance of x - mean) gives
+    XLA:CPU a graph it runs 4-5x slower than the textbook form below (forward + backward of 8 stacked norms on
+    [16, 129, 192]: 19.5-20.8 ms vs 4.0-4.7 ms); the values agree to float32 rounding (2e-7 relative). The forward
+    is the same expression as before, so outputs are unchanged."""
+    normed, _ = _normalise(x, eps)
+    y = normed * weight
+    return y if bias is None else y + bias
+
+
+def _layer_norm_fwd(x, weight, bias, eps):
+    normed, inv_std = _normalise(x, eps)
+    y = normed * weight
+    return (y if bias is None else y + bias), (normed, inv_std, weight, bias is None)
+
+
+def _layer_norm_bwd(eps, residuals, dy):
+    del eps
+    normed, inv_std, weight, no_bias = residuals
+    g = dy * weight
+    dx = inv_std * (g - jnp.mean(g, axis=-1, keepdims=True)
+                    - normed * jnp.mean(g * normed, axis=-1, keepdims=True))
+    leading = tuple(range(dy.ndim - 1))
+    return dx, jnp.sum(dy * normed, axis=leading), None if no_bias else jnp.sum(dy, axis=leading)
+
+
+layer_norm_f32.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
 class LayerScale(nnx.Module):
