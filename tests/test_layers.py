@@ -260,6 +260,31 @@ def test_layer_norm_matches_torch_and_returns_compute_dtype():
     np.testing.assert_allclose(np.asarray(out, np.float32), ref.numpy(), atol=2e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_layer_norm_gradients_match_torch(use_bias):
+    """LayerNorm's hand-written gradient (layers.layer_norm_f32) against torch's autograd: input, weight and bias,
+    with and without bias (DeltaTok's QK-norm), on inputs with a large mean and leading batch axes."""
+    norm = layers.LayerNorm(16, eps=1e-5, use_bias=use_bias, rngs=nnx.Rngs(0))
+    _randomise(norm, seed=9)
+    rng = np.random.default_rng(6)
+    x = rng.normal(3.0, 2.0, size=(2, 5, 16)).astype(np.float32)
+    dy = rng.normal(size=x.shape).astype(np.float32)
+
+    def loss(module, inputs):
+        return jnp.sum(module(inputs) * dy)
+
+    grad_norm, grad_x = nnx.grad(loss, argnums=(0, 1))(norm, jnp.asarray(x))
+    xt = _t(x).requires_grad_()
+    wt = _t(norm.weight.get_value()).requires_grad_()
+    bt = _t(norm.bias.get_value()).requires_grad_() if use_bias else None
+    (torch.nn.functional.layer_norm(xt, (16,), wt, bt, 1e-5) * _t(dy)).sum().backward()
+    tol = dict(atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(grad_x), xt.grad.numpy(), **tol)
+    np.testing.assert_allclose(np.asarray(grad_norm.weight.get_value()), wt.grad.numpy(), **tol)
+    if use_bias:
+        np.testing.assert_allclose(np.asarray(grad_norm.bias.get_value()), bt.grad.numpy(), **tol)
+
+
 def test_count_params_counts_abstract_modules():
     mlp = nnx.eval_shape(lambda: layers.MLP(4, 8, rngs=nnx.Rngs(0)))
     assert layers.count_params(mlp) == 4 * 8 + 8 + 8 * 4 + 4
