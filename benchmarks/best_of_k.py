@@ -20,7 +20,7 @@ from flax import nnx
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from deltaworld_jax.models.deltaworld import DeltaWorld, DeltaWorldConfig  # noqa: E402
-from deltaworld_jax.models.layers import count_params  # noqa: E402
+from deltaworld_jax.models.basic_layers import count_params  # noqa: E402
 
 
 def benchmark_best_of_k(

@@ -20,7 +20,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from deltaworld_jax.models.deltatok import DeltaTok, DeltaTokConfig, default_intermediate_size  # noqa: E402
 from deltaworld_jax.models.dinov3 import DINOv3, DINOv3Config  # noqa: E402
-from deltaworld_jax.models.layers import count_params  # noqa: E402
+from deltaworld_jax.models.basic_layers import count_params  # noqa: E402
 from deltaworld_jax.tasks import deltatok as deltatok_task  # noqa: E402
 
 

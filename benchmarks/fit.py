@@ -3,7 +3,7 @@ fits in HBM with headroom, from a few ahead-of-time compiles.
 
 Compiles of the full recipe take minutes on a CPU host, so the search does not compile every candidate:
   1. probe: compile the real step on the smallest slice of the chip at per-chip micro-batches 1 and 2
-     (FSDP, the model's remat policy, layers.DEFAULT_REMAT unless config.model.remat says otherwise;
+     (FSDP, the model's remat policy, block_stack.DEFAULT_REMAT unless config.model.remat says otherwise;
      remat "full" too when batch 1 does not fit). Per-device memory is then
      mem(m) = state + code + m * activations, with the FSDP-sharded state shrinking as 1/chips;
   2. predict, for every slice of the chip, the largest power-of-two micro-batch that fits <= 90% HBM
@@ -19,7 +19,7 @@ import math
 from typing import Any, Callable
 
 from deltaworld_jax import aot
-from deltaworld_jax.models import layers
+from deltaworld_jax.models import block_stack
 
 HEADROOM = 0.9
 
@@ -71,7 +71,7 @@ def smallest_fit(config, chip: str, *, log: Callable[[str], None] = print, verif
     topologies = [f"{chip}:{s}" for s in aot.SLICES[chip]]
     probe_topology = topologies[0]
     probe_chips = math.prod(aot.parse_topology(probe_topology)[1])
-    remat = config.model.get("remat") or layers.DEFAULT_REMAT  # the model's own policy first, then "full"
+    remat = config.model.get("remat") or block_stack.DEFAULT_REMAT  # the model's own policy first, then "full"
     r1 = _probe(config, probe_topology, probe_sharding, remat, 1, log)
     if not aot.fits(r1, HEADROOM):
         remat = "full"

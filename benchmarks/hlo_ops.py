@@ -4,8 +4,8 @@ where the program's size (and so its compile time) comes from. Lowering only; no
     JAX_PLATFORMS=cpu ALLOW_MULTIPLE_LIBTPU_LOAD=1 nice -n 15 python -m benchmarks.hlo_ops \
         --config=configs/kinetics.py:stage=deltatok_256 --depths=1,12
 
-With the blocks stored stacked and scanned (models/layers.run_blocks) the model's own ops do not grow with depth, so
-(ops at depth L - ops at depth 1) / (leaves at L - leaves at 1) is the work per parameter leaf: the
+With the blocks stored stacked and scanned (models/block_stack.run_blocks) the model's own ops do not grow with depth,
+so (ops at depth L - ops at depth 1) / (leaves at L - leaves at 1) is the work per parameter leaf: the
 optimiser, clipping, gradient norms and metrics run once per leaf. Topology v5e:2x2 (needs libtpu) or
 --topology= for the local devices.
 """

@@ -1,5 +1,5 @@
-"""LayerNorm forward + backward on XLA:CPU: the package's hand-written gradient (`layers.layer_norm_f32`, a
-custom_vjp) against autodiff of the same two-pass forward (what `layers.LayerNorm` did before), interleaved.
+"""LayerNorm forward + backward on XLA:CPU: the package's hand-written gradient (`basic_layers.layer_norm_f32`, a
+custom_vjp) against autodiff of the same two-pass forward (what `basic_layers.LayerNorm` did before), interleaved.
 
     python benchmarks/layernorm_grad.py [--shape=16,129,192] [--norms=8] [--rounds=3] [--calls=50]
 
@@ -16,7 +16,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from deltaworld_jax.models import layers
+from deltaworld_jax.models import basic_layers
 
 EPS = 1e-5
 
@@ -28,7 +28,7 @@ def autodiff_layer_norm(x, weight, bias):
 
 
 def hand_written_layer_norm(x, weight, bias):
-    return layers.layer_norm_f32(x, weight, bias, EPS)
+    return basic_layers.layer_norm_f32(x, weight, bias, EPS)
 
 
 def gradient_program(norm, num_norms: int, cotangent):

@@ -19,7 +19,7 @@ from flax import nnx
 from deltaworld_jax import sharding as sharding_lib
 from deltaworld_jax import aot as program, flops as flops_lib
 from deltaworld_jax.data import placement
-from deltaworld_jax.models import layers
+from deltaworld_jax.models import block_stack
 from deltaworld_jax.training import mfu as training_mfu, trainer
 
 from benchmarks import analysis
@@ -95,7 +95,7 @@ def time_step(config, *, warmup: int = 3, steps: int = 20, mesh=None) -> dict[st
     return {
         "kind": cfg.model.kind, "device": f"{num_devices} x {device.device_kind}", "platform": device.platform,
         "batch_size": int(cfg.train.batch_size), "accumulation_steps": int(cfg.optim.get("accumulation_steps", 1)),
-        "remat": cfg.model.get("remat") or layers.DEFAULT_REMAT, "frame_hw": program.frame_hw(cfg),
+        "remat": cfg.model.get("remat") or block_stack.DEFAULT_REMAT, "frame_hw": program.frame_hw(cfg),
         "num_frames": int(cfg.data.num_frames), "dtype": cfg.model.get("dtype", "float32"),
         "compile_seconds": compile_s, "step_seconds_median": median,
         "step_seconds_min": min(times), "step_seconds_max": max(times), "timed_steps": steps,

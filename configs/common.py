@@ -15,7 +15,7 @@ MESH_RULES = (
     ("heads", "tensor"),
     ("vocab", None),
     ("norm", None),
-    # The leading axis of blocks stored stacked (models/layers.BlockStack): each device keeps every layer of
+    # The leading axis of blocks stored stacked (models/block_stack.BlockStack): each device keeps every layer of
     # its shard, and the scan slices one layer at a time.
     ("layers", None),
 )

@@ -98,7 +98,7 @@ BASELINE_RECIPES = {"dinoworld": DINOWORLD_STAGES}
 def _base(frame_size: int, num_frames: int) -> ml_collections.ConfigDict:
     c = common.base_config()
     c.model.dtype = "bfloat16"
-    # Blocks stored stacked ([num_layers, ...] parameters, one scan; models/layers.BlockStack): the same model
+    # Blocks stored stacked ([num_layers, ...] parameters, one scan; models/block_stack.BlockStack): the same model
     # and weights as the per-layer layout, a several times shorter compile (benchmarks/RESULTS.md).
     c.model.scan_layers = True
     c.vfm = ml_collections.ConfigDict(dict(kind="dinov3", preset="vitb16", weights=VFM_WEIGHTS, dtype="bfloat16",

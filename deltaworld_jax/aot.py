@@ -25,7 +25,7 @@ from jax.sharding import Mesh
 
 from deltaworld_jax import flops as flops_lib, sharding as sharding_lib, tasks
 from deltaworld_jax.data import placement
-from deltaworld_jax.models import layers
+from deltaworld_jax.models import block_stack
 from deltaworld_jax.pretrained.runs import abstract_like
 from deltaworld_jax.training import train_step as step_lib, trainer
 
@@ -157,8 +157,8 @@ def compile_on_topology(config, topology: str, *, num_slices: int = 1, sharding:
         "topology": topology, "num_slices": num_slices, "chips": chips, "devices": num_devices,
         "accelerator_type": accelerator_type(family, math.prod(dims)), "chip": spec.name,
         "mesh": dict(mesh.shape), "sharding": sharding if isinstance(sharding, str) else "custom",
-        "remat": cfg.model.get("remat") or layers.DEFAULT_REMAT,  # unset: the model configs' default
-        "scan_layers": bool(cfg.model.get("scan_layers", False)),  # blocks stored stacked (layers.BlockStack)
+        "remat": cfg.model.get("remat") or block_stack.DEFAULT_REMAT,  # unset: the model configs' default
+        "scan_layers": bool(cfg.model.get("scan_layers", False)),  # blocks stored stacked (block_stack.BlockStack)
         "per_chip_batch": per_chip_batch, "accumulation_steps": accumulation, "effective_batch": effective_batch,
         "lower_seconds": lower_s, "compile_seconds": compile_s,
         "memory": memory_report(compiled, hbm_per_device),

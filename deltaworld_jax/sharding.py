@@ -1,6 +1,6 @@
 """Device mesh, logical-to-mesh axis rules, and sharded placement of parameters and batches.
 
-Parameters carry LOGICAL axis names (`embed`, `mlp`, `heads`, `vocab`, `norm`; see models/layers.py). The
+Parameters carry LOGICAL axis names (`embed`, `mlp`, `heads`, `vocab`, `norm`; see models/basic_layers.py). The
 mapping from logical names to the mesh axes (`data`, `fsdp`, `tensor`) is config data, so data parallelism,
 FSDP and FSDP + tensor parallelism differ only in `config.mesh`:
 

@@ -13,7 +13,8 @@ import pytest
 from flax import nnx
 
 from conftest import check_env
-from deltaworld_jax.models import attention, layers
+from deltaworld_jax.models import attention, blocks
+from deltaworld_jax.models import rope as rope_lib
 from deltaworld_jax.models.predictor import Predictor, PredictorConfig
 
 # Lengths that are not multiples of the kernel's 128-token blocks, as the ViTs' 1024 + 5 tokens.
@@ -101,10 +102,10 @@ def test_predictor_with_splash_matches_reference(num_layers, scan_layers):
 
 def test_self_attention_block_with_prefix_tokens_and_rope():
     """A DINOv3 block (5 prefix tokens + a 6x6 patch grid, RoPE, QK-norm and gate as DeltaTok) by splash."""
-    attn = layers.AttentionConfig(128, 2, qk_norm=True, output_gate=True, implementation="splash")
-    block = layers.Block(layers.BlockConfig(attn, intermediate_size=64), rngs=nnx.Rngs(1))
+    attn = blocks.AttentionConfig(128, 2, qk_norm=True, output_gate=True, implementation="splash")
+    block = blocks.Block(blocks.BlockConfig(attn, intermediate_size=64), rngs=nnx.Rngs(1))
     x = jnp.asarray(np.random.default_rng(6).normal(size=(B, 5 + 36, 128)), jnp.float32)
-    rope = layers.rope_2d((6, 6), 64)
+    rope = rope_lib.rope_2d((6, 6), 64)
     splash = jax.jit(lambda x: block(x, rope))(x)
     ref = jax.jit(lambda x: block(x, rope, implementation="reference"))(x)
     np.testing.assert_allclose(np.asarray(splash), np.asarray(ref), atol=1e-5)
@@ -167,7 +168,7 @@ def test_bad_values_give_clear_errors():
     with pytest.raises(ValueError, match="1-D integer"):
         attention.FrameCausalMask(np.zeros((2, 2), int), np.arange(3))
     with pytest.raises(ValueError, match="'flash' is not one of"):
-        layers.SelfAttention(layers.AttentionConfig(128, 2, implementation="flash"), rngs=nnx.Rngs(0))(
+        blocks.SelfAttention(blocks.AttentionConfig(128, 2, implementation="flash"), rngs=nnx.Rngs(0))(
             jnp.zeros((1, 3, 128)))
 
 

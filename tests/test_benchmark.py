@@ -102,7 +102,7 @@ def test_dinov3_vfm_flops_agree_with_xla():
     from deltaworld_jax.pretrained import build_vfm
 
     # One block: XLA's cost analysis counts a while-loop body once, and stacks stored stacked run as one
-    # scan (models/layers.run_blocks), so a one-block program is checked against XLA's count.
+    # scan (models/block_stack.run_blocks), so a one-block program is checked against XLA's count.
     vfm = nnx.eval_shape(lambda: build_vfm(dict(kind="dinov3", preset="vits16", weights="",
                                                 overrides={"num_layers": 1})))
     graphdef, state = nnx.split(vfm)

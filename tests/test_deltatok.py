@@ -17,7 +17,7 @@ import optax
 import pytest
 from flax import nnx
 
-from deltaworld_jax.models import layers
+from deltaworld_jax.models import basic_layers
 from deltaworld_jax.models.deltatok import DeltaTok, DeltaTokConfig
 from deltaworld_jax.models.dinov3 import DINOv3, DINOv3Config, PixelPatchVFM
 from deltaworld_jax.pretrained.deltatok import load_deltatok
@@ -202,7 +202,7 @@ def _tiny_model(seed=0, **kw) -> DeltaTok:
     model = DeltaTok(cfg, rngs=nnx.Rngs(seed))
     # Non-trivial LayerScale so a rollout step is distinguishable from copying x.
     for _, ls in nnx.iter_graph(model):
-        if isinstance(ls, layers.LayerScale):
+        if isinstance(ls, basic_layers.LayerScale):
             ls.lambda1[...] = jnp.full_like(ls.lambda1[...], 0.5)
     return model
 
@@ -302,7 +302,7 @@ def test_training_lowers_the_loss_traces_once_and_never_touches_the_vfm(monkeypa
     graphdef, params = nnx.split(model, nnx.Param)
     top_level = {path[0] for path, _ in nnx.to_flat_state(params)}
     assert top_level == {"encoder_blocks", "decoder_blocks", "z_embed", "xy_embed", "norm"}
-    assert layers.count_params(model) == sum(x.size for x in jax.tree.leaves(params))
+    assert basic_layers.count_params(model) == sum(x.size for x in jax.tree.leaves(params))
     vfm_graphdef, vfm_state = nnx.split(vfm)
     vfm_before = jax.tree.map(np.asarray, vfm_state)
 

@@ -11,7 +11,7 @@ import torch
 from flax import nnx
 from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
-from deltaworld_jax.models import layers
+from deltaworld_jax.models import basic_layers, rope
 from deltaworld_jax.models.dinov3 import IMAGENET_MEAN, IMAGENET_STD, PRESETS, DINOv3, DINOv3Config, PixelPatchVFM
 from deltaworld_jax.pretrained import load_dinov3
 
@@ -108,7 +108,7 @@ def test_rope_augmentation_is_rng_driven(saved_models):
     np.testing.assert_array_equal(np.asarray(same_a[0]), np.asarray(same_b[0]))
     assert not np.allclose(np.asarray(same_a[0]), np.asarray(other[0]))
     assert not np.allclose(np.asarray(same_a[0]), np.asarray(plain[0]))
-    np.testing.assert_allclose(np.asarray(plain[0]), np.asarray(layers.rope_2d(grid, 16)[0]))
+    np.testing.assert_allclose(np.asarray(plain[0]), np.asarray(rope.rope_2d(grid, 16)[0]))
 
     forward = jitted(model)
     frames = _frames((1, 16, 24, 3), seed=3)
@@ -164,7 +164,7 @@ PUBLISHED_MILLIONS = {"vits16": 21, "vits16plus": 29, "vitb16": 86, "vitl16": 30
 def _counts(cfg: DINOv3Config) -> tuple[int, int]:
     """(ours, transformers') parameter counts; ours built abstractly (nothing allocated), theirs on torch's meta
     device, minus its mask token (masked pre-training only, not a parameter here)."""
-    ours = layers.count_params(nnx.eval_shape(lambda: DINOv3(cfg, rngs=nnx.Rngs(0))))
+    ours = basic_layers.count_params(nnx.eval_shape(lambda: DINOv3(cfg, rngs=nnx.Rngs(0))))
     with torch.device("meta"):
         theirs = sum(p.numel() for p in DINOv3ViTModel(_hf_config_of(cfg)).parameters()) - cfg.hidden_size
     return ours, theirs
@@ -210,7 +210,7 @@ def test_pixel_vfm_interface(patch, heads):
     vfm = PixelPatchVFM(patch)
     assert (vfm.hidden_size, vfm.num_heads, vfm.init_std) == (3 * patch * patch, heads, 0.02)
     assert (vfm.hidden_size // vfm.num_heads) % 4 == 0
-    assert layers.count_params(vfm) == 0
+    assert basic_layers.count_params(vfm) == 0
 
 
 def test_pixel_vfm_features_and_inverse():

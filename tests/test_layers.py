@@ -12,7 +12,8 @@ from flax import nnx
 from transformers import DINOv3ViTConfig
 from transformers.models.dinov3_vit import modeling_dinov3_vit as hf_dinov3
 
-from deltaworld_jax.models import layers
+from deltaworld_jax.models import attention, basic_layers, blocks
+from deltaworld_jax.models import rope as rope_lib
 
 
 def _t(x) -> torch.Tensor:
@@ -47,7 +48,7 @@ def test_rope_2d_matches_transformers_inference(grid_hw, head_dim):
     rope = hf_dinov3.DINOv3ViTRopePositionEmbedding(cfg).eval()
     pixels = torch.zeros(1, 3, grid_hw[0] * patch, grid_hw[1] * patch)
     cos_ref, sin_ref = rope(pixels)
-    cos, sin = layers.rope_2d(grid_hw, head_dim, theta=100.0)
+    cos, sin = rope_lib.rope_2d(grid_hw, head_dim, theta=100.0)
     assert cos.shape == (grid_hw[0] * grid_hw[1], head_dim)
     np.testing.assert_allclose(np.asarray(cos), cos_ref.numpy(), atol=2e-6)
     np.testing.assert_allclose(np.asarray(sin), sin_ref.numpy(), atol=2e-6)
@@ -67,33 +68,33 @@ def test_rope_2d_rescale_augmentation():
     cfg = DINOv3ViTConfig(hidden_size=32, num_attention_heads=2, patch_size=4, pos_embed_rescale=2.0)
     cos_ref_train, _ = hf_dinov3.DINOv3ViTRopePositionEmbedding(cfg).train()(torch.zeros(1, 3, 8, 16))
 
-    coords = np.asarray(layers.patch_center_coords(*grid_hw))
-    aug = layers.RopeAugmentation(rescale=2.0)
+    coords = np.asarray(rope_lib.patch_center_coords(*grid_hw))
+    aug = rope_lib.RopeAugmentation(rescale=2.0)
     scaled = np.asarray(aug(jnp.asarray(coords), jax.random.key(3)))
     factor = scaled / coords
     assert np.allclose(factor, factor.flat[0], rtol=1e-5)  # one factor for both axes and every patch
     assert 0.5 <= factor.flat[0] <= 2.0 and not np.isclose(factor.flat[0], 1.0)
 
-    cos, sin = layers.rope_2d(grid_hw, head_dim, augmentation=aug, rng=jax.random.key(3))
+    cos, sin = rope_lib.rope_2d(grid_hw, head_dim, augmentation=aug, rng=jax.random.key(3))
     assert cos.shape == tuple(cos_ref_train.shape)
     cos_np, sin_np = _numpy_rope_from_coords(scaled, head_dim, 100.0)
     np.testing.assert_allclose(np.asarray(cos), cos_np, atol=2e-6)
     np.testing.assert_allclose(np.asarray(sin), sin_np, atol=2e-6)
 
-    again, _ = layers.rope_2d(grid_hw, head_dim, augmentation=aug, rng=jax.random.key(3))
-    other, _ = layers.rope_2d(grid_hw, head_dim, augmentation=aug, rng=jax.random.key(4))
-    plain, _ = layers.rope_2d(grid_hw, head_dim, augmentation=aug, rng=None)
+    again, _ = rope_lib.rope_2d(grid_hw, head_dim, augmentation=aug, rng=jax.random.key(3))
+    other, _ = rope_lib.rope_2d(grid_hw, head_dim, augmentation=aug, rng=jax.random.key(4))
+    plain, _ = rope_lib.rope_2d(grid_hw, head_dim, augmentation=aug, rng=None)
     np.testing.assert_array_equal(np.asarray(again), np.asarray(cos))
     assert not np.allclose(np.asarray(other), np.asarray(cos))
     np.testing.assert_allclose(np.asarray(plain), _numpy_rope_from_coords(coords, head_dim, 100.0)[0], atol=2e-6)
 
 
 def test_rope_shift_and_jitter_are_per_axis():
-    coords = layers.patch_center_coords(2, 4)
-    shifted = np.asarray(layers.RopeAugmentation(shift=0.5, rescale=None)(coords, jax.random.key(0)))
+    coords = rope_lib.patch_center_coords(2, 4)
+    shifted = np.asarray(rope_lib.RopeAugmentation(shift=0.5, rescale=None)(coords, jax.random.key(0)))
     delta = shifted - np.asarray(coords)
     assert np.allclose(delta, delta[:1]) and np.all(np.abs(delta) <= 0.5) and not np.isclose(delta[0, 0], delta[0, 1])
-    jittered = np.asarray(layers.RopeAugmentation(jitter=2.0, rescale=None)(coords, jax.random.key(0)))
+    jittered = np.asarray(rope_lib.RopeAugmentation(jitter=2.0, rescale=None)(coords, jax.random.key(0)))
     ratio = jittered / np.asarray(coords)
     assert np.allclose(ratio, ratio[:1], rtol=1e-5) and not np.isclose(ratio[0, 0], ratio[0, 1])
 
@@ -103,14 +104,14 @@ def test_apply_rope_2d_matches_transformers_and_leaves_prefix():
     b, prefix, n, h, hd = 2, 3, 6, 2, 16
     q = rng.normal(size=(b, prefix + n, h, hd)).astype(np.float32)
     k = rng.normal(size=(b, prefix + n, h, hd)).astype(np.float32)
-    cos, sin = layers.rope_2d((2, 3), hd)
+    cos, sin = rope_lib.rope_2d((2, 3), hd)
     q_ref, k_ref = hf_dinov3.apply_rotary_pos_emb(
         _t(q).transpose(1, 2), _t(k).transpose(1, 2), _t(cos), _t(sin))
-    np.testing.assert_allclose(np.asarray(layers.apply_rope_2d(jnp.asarray(q), cos, sin)),
+    np.testing.assert_allclose(np.asarray(rope_lib.apply_rope_2d(jnp.asarray(q), cos, sin)),
                                q_ref.transpose(1, 2).numpy(), atol=1e-5)
-    np.testing.assert_allclose(np.asarray(layers.apply_rope_2d(jnp.asarray(k), cos, sin)),
+    np.testing.assert_allclose(np.asarray(rope_lib.apply_rope_2d(jnp.asarray(k), cos, sin)),
                                k_ref.transpose(1, 2).numpy(), atol=1e-5)
-    np.testing.assert_array_equal(np.asarray(layers.apply_rope_2d(jnp.asarray(q), cos, sin))[:, :prefix],
+    np.testing.assert_array_equal(np.asarray(rope_lib.apply_rope_2d(jnp.asarray(q), cos, sin))[:, :prefix],
                                   q[:, :prefix])
 
 
@@ -140,7 +141,7 @@ def test_apply_axis_rope_matches_official_semantics(axis_sizes, unrotated):
     hd = sum(axis_sizes) + unrotated
     x = rng.normal(size=(b, l, h, hd)).astype(np.float32)
     positions = tuple(rng.uniform(-3, 3, size=(b, l)).astype(np.float32) for _ in axis_sizes)
-    ours = layers.apply_axis_rope(jnp.asarray(x), tuple(map(jnp.asarray, positions)), axis_sizes, unrotated)
+    ours = rope_lib.apply_axis_rope(jnp.asarray(x), tuple(map(jnp.asarray, positions)), axis_sizes, unrotated)
     # Official layout: [B, H, L, hd] with positions expanded to [B, H, L, 1]. The reference runs in float64;
     # angles reach 2*pi*3*100 rad, where one float32 ulp of inv_freq (torch's and ours differ by one) moves the
     # angle by ~5e-4 rad, so the tolerance is 1e-3 (a layout or frequency error is O(1)).
@@ -149,7 +150,7 @@ def test_apply_axis_rope_matches_official_semantics(axis_sizes, unrotated):
     np.testing.assert_allclose(np.asarray(ours), ref.transpose(0, 2, 1, 3), atol=1e-3)
     # Small positions (small angles): float32 rounding is negligible, so the match must be tight.
     small = tuple(p * 1e-3 for p in positions)
-    ours_small = layers.apply_axis_rope(jnp.asarray(x), tuple(map(jnp.asarray, small)), axis_sizes, unrotated)
+    ours_small = rope_lib.apply_axis_rope(jnp.asarray(x), tuple(map(jnp.asarray, small)), axis_sizes, unrotated)
     expanded = [np.broadcast_to(p[:, None, :, None], (b, h, l, 1)).astype(np.float64) for p in small]
     ref = _official_apply_rope_numpy(x.transpose(0, 2, 1, 3).astype(np.float64), expanded, axis_sizes, unrotated)
     np.testing.assert_allclose(np.asarray(ours_small), ref.transpose(0, 2, 1, 3), atol=2e-5)
@@ -158,7 +159,7 @@ def test_apply_axis_rope_matches_official_semantics(axis_sizes, unrotated):
 def test_apply_axis_rope_rejects_wrong_number_of_positions():
     x = jnp.zeros((1, 2, 1, 8))
     with pytest.raises(ValueError, match="2 RoPE axes"):
-        layers.apply_axis_rope(x, (jnp.zeros((1, 2)),), (4, 4), 0)
+        rope_lib.apply_axis_rope(x, (jnp.zeros((1, 2)),), (4, 4), 0)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -170,8 +171,8 @@ def test_dot_product_attention_xla_matches_reference_with_mask():
     rng = np.random.default_rng(2)
     q, k, v = (jnp.asarray(rng.normal(size=(2, s, 3, 8)).astype(np.float32)) for s in (4, 6, 6))
     mask = jnp.asarray(rng.uniform(size=(2, 1, 4, 6)) > 0.3).at[..., 0].set(True)
-    xla = layers.dot_product_attention(q, k, v, mask=mask, implementation="xla")
-    ref = layers.dot_product_attention(q, k, v, mask=mask, implementation="reference")
+    xla = attention.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+    ref = attention.dot_product_attention(q, k, v, mask=mask, implementation="reference")
     np.testing.assert_allclose(np.asarray(xla), np.asarray(ref), atol=1e-5)
     # And against torch's sdpa (boolean mask, True = attend).
     torch_out = torch.nn.functional.scaled_dot_product_attention(
@@ -204,11 +205,11 @@ def _torch_self_attention(x, p, num_heads, cos, sin, qk_norm, gate, eps=1e-5):
 @pytest.mark.parametrize("qk_norm,gate", [(True, True), (False, False)])
 def test_self_attention_matches_torch_reference(qk_norm, gate):
     d, heads, prefix, grid = 32, 2, 1, (2, 3)
-    cfg = layers.AttentionConfig(d, heads, qk_norm=qk_norm, output_gate=gate, implementation="xla")
-    attn = layers.SelfAttention(cfg, rngs=nnx.Rngs(0))
+    cfg = blocks.AttentionConfig(d, heads, qk_norm=qk_norm, output_gate=gate, implementation="xla")
+    attn = blocks.SelfAttention(cfg, rngs=nnx.Rngs(0))
     _randomise(attn, seed=5, scale=0.3)
     x = np.random.default_rng(3).normal(size=(2, prefix + 6, d)).astype(np.float32)
-    cos, sin = layers.rope_2d(grid, d // heads)
+    cos, sin = rope_lib.rope_2d(grid, d // heads)
     ours = attn(jnp.asarray(x), (cos, sin))
 
     p = {"q.w": attn.q_proj.kernel, "q.b": attn.q_proj.bias, "k.w": attn.k_proj.kernel,
@@ -226,7 +227,7 @@ def test_self_attention_matches_torch_reference(qk_norm, gate):
 
 def test_self_attention_rejects_indivisible_heads():
     with pytest.raises(ValueError, match="not divisible"):
-        layers.SelfAttention(layers.AttentionConfig(30, 4), rngs=nnx.Rngs(0))
+        blocks.SelfAttention(blocks.AttentionConfig(30, 4), rngs=nnx.Rngs(0))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -240,9 +241,9 @@ def test_mlps_match_transformers(gated):
     cfg = DINOv3ViTConfig(hidden_size=d, intermediate_size=inter, num_attention_heads=2,
                           hidden_act="silu" if gated else "gelu")
     if gated:
-        ours, theirs = layers.GatedMLP(d, inter, act="silu", rngs=nnx.Rngs(0)), hf_dinov3.DINOv3ViTGatedMLP(cfg)
+        ours, theirs = basic_layers.GatedMLP(d, inter, act="silu", rngs=nnx.Rngs(0)), hf_dinov3.DINOv3ViTGatedMLP(cfg)
     else:
-        ours, theirs = layers.MLP(d, inter, act="gelu", rngs=nnx.Rngs(0)), hf_dinov3.DINOv3ViTMLP(cfg)
+        ours, theirs = basic_layers.MLP(d, inter, act="gelu", rngs=nnx.Rngs(0)), hf_dinov3.DINOv3ViTMLP(cfg)
     _randomise(ours, seed=7)
     for name in ("up_proj", "down_proj") + (("gate_proj",) if gated else ()):
         _copy_linear(getattr(ours, name), getattr(theirs, name))
@@ -251,7 +252,7 @@ def test_mlps_match_transformers(gated):
 
 
 def test_layer_norm_matches_torch_and_returns_compute_dtype():
-    norm = layers.LayerNorm(8, eps=1e-5, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    norm = basic_layers.LayerNorm(8, eps=1e-5, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     _randomise(norm, seed=8)
     x = np.random.default_rng(5).normal(3.0, 2.0, size=(3, 8)).astype(np.float32)
     ref = torch.nn.functional.layer_norm(_t(x), (8,), _t(norm.weight.get_value()), _t(norm.bias.get_value()), 1e-5)
@@ -262,9 +263,9 @@ def test_layer_norm_matches_torch_and_returns_compute_dtype():
 
 @pytest.mark.parametrize("use_bias", [True, False])
 def test_layer_norm_gradients_match_torch(use_bias):
-    """LayerNorm's hand-written gradient (layers.layer_norm_f32) against torch's autograd: input, weight and bias,
+    """LayerNorm's hand-written gradient (basic_layers.layer_norm_f32) against torch's autograd: input, weight and bias,
     with and without bias (DeltaTok's QK-norm), on inputs with a large mean and leading batch axes."""
-    norm = layers.LayerNorm(16, eps=1e-5, use_bias=use_bias, rngs=nnx.Rngs(0))
+    norm = basic_layers.LayerNorm(16, eps=1e-5, use_bias=use_bias, rngs=nnx.Rngs(0))
     _randomise(norm, seed=9)
     rng = np.random.default_rng(6)
     x = rng.normal(3.0, 2.0, size=(2, 5, 16)).astype(np.float32)
@@ -286,5 +287,5 @@ def test_layer_norm_gradients_match_torch(use_bias):
 
 
 def test_count_params_counts_abstract_modules():
-    mlp = nnx.eval_shape(lambda: layers.MLP(4, 8, rngs=nnx.Rngs(0)))
-    assert layers.count_params(mlp) == 4 * 8 + 8 + 8 * 4 + 4
+    mlp = nnx.eval_shape(lambda: basic_layers.MLP(4, 8, rngs=nnx.Rngs(0)))
+    assert basic_layers.count_params(mlp) == 4 * 8 + 8 + 8 * 4 + 4

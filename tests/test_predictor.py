@@ -22,7 +22,7 @@ from deltaworld_jax.models.predictor import (
     select_best_queries,
     smooth_l1_loss_fn,
 )
-from deltaworld_jax.models import layers
+from deltaworld_jax.models import basic_layers
 from deltaworld_jax.pretrained.world import world_key_map
 
 # ------------------------------------------------------------------------------------------------------
@@ -195,7 +195,7 @@ def test_bf16_compute_keeps_a_float32_residual_stream_like_torch_autocast():
 def test_recipe_size_and_init():
     """The released size: ~85M parameters; LayerNorms with bias, LayerScale 1e-5, head to backbone width."""
     model = nnx.eval_shape(lambda: Predictor(PredictorConfig(), rngs=nnx.Rngs(0)))
-    count = layers.count_params(model)
+    count = basic_layers.count_params(model)
     assert 84_000_000 < count < 86_000_000, count
     small = Predictor(PredictorConfig(**TINY, rope_axis_sizes=(12,)), rngs=nnx.Rngs(0))
     assert np.allclose(small.blocks[0].layer_scale1.lambda1[...], 1e-5)

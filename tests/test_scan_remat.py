@@ -1,4 +1,4 @@
-"""Stacks of identical blocks (layers.run_blocks): per-layer blocks run unrolled (no scan, no per-call copy
+"""Stacks of identical blocks (block_stack.run_blocks): per-layer blocks run unrolled (no scan, no per-call copy
 of their parameters into a stack), blocks stored stacked run as one scan; remat is a model option of either:
 every remat policy gives the same loss and gradients while changing the program (recompute FLOPs, saved
 residuals); config.model.remat reaches the models. (Stacked against per-layer: tests/test_stacked_layers.py.)"""
@@ -13,21 +13,22 @@ import pytest
 from flax import nnx
 
 from deltaworld_jax import flops as flops_lib, tasks
-from deltaworld_jax.models import layers
+from deltaworld_jax.models import block_stack, blocks
+from deltaworld_jax.models import rope as rope_lib
 from deltaworld_jax.models.deltatok import DeltaTok, DeltaTokConfig
 from deltaworld_jax.models.predictor import Predictor, PredictorConfig
 
 
-BLOCK = layers.BlockConfig(layers.AttentionConfig(64, 2, qk_norm=True, output_gate=True), 128, gated_mlp=True,
+BLOCK = blocks.BlockConfig(blocks.AttentionConfig(64, 2, qk_norm=True, output_gate=True), 128, gated_mlp=True,
                            act="silu", layer_scale_init=0.5)
 
 
 def _blocks(n: int) -> nnx.List:
-    return nnx.List([layers.Block(BLOCK, rngs=nnx.Rngs(i)) for i in range(n)])
+    return nnx.List([blocks.Block(BLOCK, rngs=nnx.Rngs(i)) for i in range(n)])
 
 
-def _stack(n: int) -> layers.BlockStack:
-    return layers.BlockStack(n, lambda r: layers.Block(BLOCK, rngs=r), rngs=nnx.Rngs(0))
+def _stack(n: int) -> block_stack.BlockStack:
+    return block_stack.BlockStack(n, lambda r: blocks.Block(BLOCK, rngs=r), rngs=nnx.Rngs(0))
 
 
 def _unrolled(blocks, x, rope):
@@ -38,12 +39,12 @@ def _unrolled(blocks, x, rope):
 
 def test_per_layer_blocks_run_unrolled_forward_and_gradients():
     x = jax.random.normal(jax.random.key(1), (2, 17, 64))
-    rope = layers.rope_2d((4, 4), 32)  # 16 patches after one prefix token, broadcast to every layer
+    rope = rope_lib.rope_2d((4, 4), 32)  # 16 patches after one prefix token, broadcast to every layer
     blocks = _blocks(3)
-    np.testing.assert_array_equal(layers.run_blocks(blocks, x, rope), _unrolled(blocks, x, rope))
+    np.testing.assert_array_equal(block_stack.run_blocks(blocks, x, rope), _unrolled(blocks, x, rope))
     # No scan, and no stacked copy of the parameters: the program is three blocks' programs, no more.
     def count(n):
-        jaxpr = jax.make_jaxpr(lambda b: layers.run_blocks(b, x, rope))(_blocks(n))
+        jaxpr = jax.make_jaxpr(lambda b: block_stack.run_blocks(b, x, rope))(_blocks(n))
         names = [e.primitive.name for e in jaxpr.jaxpr.eqns]
         return len(names), sum(name in ("concatenate", "stack") for name in names), "scan" in names
 
@@ -54,7 +55,7 @@ def test_per_layer_blocks_run_unrolled_forward_and_gradients():
     def loss(run):
         return lambda b: jnp.sum(run(b, x, rope) ** 2)
 
-    run = nnx.grad(loss(lambda b, x, r: layers.run_blocks(b, x, r)))(blocks)
+    run = nnx.grad(loss(lambda b, x, r: block_stack.run_blocks(b, x, r)))(blocks)
     unrolled = nnx.grad(loss(_unrolled))(blocks)
     for a, b in zip(jax.tree.leaves(run), jax.tree.leaves(unrolled)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
@@ -66,8 +67,8 @@ def test_per_layer_blocks_run_unrolled_forward_and_gradients():
 
 def test_a_stored_stack_is_traced_once_not_per_layer():
     x = jnp.zeros((1, 17, 64))
-    rope = layers.rope_2d((4, 4), 32)
-    jaxpr = jax.make_jaxpr(lambda b: layers.run_blocks(b, x, rope))(_stack(4))
+    rope = rope_lib.rope_2d((4, 4), 32)
+    jaxpr = jax.make_jaxpr(lambda b: block_stack.run_blocks(b, x, rope))(_stack(4))
     scans = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
     assert len(scans) == 1 and scans[0].params["length"] == 4
     dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
@@ -85,7 +86,7 @@ def _grads_flops_residuals(policy: str):
     x = jax.random.normal(jax.random.key(1), (2, 17, 64))
 
     def loss(b, x):
-        return jnp.sum(layers.run_blocks(b, x, remat=policy) ** 2)
+        return jnp.sum(block_stack.run_blocks(b, x, remat=policy) ** 2)
 
     grad = lambda b, x: nnx.grad(loss)(b, x)  # noqa: E731
     graphdef, state = nnx.split(blocks)
@@ -99,7 +100,7 @@ def test_remat_policies_keep_gradients_and_change_the_program():
     for a, b in zip(jax.tree.leaves(base_grads), jax.tree.leaves(full_grads)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     # "full": the forward runs again in the backward pass (fwd + bwd = 3 fwd -> 4 fwd), except each block's last
-    # matmul (the MLP's down_proj): with its LayerScale folded into the weights (layers.scaled_linear), no
+    # matmul (the MLP's down_proj): with its LayerScale folded into the weights (basic_layers.scaled_linear), no
     # gradient needs that matmul's output, so the recomputation leaves it out.
     down_proj_flops = 2 * (2 * 17) * BLOCK.intermediate_size * 64  # per block: 2 x tokens x in x out
     assert full_flops == pytest.approx(base_flops * 4 / 3 - 2 * down_proj_flops, rel=1e-6)
@@ -117,7 +118,7 @@ def test_unknown_remat_policy_is_refused_by_the_model_configs():
     with pytest.raises(ValueError, match="remat"):
         PredictorConfig(hidden_size=32, num_heads=2, rope_axis_sizes=(12,), remat="sometimes")
     with pytest.raises(ValueError, match="remat"):
-        layers.run_blocks(_blocks(2), jnp.zeros((1, 17, 64)), remat="sometimes")
+        block_stack.run_blocks(_blocks(2), jnp.zeros((1, 17, 64)), remat="sometimes")
 
 
 def _deltatok_loss_grads_residuals(remat: str):
@@ -189,7 +190,7 @@ def test_blocks_of_an_outer_trace_run_remat_inside_a_scan(num_blocks):
     x = jax.random.normal(jax.random.key(1), (2, 17, 64))
 
     def step(carry, _):
-        return layers.run_blocks(blocks, carry, remat="full"), None
+        return block_stack.run_blocks(blocks, carry, remat="full"), None
 
     out = jax.jit(lambda x: jax.lax.scan(step, x, None, length=2)[0])(x)
     expected = _unrolled(blocks, _unrolled(blocks, x, None), None)
@@ -204,10 +205,10 @@ def test_auto_remat_recomputes_attention_only_when_scanning():
 
     def kept(blocks, policy):
         graphdef, state = nnx.split(blocks)
-        return residual_size(lambda s: jnp.sum(layers.run_blocks(nnx.merge(graphdef, s), x, remat=policy) ** 2),
+        return residual_size(lambda s: jnp.sum(block_stack.run_blocks(nnx.merge(graphdef, s), x, remat=policy) ** 2),
                              state)
 
-    assert kept(_stack(2), "auto") == kept(_stack(2), layers.SCANNED_REMAT) < kept(_stack(2), "none")
-    assert kept(_blocks(2), "auto") == kept(_blocks(2), "none") > kept(_blocks(2), layers.SCANNED_REMAT)
+    assert kept(_stack(2), "auto") == kept(_stack(2), block_stack.SCANNED_REMAT) < kept(_stack(2), "none")
+    assert kept(_blocks(2), "auto") == kept(_blocks(2), "none") > kept(_blocks(2), block_stack.SCANNED_REMAT)
     assert kept(_stack(1), "auto") == kept(_stack(1), "none")
     assert DeltaTokConfig().remat == PredictorConfig().remat == "auto"

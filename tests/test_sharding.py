@@ -195,21 +195,21 @@ def test_scanned_blocks_keep_activations_split_by_batch_under_fsdp():
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec as P
     from deltaworld_jax import sharding
-    from deltaworld_jax.models import layers
+    from deltaworld_jax.models import block_stack, blocks
 
     mesh = sharding.make_mesh(type("M", (), {"shape": {"data": 1, "fsdp": 4, "tensor": 1}})())
-    cfg = layers.BlockConfig(layers.AttentionConfig(hidden_size=32, num_heads=4), intermediate_size=64)
-    stack = layers.BlockStack(2, lambda r: layers.Block(cfg, rngs=r), rngs=nnx.Rngs(0))
+    cfg = blocks.BlockConfig(blocks.AttentionConfig(hidden_size=32, num_heads=4), intermediate_size=64)
+    stack = block_stack.BlockStack(2, lambda r: blocks.Block(cfg, rngs=r), rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(stack)
     x = jax.random.normal(jax.random.key(1), (8, 5, 32))
-    expected = layers.run_blocks(stack, x)  # no mesh in context: plain arrays
+    expected = block_stack.run_blocks(stack, x)  # no mesh in context: plain arrays
     # weights split on their embed (first non-layer) dim over fsdp, the input split on its width
     state = jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, P(None, "fsdp") if a.ndim >= 3 else P())), state)
     x_wide = jax.device_put(x, NamedSharding(mesh, P(None, None, "fsdp")))
 
     @jax.jit
     def run(state, x):
-        return layers.run_blocks(nnx.merge(graphdef, state), x)
+        return block_stack.run_blocks(nnx.merge(graphdef, state), x)
 
     with jax.set_mesh(mesh):
         out = run(state, x_wide)

@@ -1,4 +1,4 @@
-"""Blocks stored stacked (layers.BlockStack; the model configs' `scan_layers`) against the per-layer layout:
+"""Blocks stored stacked (block_stack.BlockStack; the model configs' `scan_layers`) against the per-layer layout:
 the same forward pass and the same gradients for every family (fp32), with and without remat; official
 weights (DeltaTok / DeltaWorld state dicts, a `transformers` DINOv3 folder) load into both layouts through
 the one weight map, strictly, and export back unchanged; our Orbax runs of a stacked model are read by the
@@ -21,7 +21,7 @@ import pytest
 from flax import nnx
 
 from conftest import check_env
-from deltaworld_jax.models import layers
+from deltaworld_jax.models import block_stack, blocks
 from deltaworld_jax.models.deltatok import DeltaTok, DeltaTokConfig
 from deltaworld_jax.models.deltaworld import DeltaWorld, DeltaWorldConfig
 from deltaworld_jax.models.dinov3 import DINOv3, DINOv3Config
@@ -64,32 +64,32 @@ def _value_and_grads(model, loss_fn):
 
 # ---- the stacked stack itself against a Python loop over per-layer blocks ---------------------------------
 
-BLOCK = layers.BlockConfig(layers.AttentionConfig(32, 2, qk_norm=True, output_gate=True), 48, gated_mlp=True,
+BLOCK = blocks.BlockConfig(blocks.AttentionConfig(32, 2, qk_norm=True, output_gate=True), 48, gated_mlp=True,
                            act="silu", layer_scale_init=0.5)
 
 
 def test_block_stack_is_stacked_per_layer_init_with_a_layers_axis():
-    stack = layers.BlockStack(DEPTH, lambda r: layers.Block(BLOCK, rngs=r), rngs=nnx.Rngs(0))
+    stack = block_stack.BlockStack(DEPTH, lambda r: blocks.Block(BLOCK, rngs=r), rngs=nnx.Rngs(0))
     assert len(stack) == DEPTH
     kernel = stack.stacked.mlp.up_proj.kernel
     assert kernel.shape == (DEPTH, 32, 48)
-    assert kernel.get_metadata()["out_sharding"] == (layers.LAYER_AXIS, "embed", "mlp")
-    assert stack.stacked.norm1.weight.get_metadata()["out_sharding"] == (layers.LAYER_AXIS, "norm")
+    assert kernel.get_metadata()["out_sharding"] == (block_stack.LAYER_AXIS, "embed", "mlp")
+    assert stack.stacked.norm1.weight.get_metadata()["out_sharding"] == (block_stack.LAYER_AXIS, "norm")
     # every layer drew its own random init (split rngs), not one init repeated
     assert not np.allclose(kernel.get_value()[0], kernel.get_value()[1])
     with pytest.raises(ValueError, match="at least one layer"):
-        layers.BlockStack(0, lambda r: layers.Block(BLOCK, rngs=r), rngs=nnx.Rngs(0))
+        block_stack.BlockStack(0, lambda r: blocks.Block(BLOCK, rngs=r), rngs=nnx.Rngs(0))
 
 
 @pytest.mark.parametrize("remat", ["none", "full", "auto"])
 def test_scanned_stack_equals_the_unrolled_blocks_forward_and_gradient(remat):
-    stack = layers.BlockStack(DEPTH, lambda r: layers.Block(BLOCK, rngs=r), rngs=nnx.Rngs(0))
+    stack = block_stack.BlockStack(DEPTH, lambda r: blocks.Block(BLOCK, rngs=r), rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(stack.stacked)
     unrolled = [nnx.merge(graphdef, jax.tree.map(lambda x, i=i: x[i], state)) for i in range(DEPTH)]
     x = jax.random.normal(jax.random.key(1), (2, 9, 32))
 
     def scanned_loss(stack, x):
-        return jnp.sum(layers.run_blocks(stack, x, remat=remat) ** 2)
+        return jnp.sum(block_stack.run_blocks(stack, x, remat=remat) ** 2)
 
     def unrolled_loss(blocks, x):
         for block in blocks:
@@ -101,7 +101,8 @@ def test_scanned_stack_equals_the_unrolled_blocks_forward_and_gradient(remat):
     np.testing.assert_allclose(loss_s, loss_u, rtol=1e-6)
     np.testing.assert_allclose(grads_s[1], grads_u[1], rtol=1e-5, atol=1e-6)  # input gradient
     per_layer = {f"blocks.{i}.{k}": v for i in range(DEPTH) for k, v in _flat(nnx.state(grads_u[0][i])).items()}
-    stacked = {f"blocks.{layers.STACKED}.{k}": v for k, v in _flat(nnx.state(grads_s[0])[layers.STACKED]).items()}
+    stacked = {f"blocks.{block_stack.STACKED}.{k}": v
+               for k, v in _flat(nnx.state(grads_s[0])[block_stack.STACKED]).items()}
     _assert_same(per_layer, stacked, f"parameter gradients, remat={remat}", rtol=1e-5, atol=1e-6)
 
 
@@ -189,7 +190,7 @@ def test_official_deltatok_weights_load_into_both_layouts_and_export_back(tmp_pa
     save_file({k: np.ascontiguousarray(v) for k, v in official.items()}, path)
     per_layer = load_deltatok(path)
     stacked = load_deltatok(path, scan_layers=True)
-    assert isinstance(stacked.encoder_blocks, layers.BlockStack) and isinstance(per_layer.encoder_blocks, nnx.List)
+    assert isinstance(stacked.encoder_blocks, block_stack.BlockStack) and isinstance(per_layer.encoder_blocks, nnx.List)
     for a, b in zip(_forward_deltatok(per_layer), _forward_deltatok(stacked)):
         np.testing.assert_allclose(a, b, **SAME_FORWARD)
     exported = common.unmap_weights(common.model_params(stacked), DELTATOK_TABLE)
@@ -228,7 +229,7 @@ def test_transformers_dinov3_folder_loads_into_both_layouts(tmp_path):
                                         num_attention_heads=2, patch_size=8, num_register_tokens=2)).eval()
     hf.save_pretrained(tmp_path)
     per_layer, stacked = load_dinov3(str(tmp_path)), load_dinov3(str(tmp_path), scan_layers=True)
-    assert isinstance(stacked.layer, layers.BlockStack) and len(stacked.layer) == DEPTH
+    assert isinstance(stacked.layer, block_stack.BlockStack) and len(stacked.layer) == DEPTH
     _assert_same(common.model_params(per_layer), common.model_params(stacked), "DINOv3 weights", rtol=0, atol=0)
     frames = np.random.default_rng(0).integers(0, 256, (1, 2, 16, 24, 3), dtype=np.uint8)
     np.testing.assert_allclose(np.asarray(per_layer(frames)), np.asarray(stacked(frames)), **SAME_FORWARD)
@@ -243,7 +244,7 @@ def test_official_deltaworld_weights_load_into_both_layouts_and_export_back():
     official = world_state_dict(DeltaWorld(_world_config(), rngs=nnx.Rngs(3)))
     kw = dict(num_heads=2, rope_axis_sizes=(12,), rope_unrotated_size=4)
     per_layer, stacked = load_deltaworld(official, **kw), load_deltaworld(official, scan_layers=True, **kw)
-    assert isinstance(stacked.predictor.blocks, layers.BlockStack)
+    assert isinstance(stacked.predictor.blocks, block_stack.BlockStack)
     k1, k2 = jax.random.split(jax.random.key(4))
     queries, kv = jax.random.normal(k1, (2, 4, 32)), jax.random.normal(k2, (2, 6, 24))
     pos_q, pos_k = (jnp.tile(jnp.arange(4.0), (2, 1)),), (jnp.tile(jnp.arange(6.0), (2, 1)),)

@@ -22,7 +22,7 @@ from flax import nnx
 
 from deltaworld_jax.data.pipeline import TrainIterator
 from deltaworld_jax.data.sources import ERROR_KINDS
-from deltaworld_jax.models import layers
+from deltaworld_jax.models import basic_layers, blocks
 from deltaworld_jax import tasks
 from deltaworld_jax.training import recipe, trainer
 from configs import common
@@ -39,7 +39,7 @@ class ToyEncoder(nnx.Module):
     """Frozen 'VFM': a linear patch embedding of 4x4 patches."""
 
     def __init__(self, width: int, rngs: nnx.Rngs):
-        self.patch_embed = layers.linear(PATCH * PATCH * 3, width, axes=("vocab", "embed"), rngs=rngs)
+        self.patch_embed = basic_layers.linear(PATCH * PATCH * 3, width, axes=("vocab", "embed"), rngs=rngs)
 
     def __call__(self, frames):  # [B, T, H, W, 3] uint8 -> [B, T, N, D]
         b, t, h, w, c = frames.shape
@@ -53,10 +53,10 @@ class ToyPredictor(nnx.Module):
 
     def __init__(self, width: int, dtype, rngs: nnx.Rngs):
         self.token = nnx.Param(jax.random.normal(rngs.params(), (1, width)) * 0.02, out_sharding=(None, "embed"))
-        attention = layers.AttentionConfig(hidden_size=width, num_heads=2)
-        self.block = layers.Block(layers.BlockConfig(attention, intermediate_size=2 * width, layer_scale_init=0.1),
+        attention = blocks.AttentionConfig(hidden_size=width, num_heads=2)
+        self.block = blocks.Block(blocks.BlockConfig(attention, intermediate_size=2 * width, layer_scale_init=0.1),
                                   dtype=dtype, rngs=rngs)
-        self.head = layers.linear(width, width, axes=("embed", "vocab"), dtype=dtype, rngs=rngs)
+        self.head = basic_layers.linear(width, width, axes=("embed", "vocab"), dtype=dtype, rngs=rngs)
 
     def __call__(self, feats_bnd):
         b = feats_bnd.shape[0]

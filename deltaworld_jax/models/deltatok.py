@@ -12,7 +12,7 @@ without bias applied AFTER RoPE, a per-head sigmoid output gate from the attenti
 Mixed precision as the official bf16 autocast: matmuls run in `dtype`, while the residual stream, the
 token norm and the outputs stay float32 (under autocast the residual adds and LayerNorms are float32).
 Each stack of identical blocks runs per-layer, unrolled, or, stored stacked (`DeltaTokConfig.scan_layers`),
-as ONE scan (layers.run_blocks: compiled once, not per layer); optionally rematerialised
+as ONE scan (block_stack.run_blocks: compiled once, not per layer); optionally rematerialised
 (`DeltaTokConfig.remat`). Parameter names mirror the official module names
 (encoder_blocks.{i}.attention.q_proj, z_embed.weight, xy_embed.weight, norm.weight, ...) so importing
 released weights is a rename plus transposes.
@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from deltaworld_jax.models import layers
+from deltaworld_jax.models import basic_layers, block_stack, blocks, rope
 
 Array = jax.Array
 
@@ -58,13 +58,14 @@ class DeltaTokConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     attention_impl: str | None = "xla"
-    remat: str = layers.DEFAULT_REMAT  # rematerialisation of each stack's scanned block: layers.REMAT_POLICIES
+    # rematerialisation of each stack's scanned block: block_stack.REMAT_POLICIES
+    remat: str = block_stack.DEFAULT_REMAT
     # Layout of both stacks: False, per-layer blocks (`encoder_blocks.{i}`, the official names); True, one
-    # layers.BlockStack each (`encoder_blocks.stacked`, [num_layers, ...] parameters; a shorter compile).
+    # block_stack.BlockStack each (`encoder_blocks.stacked`, [num_layers, ...] parameters; a shorter compile).
     scan_layers: bool = False
 
     def __post_init__(self):
-        layers.check_remat(self.remat)
+        block_stack.check_remat(self.remat)
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if (self.hidden_size // self.num_heads) % 4:
@@ -78,8 +79,8 @@ class DeltaTokConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
-    def block_config(self) -> layers.BlockConfig:
-        attention = layers.AttentionConfig(
+    def block_config(self) -> blocks.BlockConfig:
+        attention = blocks.AttentionConfig(
             hidden_size=self.hidden_size,
             num_heads=self.num_heads,
             query_bias=True,
@@ -92,7 +93,7 @@ class DeltaTokConfig:
             init_std=self.init_std,
             implementation=self.attention_impl,
         )
-        return layers.BlockConfig(
+        return blocks.BlockConfig(
             attention=attention,
             intermediate_size=self.intermediate_size,
             gated_mlp=self.use_swiglu,
@@ -111,7 +112,7 @@ class LearnedTokens(nnx.Module):
     official optimiser groups do for embeddings."""
 
     def __init__(self, num: int, dim: int, *, init_std: float, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        value = layers.trunc_normal(init_std)(rngs.params(), (num, dim), param_dtype)
+        value = basic_layers.trunc_normal(init_std)(rngs.params(), (num, dim), param_dtype)
         self.weight = nnx.Param(value, out_sharding=("vocab", "embed"))
 
 
@@ -126,12 +127,12 @@ class DeltaTok(nnx.Module):
         self.xy_embed = LearnedTokens(2, cfg.hidden_size, init_std=cfg.init_std, param_dtype=param_dtype,
                                       rngs=rngs)
         def block(r):
-            return layers.Block(block_cfg, dtype=dtype, param_dtype=param_dtype, rngs=r)
+            return blocks.Block(block_cfg, dtype=dtype, param_dtype=param_dtype, rngs=r)
 
-        self.encoder_blocks = layers.make_blocks(cfg.num_layers, block, stacked=cfg.scan_layers, rngs=rngs)
-        self.decoder_blocks = layers.make_blocks(cfg.num_layers, block, stacked=cfg.scan_layers, rngs=rngs)
+        self.encoder_blocks = block_stack.make_blocks(cfg.num_layers, block, stacked=cfg.scan_layers, rngs=rngs)
+        self.decoder_blocks = block_stack.make_blocks(cfg.num_layers, block, stacked=cfg.scan_layers, rngs=rngs)
         # float32 output, as the official norm under autocast: the token is what DeltaWorld learns to predict.
-        self.norm = layers.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=jnp.float32,
+        self.norm = basic_layers.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=jnp.float32,
                                      param_dtype=param_dtype, rngs=rngs)
 
     # ------------------------------------------------------------------------------------------------
@@ -143,8 +144,8 @@ class DeltaTok(nnx.Module):
         the decoder and every sample. With an rng (DeltaTok training) and `use_rope_aug`, the coordinates
         get DINOv3's default augmentation: one log-uniform rescale in [1/rescale, rescale] for both axes.
         Without an rng (evaluation, or DeltaTok as the frozen tokenizer) there is no augmentation."""
-        augmentation = layers.RopeAugmentation(rescale=self.cfg.rope_rescale) if self.cfg.use_rope_aug else None
-        return layers.rope_2d(tuple(grid_hw), self.cfg.head_dim, theta=self.cfg.rope_theta,
+        augmentation = rope.RopeAugmentation(rescale=self.cfg.rope_rescale) if self.cfg.use_rope_aug else None
+        return rope.rope_2d(tuple(grid_hw), self.cfg.head_dim, theta=self.cfg.rope_theta,
                               augmentation=augmentation, rng=rng)
 
     # ------------------------------------------------------------------------------------------------
@@ -173,7 +174,7 @@ class DeltaTok(nnx.Module):
         else:
             hidden = jnp.concatenate([z, y], axis=1)
         # One scan over the blocks; the RoPE table is broadcast to every layer, not scanned.
-        hidden = layers.run_blocks(self.encoder_blocks, hidden, rope, remat=self.cfg.remat)
+        hidden = block_stack.run_blocks(self.encoder_blocks, hidden, rope, remat=self.cfg.remat)
         return self.norm(hidden[:, :1])
 
     def decode(self, token_b1d: Array, prev_bnd: Array, rope: tuple[Array, Array]) -> Array:
@@ -191,7 +192,7 @@ class DeltaTok(nnx.Module):
         else:
             x = jnp.broadcast_to(self.xy_embed.weight[...][0].astype(jnp.float32), prev_bnd.shape)
         hidden = jnp.concatenate([token_b1d.astype(jnp.float32), x], axis=1)
-        hidden = layers.run_blocks(self.decoder_blocks, hidden, rope, remat=self.cfg.remat)
+        hidden = block_stack.run_blocks(self.decoder_blocks, hidden, rope, remat=self.cfg.remat)
         return hidden[:, 1:]
 
     # ------------------------------------------------------------------------------------------------

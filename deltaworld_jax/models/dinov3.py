@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from deltaworld_jax.models import layers
+from deltaworld_jax.models import basic_layers, block_stack, blocks, rope
 
 Array = jax.Array
 
@@ -56,7 +56,7 @@ class DINOv3Config:
     # None: "xla".
     attention_impl: str | None = "xla"
     # Layout of the blocks (not a transformers field): False, per-layer modules `layer.{i}` as transformers
-    # names them; True, one layers.BlockStack `layer.stacked` with [num_layers, ...] parameters (the
+    # names them; True, one block_stack.BlockStack `layer.stacked` with [num_layers, ...] parameters (the
     # recipe configs' choice: a shorter compile). Both compute the same function and load the same weights.
     scan_layers: bool = False
 
@@ -65,8 +65,8 @@ class DINOv3Config:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if (self.hidden_size // self.num_heads) % 4:
             raise ValueError(f"head_dim {self.hidden_size // self.num_heads} must be a multiple of 4 for 2-D RoPE")
-        if self.hidden_act not in layers.ACTIVATIONS:
-            raise ValueError(f"unknown hidden_act {self.hidden_act!r}; known: {sorted(layers.ACTIVATIONS)}")
+        if self.hidden_act not in basic_layers.ACTIVATIONS:
+            raise ValueError(f"unknown hidden_act {self.hidden_act!r}; known: {sorted(basic_layers.ACTIVATIONS)}")
 
     @property
     def head_dim(self) -> int:
@@ -100,12 +100,12 @@ class DINOv3Config:
         kwargs.update(overrides)
         return cls(**kwargs)
 
-    def to_block_config(self) -> layers.BlockConfig:
-        attention = layers.AttentionConfig(
+    def to_block_config(self) -> blocks.BlockConfig:
+        attention = blocks.AttentionConfig(
             hidden_size=self.hidden_size, num_heads=self.num_heads, query_bias=self.query_bias,
             key_bias=self.key_bias, value_bias=self.value_bias, proj_bias=self.proj_bias,
             norm_eps=self.layer_norm_eps, init_std=self.initializer_range, implementation=self.attention_impl)
-        return layers.BlockConfig(
+        return blocks.BlockConfig(
             attention=attention, intermediate_size=self.intermediate_size, gated_mlp=self.use_gated_mlp,
             act=self.hidden_act, mlp_bias=self.mlp_bias, layer_scale_init=self.layerscale_value,
             norm_eps=self.layer_norm_eps, init_std=self.initializer_range)
@@ -167,7 +167,7 @@ class Embeddings(nnx.Module):
 
     def __init__(self, cfg: DINOv3Config, *, dtype, param_dtype, rngs: nnx.Rngs):
         d, p = cfg.hidden_size, cfg.patch_size
-        init = layers.trunc_normal(cfg.initializer_range)
+        init = basic_layers.trunc_normal(cfg.initializer_range)
         self.cls_token = nnx.Param(init(rngs.params(), (1, 1, d), param_dtype), out_sharding=(None, None, "embed"))
         self.register_tokens = nnx.Param(init(rngs.params(), (1, cfg.num_register_tokens, d), param_dtype),
                                          out_sharding=(None, None, "embed"))
@@ -199,12 +199,12 @@ class DINOv3(nnx.Module):
         self.dtype = dtype
         self.embeddings = Embeddings(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         block_cfg = config.to_block_config()
-        self.layer = layers.make_blocks(
-            config.num_layers, lambda r: layers.Block(block_cfg, dtype=dtype, param_dtype=param_dtype, rngs=r),
+        self.layer = block_stack.make_blocks(
+            config.num_layers, lambda r: blocks.Block(block_cfg, dtype=dtype, param_dtype=param_dtype, rngs=r),
             stacked=config.scan_layers, rngs=rngs)
-        self.norm = layers.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, dtype=dtype,
+        self.norm = basic_layers.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, dtype=dtype,
                                      param_dtype=param_dtype, rngs=rngs)
-        self.rope_augmentation = layers.RopeAugmentation(
+        self.rope_augmentation = rope.RopeAugmentation(
             shift=config.pos_embed_shift, jitter=config.pos_embed_jitter, rescale=config.pos_embed_rescale)
 
     @property
@@ -216,7 +216,7 @@ class DINOv3(nnx.Module):
 
     def rope(self, grid_hw: tuple[int, int], rope_rng: Array | None = None) -> tuple[Array, Array]:
         """2-D RoPE tables for the patch tokens; augmented (train mode) only when `rope_rng` is given."""
-        return layers.rope_2d(grid_hw, self.config.head_dim, theta=self.config.rope_theta,
+        return rope.rope_2d(grid_hw, self.config.head_dim, theta=self.config.rope_theta,
                               augmentation=self.rope_augmentation, rng=rope_rng)
 
     def __call__(self, frames: Array, *, rope_rng: Array | None = None) -> Array:
@@ -226,7 +226,7 @@ class DINOv3(nnx.Module):
         tokens = self.embeddings(pixels)
         rope = self.rope(grid, rope_rng)
         # One scan over the identical blocks (compiled once); the RoPE table goes to every layer.
-        tokens = layers.run_blocks(self.layer, tokens, rope, implementation=self.config.attention_impl)
+        tokens = block_stack.run_blocks(self.layer, tokens, rope, implementation=self.config.attention_impl)
         features = self.norm(tokens)[:, self.num_prefix_tokens :]
         return features.reshape(lead + features.shape[1:])
 

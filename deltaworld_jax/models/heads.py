@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from deltaworld_jax.models.layers import LayerNorm, dot_product_attention, linear
+from deltaworld_jax.models.attention import dot_product_attention
+from deltaworld_jax.models.basic_layers import LayerNorm, linear
 
 Array = jax.Array
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from deltaworld_jax.models import layers
+from deltaworld_jax.models import basic_layers, block_stack, blocks, rope
 from deltaworld_jax.models.attention import FrameCausalMask, frame_causal_mask  # noqa: F401 (re-exported)
 from deltaworld_jax.objectives import smooth_l1
 
@@ -44,13 +44,13 @@ class PredictorConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02  # the backbone's initializer_range; also the scale of the noise queries
     attention_impl: str | None = "xla"  # models/attention.py
-    remat: str = layers.DEFAULT_REMAT  # rematerialisation of the scanned block: layers.REMAT_POLICIES
+    remat: str = block_stack.DEFAULT_REMAT  # rematerialisation of the scanned block: block_stack.REMAT_POLICIES
     # Layout of the blocks: False, per-layer (`blocks.{i}`, the official names); True, one
-    # layers.BlockStack (`blocks.stacked`, [num_layers, ...] parameters; a shorter compile).
+    # block_stack.BlockStack (`blocks.stacked`, [num_layers, ...] parameters; a shorter compile).
     scan_layers: bool = False
 
     def __post_init__(self):
-        layers.check_remat(self.remat)
+        block_stack.check_remat(self.remat)
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         head_dim = self.hidden_size // self.num_heads
@@ -69,40 +69,40 @@ class PredictorBlock(nnx.Module):
     def __init__(self, cfg: PredictorConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         d = cfg.hidden_size
         nkw = dict(eps=cfg.norm_eps, use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.norm1 = layers.LayerNorm(d, **nkw)
-        self.attention = layers.CrossAttention(
+        self.norm1 = basic_layers.LayerNorm(d, **nkw)
+        self.attention = blocks.CrossAttention(
             d, cfg.backbone_hidden_size, cfg.num_heads, rope_axis_sizes=tuple(cfg.rope_axis_sizes),
             rope_unrotated_size=cfg.rope_unrotated_size, init_std=cfg.init_std,
             implementation=cfg.attention_impl, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.layer_scale1 = layers.LayerScale(d, init_value=cfg.layer_scale_init, param_dtype=param_dtype,
+        self.layer_scale1 = basic_layers.LayerScale(d, init_value=cfg.layer_scale_init, param_dtype=param_dtype,
                                               rngs=rngs)
-        self.norm2 = layers.LayerNorm(d, **nkw)
-        self.mlp = layers.MLP(d, d * cfg.mlp_ratio, act="gelu", init_std=cfg.init_std, dtype=dtype,
+        self.norm2 = basic_layers.LayerNorm(d, **nkw)
+        self.mlp = basic_layers.MLP(d, d * cfg.mlp_ratio, act="gelu", init_std=cfg.init_std, dtype=dtype,
                               param_dtype=param_dtype, rngs=rngs)
-        self.layer_scale2 = layers.LayerScale(d, init_value=cfg.layer_scale_init, param_dtype=param_dtype,
+        self.layer_scale2 = basic_layers.LayerScale(d, init_value=cfg.layer_scale_init, param_dtype=param_dtype,
                                               rngs=rngs)
 
-    def __call__(self, queries: Array, kv_tokens: Array, rope_q: layers.AxisRopeTables,
-                 rope_k: layers.AxisRopeTables, mask: FrameCausalMask | Array | None) -> Array:
-        # Each LayerScale folded into its branch's last projection (layers.scaled_linear: a cheaper gradient).
+    def __call__(self, queries: Array, kv_tokens: Array, rope_q: rope.AxisRopeTables,
+                 rope_k: rope.AxisRopeTables, mask: FrameCausalMask | Array | None) -> Array:
+        # Each LayerScale folded into its branch's last projection (basic_layers.scaled_linear: a cheaper gradient).
         queries = queries + self.attention(self.norm1(queries), kv_tokens, rope_q, rope_k, mask,
                                            out_scale=self.layer_scale1.lambda1[...])
         return queries + self.mlp(self.norm2(queries), out_scale=self.layer_scale2.lambda1[...])
 
 
 class Predictor(nnx.Module):
-    """blocks[i] (PredictorBlock; layers.run_blocks: unrolled, or one scan when stored stacked; under
+    """blocks[i] (PredictorBlock; block_stack.run_blocks: unrolled, or one scan when stored stacked; under
     `cfg.remat`), then `norm` and `head` (hidden -> backbone width)."""
 
     def __init__(self, cfg: PredictorConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.cfg = cfg
         self.dtype = dtype
-        self.blocks = layers.make_blocks(
+        self.blocks = block_stack.make_blocks(
             cfg.num_layers, lambda r: PredictorBlock(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r),
             stacked=cfg.scan_layers, rngs=rngs)
-        self.norm = layers.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, use_bias=True, dtype=dtype,
+        self.norm = basic_layers.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, use_bias=True, dtype=dtype,
                                      param_dtype=param_dtype, rngs=rngs)
-        self.head = layers.linear(cfg.hidden_size, cfg.backbone_hidden_size, axes=("embed", "vocab"),
+        self.head = basic_layers.linear(cfg.hidden_size, cfg.backbone_hidden_size, axes=("embed", "vocab"),
                                   init_std=cfg.init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, queries: Array, kv_tokens: Array, pos_q: Positions, pos_k: Positions,
@@ -125,10 +125,10 @@ class Predictor(nnx.Module):
         # DeltaTok's blocks): norms and matmuls run in `dtype`, the sums do not round to bf16 per layer.
         x = queries.astype(jnp.float32)
         kv_tokens = kv_tokens.astype(self.dtype)
-        rope_q = layers.axis_rope_tables(pos_q, self.cfg.rope_axis_sizes)  # once for all blocks
-        rope_k = layers.axis_rope_tables(pos_k, self.cfg.rope_axis_sizes)
+        rope_q = rope.axis_rope_tables(pos_q, self.cfg.rope_axis_sizes)  # once for all blocks
+        rope_k = rope.axis_rope_tables(pos_k, self.cfg.rope_axis_sizes)
         # One scan over the stacked blocks; the key/value tokens, RoPE tables and mask go to every layer.
-        x = layers.run_blocks(self.blocks, x, kv_tokens, rope_q, rope_k, mask, remat=self.cfg.remat)
+        x = block_stack.run_blocks(self.blocks, x, kv_tokens, rope_q, rope_k, mask, remat=self.cfg.remat)
         return self.head(self.norm(x))
 
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from deltaworld_jax.models import layers
+from deltaworld_jax.models import basic_layers, block_stack
 from deltaworld_jax.models.predictor import (
     Predictor, PredictorConfig, noise_queries, select_best_queries, smooth_l1_loss_fn)
 from deltaworld_jax.objectives import smooth_l1
@@ -40,7 +40,7 @@ class WorldConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     attention_impl: str | None = "xla"  # models/attention.py
-    remat: str = layers.DEFAULT_REMAT  # the predictor's block rematerialisation: layers.REMAT_POLICIES
+    remat: str = block_stack.DEFAULT_REMAT  # the predictor's block rematerialisation: block_stack.REMAT_POLICIES
     scan_layers: bool = False  # the predictor's block layout (PredictorConfig.scan_layers)
     use_bom: bool = True  # noise queries + best-of-K training; False: one learned query (q_embed)
     num_samples_train: int = 256  # K, the candidates per predicted frame in best-of-K training
@@ -65,7 +65,7 @@ class WorldModel(nnx.Module):
         self.dtype = dtype
         self.predictor = Predictor(cfg.predictor_config(), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         if not cfg.use_bom:
-            init = layers.trunc_normal(cfg.init_std)
+            init = basic_layers.trunc_normal(cfg.init_std)
             self.q_embed = nnx.Param(init(rngs.params(), (1, cfg.hidden_size), param_dtype),
                                      out_sharding=(None, "embed"))
 

@@ -11,7 +11,7 @@ The flow of a loader:
      raises ONE `CheckpointMismatchError` listing every unused checkpoint entry, every missing parameter and
      every shape mismatch. Building abstractly means the model's weights are only ever allocated once.
 
-Both layouts of a block stack (models/layers.make_blocks) load through the same tables: the tables name the
+Both layouts of a block stack (models/block_stack.make_blocks) load through the same tables: the tables name the
 per-layer paths (`encoder_blocks.{i}.mlp.up_proj.kernel`); when the model stores a stack stacked
 (`encoder_blocks.stacked.mlp.up_proj.kernel`, [L, ...]) the fill stacks layer i's array at index i
 (`stack_layers`), and `unmap_weights` splits a stacked array back into per-layer entries (`unstack_layers`).
@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from deltaworld_jax.models.layers import STACKED
+from deltaworld_jax.models.block_stack import STACKED
 
 StateDict = dict[str, np.ndarray]
 
@@ -454,7 +454,7 @@ def fill_abstract_model(
     Strict: raises one CheckpointMismatchError listing all entries of `params` the model does not have,
     all model variables that `params` lacks, all shape mismatches, and `unmapped_keys` (checkpoint keys
     the caller's renaming did not recognise). `params` names per-layer paths; a stack the model stores
-    stacked (layers.BlockStack) is assembled from them (stack_layers), layer i at index i.
+    stacked (block_stack.BlockStack) is assembled from them (stack_layers), layer i at index i.
 
     `sharding_for(path, abstract_variable)` may return a jax Sharding per variable (e.g. from its logical axes
     and the mesh rules); each array then goes from host memory straight to its shards, never through one

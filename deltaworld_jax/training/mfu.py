@@ -15,7 +15,7 @@ from absl import logging
 from flax import nnx
 
 from deltaworld_jax import flops
-from deltaworld_jax.models import dinov3, layers
+from deltaworld_jax.models import basic_layers, dinov3
 from deltaworld_jax.models.deltatok import DeltaTok
 from deltaworld_jax.models.predictor import Predictor
 
@@ -67,7 +67,7 @@ def first(roots: list[Any], cls) -> Any:
 
 
 def params_of(node) -> int:
-    return 0 if node is None else layers.count_params(node)
+    return 0 if node is None else basic_layers.count_params(node)
 
 
 def vfm_dims(vfm) -> flops.VFMDims:

@@ -183,8 +183,8 @@ def build(config, mesh=None, *, abstract_frozen: bool = False) -> Setup:
     no mesh context), so the whole step can be lowered for devices that do not exist here (aot.py)."""
     mesh = sharding_lib.make_mesh(config.mesh) if mesh is None else mesh
     rules = sharding_lib.axis_rules(config.mesh)
-    # config.model.remat (none | full | dots_saveable | ...; unset: layers.DEFAULT_REMAT) is a model option:
-    # the task's model config carries it to the blocks (models/layers.run_blocks).
+    # config.model.remat (none | full | dots_saveable | ...; unset: block_stack.DEFAULT_REMAT) is a model option:
+    # the task's model config carries it to the blocks (models/block_stack.run_blocks).
     task = tasks.make_task(config)
     seed = int(config.seed)
     # Abstract shapes outside the mesh context: shardings come from OUR rules (sharding.py), not from
