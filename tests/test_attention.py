@@ -133,6 +133,38 @@ def test_frame_causal_mask_dense_static_and_traced():
     assert not padded[:4, 3:].any() and padded[4:].all()
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 48])  # scale 1/8 (q pre-scaled, exact) and 1/sqrt(48) (logits scaled)
+def test_cpu_xla_path_computes_what_jax_nn_computes(dtype, head_dim, monkeypatch):
+    """On CPU "xla" runs the heads-major form (_heads_major_attention): the same function as jax.nn's XLA path,
+    outputs and gradients, with no mask, the predictor's frame-causal mask and a query that sees no key."""
+    calls = []
+    heads_major = attention._heads_major_attention
+    monkeypatch.setattr(attention, "_heads_major_attention", lambda *a: calls.append(1) or heads_major(*a))
+    rng = np.random.default_rng(head_dim)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, n, 3, head_dim)), dtype) for n in (9, 12, 12))
+    causal = np.asarray(attention.FrameCausalMask(np.repeat(np.arange(3), 3), np.repeat(np.arange(3), 4)).dense())
+    assert not causal[0, 0, 0].any()  # frame 0's queries see no key: uniform weights on both paths, not NaN
+    g = jnp.asarray(rng.normal(size=(2, 9, 3, head_dim)), jnp.float32)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == jnp.float32 else dict(atol=2e-2, rtol=2e-2)
+    for mask in (None, jnp.asarray(causal)):
+        def ours(q, k, v):
+            return attention.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+
+        def theirs(q, k, v):
+            return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=head_dim ** -0.5, implementation="xla")
+
+        results = []
+        for fn in (ours, theirs):
+            out, vjp = jax.vjp(fn, q, k, v)
+            assert out.dtype == dtype
+            results.append((out,) + vjp(g.astype(dtype)))
+        for name, a, b in zip(("out", "dq", "dk", "dv"), *results):
+            assert a.dtype == b.dtype and np.isfinite(np.asarray(a, np.float32)).all(), name
+            np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), **tol, err_msg=name)
+    assert len(calls) == 2
+
+
 # ---------------------------------------------------------------------------------------------------
 # Choosing the implementation; bad values
 # ---------------------------------------------------------------------------------------------------
