@@ -81,21 +81,29 @@ def measure(checkout: str, case: str, remat: str | None, timeout: int) -> dict:
     spec, topology, batch = CASES[case]
     env = dict(os.environ, PYTHONPATH=checkout, JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1",
                JAX_ENABLE_COMPILATION_CACHE="false", JAX_COMPILATION_CACHE_DIR="")
-    cmd = [sys.executable, "-c", WORKER, spec, topology or "-", str(batch or 0), remat or "-"]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    r = run_worker(WORKER, [spec, topology or "-", str(batch or 0), remat or "-"], cwd=checkout, env=env,
+                   timeout=timeout)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if "error" not in r:
+        r["total_s"] = r["lower_s"] + r["compile_s"]
+        # CPU seconds of the whole measured process (imports, build, lower, compile; all threads): on a
+        # shared host the wall-clock seconds follow the load, the CPU seconds much less.
+        r["process_cpu_s"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return r
+
+
+def run_worker(code: str, args: list[str], *, cwd: str | None, env: dict, timeout: int) -> dict:
+    """`python -c code *args` in a fresh process: the JSON its stdout printed after "RESULT ", else
+    {"error": the end of its output, or the timeout}. The measuring scripts' one way to run a measurement."""
     try:
-        proc = subprocess.run(cmd, cwd=checkout, env=env, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, env=env, capture_output=True,
+                              text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout} s"}
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
-            r = json.loads(line[len("RESULT "):])
-            r["total_s"] = r["lower_s"] + r["compile_s"]
-            # CPU seconds of the whole measured process (imports, build, lower, compile; all threads): on a
-            # shared host the wall-clock seconds follow the load, the CPU seconds much less.
-            r["process_cpu_s"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-            return r
+            return json.loads(line[len("RESULT "):])
     return {"error": (proc.stderr or proc.stdout)[-2000:]}
 
 

@@ -22,12 +22,11 @@ import contextlib
 import json
 import os
 import statistics
-import subprocess
 import sys
 import textwrap
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.compile_time import ROOT, checkout_of  # noqa: E402
+from benchmarks.compile_time import ROOT, checkout_of, run_worker  # noqa: E402
 
 ROWS = ("deltatok", "deltaworld", "dinoworld", "forecast")
 
@@ -47,15 +46,7 @@ WORKER = textwrap.dedent('''
 
 def measure(checkout: str, row: str, steps: int, timeout: int) -> dict:
     env = dict(os.environ, PYTHONPATH=checkout, JAX_PLATFORMS="cpu")
-    try:
-        proc = subprocess.run([sys.executable, "-c", WORKER, row, str(steps)], cwd=checkout, env=env,
-                              capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout} s"}
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    return {"error": (proc.stderr or proc.stdout)[-2000:]}
+    return run_worker(WORKER, [row, str(steps)], cwd=checkout, env=env, timeout=timeout)
 
 
 def main(argv=None) -> list[dict]:

@@ -14,11 +14,12 @@ the package pads nothing (see benchmarks/RESULTS.md, session 14, for the numbers
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import textwrap
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.compile_time import run_worker  # noqa: E402
 
 WORKER = textwrap.dedent('''
     import json, resource, sys, time
@@ -69,13 +70,10 @@ def main(argv=None) -> None:
     print("| tokens | lower s | compile s | process CPU s | temporaries GiB | load at start |\n|---:|---:|---:|---:|---:|---:|")
     for tokens in args.tokens.split(","):
         load = os.getloadavg()[0]
-        proc = subprocess.run([sys.executable, "-c", WORKER, tokens], env=env, capture_output=True, text=True,
-                              timeout=args.timeout)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        if not lines:
-            print(f"| {tokens} | failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1][:80]} | | | | |")
+        r = run_worker(WORKER, [tokens], cwd=None, env=env, timeout=args.timeout)
+        if "error" in r:
+            print(f"| {tokens} | failed: {r['error'].strip().splitlines()[-1][:80]} | | | | |")
             continue
-        r = json.loads(lines[0][len("RESULT "):])
         print(f"| {tokens} | {r['lower_s']:.2f} | {r['compile_s']:.1f} | {r['process_cpu_s']:.1f} | "
               f"{r['temporaries_gib']:.3f} | {load:.2f} |", flush=True)
 
