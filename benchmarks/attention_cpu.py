@@ -14,25 +14,19 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.official_side_by_side import timed  # noqa: E402
 from deltaworld_jax.models import attention  # noqa: E402
 
 
 def per_call_ms(fn, calls: int) -> float:
-    for _ in range(3):
-        jax.block_until_ready(fn())
-    times = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(times))
+    """Median ms of `calls` calls of `fn` (after 3 warm-up calls), each waited for."""
+    return float(np.median(timed(lambda: jax.block_until_ready(fn()), calls, warmup=3)))
 
 
 def jax_sides(scale: float) -> dict:
