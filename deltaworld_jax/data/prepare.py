@@ -145,8 +145,11 @@ def prepare(input_dir: str, output_dir: str, num_shards: int, num_workers: int =
     if workers == 1:
         results = map(_write_shard_star, jobs)
     else:
-        # fork: workers inherit the imported modules instead of importing them again.
-        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        # Not fork: this process may already run threads (JAX's, the video decoder's), and a forked child can
+        # inherit a lock some thread held at the fork and wait on it forever. On Python 3.12 with jax 0.11 the
+        # parallel-shards test hung so: every worker was stuck in the decoder. forkserver starts the workers
+        # from a clean, single-threaded server process; they import the package again (seconds, once each).
+        method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
         pool = multiprocessing.get_context(method).Pool(workers)
         results = pool.imap_unordered(_write_shard_star, jobs)
     try:
