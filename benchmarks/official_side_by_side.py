@@ -48,6 +48,7 @@ elementwise and optimiser work included) is not reachable by scheduling or fusio
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -442,6 +443,9 @@ def main(argv=None) -> dict:
     if unknown:
         raise SystemExit(f"unknown rows {unknown}; known: {ROWS}")
     modes = [m.strip() for m in args.official_modes.split(",") if m.strip()]
+    if importlib.util.find_spec("torch") is None:
+        raise SystemExit("the official side (and the GEMM probe) runs on PyTorch, which is not installed here: "
+                         "pip install torch (the CPU build: torch==2.13.0, as .ci/run installs it)")
     torch_device, gemm_size = configure_device(args.device, args.fp32_matmul)
     gemm_size = args.gemm_size or gemm_size
 

@@ -205,10 +205,10 @@ def test_bad_values_give_clear_errors():
 
 
 def test_kernel_partition_spec_follows_the_mesh():
-    from jax.sharding import AbstractMesh, PartitionSpec as P
+    from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
 
     def mesh(data, fsdp, tensor):
-        return AbstractMesh((data, fsdp, tensor), ("data", "fsdp", "tensor"))
+        return AbstractMesh((data, fsdp, tensor), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
 
     assert attention.kernel_partition_spec(mesh(1, 4, 1), 8, 12) == P("fsdp", None, None, None)
     assert attention.kernel_partition_spec(mesh(2, 2, 1), 8, 12) == P(("data", "fsdp"), None, None, None)
@@ -266,11 +266,13 @@ def test_traced_flops_count_the_splash_kernel_over_its_grid():
 
 
 def test_traced_flops_count_a_shard_map_body_once_per_device():
-    from jax.sharding import AbstractMesh, PartitionSpec as P
+    from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
 
     from deltaworld_jax import flops
 
-    mesh = AbstractMesh((1, 4, 1), ("data", "fsdp", "tensor"))
+    # Auto axes, as sharding.make_mesh builds them (jax >= 0.11 defaults an AbstractMesh to Explicit axes,
+    # under which shard_map demands inputs already sharded by in_specs)
+    mesh = AbstractMesh((1, 4, 1), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
     x = jax.ShapeDtypeStruct((8, 16, 32), jnp.float32)
     per_device = jax.shard_map(lambda a: a @ jnp.ones((32, 32)), mesh=mesh, in_specs=P("fsdp"), out_specs=P("fsdp"))
     assert flops.jaxpr_matmul_flops(per_device, x)[0] == flops.jaxpr_matmul_flops(
