@@ -23,7 +23,7 @@ INSTALL_REQUIRES = [
     # bfloat16 numpy arrays of the token cache (data/token_cache.py); jax depends on it too, this says we do.
     "ml_dtypes",
     "numpy",
-    "optax",
+    "optax>=0.2.5",  # optax.tree.norm (optax.global_norm is deprecated)
     "orbax-checkpoint",
     "pillow",
     "safetensors",

@@ -83,8 +83,8 @@ def update_count(opt_state) -> jax.Array:
 def global_norm_by_module(grads: dict) -> dict[str, jax.Array]:
     """{'total': global L2 norm, <top-level child>: its L2 norm} of a pure-dict gradient tree (the official
     run logs the same per `named_children()` of the network)."""
-    norms = {"total": optax.global_norm(grads)}
+    norms = {"total": optax.tree.norm(grads)}
     for name, sub in grads.items():
         if jax.tree.leaves(sub):
-            norms[str(name)] = optax.global_norm(sub)
+            norms[str(name)] = optax.tree.norm(sub)
     return norms
