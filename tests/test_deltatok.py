@@ -123,7 +123,7 @@ def _rel_err(a, b) -> float:
 
 
 def _to_torch(x):
-    return torch.from_numpy(np.asarray(x, np.float32))
+    return torch.from_numpy(np.array(x, np.float32))  # a copy: a jax array's numpy view is read-only
 
 
 # ----------------------------------------------------------------------------------------------------
