@@ -445,7 +445,7 @@ def main(argv=None) -> dict:
     modes = [m.strip() for m in args.official_modes.split(",") if m.strip()]
     if importlib.util.find_spec("torch") is None:
         raise SystemExit("the official side (and the GEMM probe) runs on PyTorch, which is not installed here: "
-                         "pip install torch (the CPU build: torch==2.13.0, as .ci/run installs it)")
+                         "pip install torch==2.13.0, as .ci/run installs it")
     torch_device, gemm_size = configure_device(args.device, args.fp32_matmul)
     gemm_size = args.gemm_size or gemm_size
 
