@@ -32,7 +32,8 @@ def clip(seed=0):
 def torch_forward(model, queries, tokens, times):
     """The official DeltaWorld._forward_train loss pass, given the queries."""
     t = tokens.shape[1]
-    return torch_predictor(official_state_dict(model), torch.from_numpy(np.asarray(queries)),
+    # np.array(queries): torch gets a writable copy (jax's output is a read-only view).
+    return torch_predictor(official_state_dict(model), torch.from_numpy(np.array(queries)),
                            torch.from_numpy(tokens[:, :-1]), torch_causal_mask(np.arange(1, t), np.arange(t - 1)),
                            [torch.from_numpy(times[:, 1:])], [torch.from_numpy(times[:, :-1])],
                            num_heads=2, axis_sizes=(12,), unrotated=4)
@@ -59,7 +60,7 @@ def test_best_of_k_matches_official_candidate_layout():
     rng = jax.random.key(5)
     queries, metrics = nnx.jit(lambda m: m.train_queries(jnp.asarray(tokens), jnp.asarray(times), rng))(model)
 
-    cands = np.asarray(candidate_queries(rng, jnp.arange(k), (B, T - 1), 32, 0.5))  # [B, T-1, K, hidden]
+    cands = np.array(candidate_queries(rng, jnp.arange(k), (B, T - 1), 32, 0.5))  # [B, T-1, K, hidden]
     q_all = torch.from_numpy(cands).flatten(1, 2)
     pos_q = torch.from_numpy(times[:, 1:]).repeat_interleave(k, 1)
     q_index = torch.arange(T - 1).repeat_interleave(k) + 1
