@@ -380,8 +380,12 @@ def configure_device(device: str, fp32_matmul: str) -> tuple[str, int]:
     """Set both frameworks up for `device` before jax starts; returns (torch's device, GEMM probe size).
 
     GPU: jax must not preallocate most of the GPU's memory (its default), or torch, in the same process, would
-    run out; float32 matmuls on both sides as `fp32_matmul` says."""
+    run out; float32 matmuls on both sides as `fp32_matmul` says. CPU: jax on its CPU backend whatever its
+    build's default."""
     if device == "cpu":
+        # Pinned before jax starts (nothing has imported it yet): on a machine with a GPU or TPU build of jax its
+        # default backend would be the accelerator, and ours would be timed there against torch on the CPU.
+        os.environ["JAX_PLATFORMS"] = "cpu"
         return "cpu", 4096
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     import jax

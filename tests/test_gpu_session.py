@@ -53,3 +53,15 @@ def test_side_by_side_on_gpu_without_one_says_so(tmp_path):
         assert "runs on PyTorch, which is not installed here" in result.stderr
     else:
         assert "--device=gpu: torch sees no CUDA device" in result.stderr
+
+
+def test_side_by_side_on_the_cpu_runs_jax_on_the_cpu_whatever_its_default():
+    """--device=cpu pins jax to its CPU backend before jax starts. The environment here asks for a CUDA backend,
+    as a GPU build of jax would choose by itself: without the pin jax fails to start it (or, on a GPU machine,
+    would time our side on the GPU against torch on the CPU)."""
+    script = ("import sys; sys.path.insert(0, 'benchmarks'); import official_side_by_side as s; "
+              "print(s.configure_device('cpu', 'tf32')); import jax; print(jax.default_backend())")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO,
+                            env={**os.environ, "JAX_PLATFORMS": "cuda"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["('cpu',", "4096)", "cpu"]
