@@ -15,9 +15,12 @@ import argparse
 import os
 import sys
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+# XLA:CPU whatever jax's build would choose (a GPU or TPU build defaults to its accelerator); before jax starts.
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.official_side_by_side import timed  # noqa: E402

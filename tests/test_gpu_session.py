@@ -65,3 +65,15 @@ def test_side_by_side_on_the_cpu_runs_jax_on_the_cpu_whatever_its_default():
                             env={**os.environ, "JAX_PLATFORMS": "cuda"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["('cpu',", "4096)", "cpu"]
+
+
+def test_attention_cpu_benchmark_runs_on_the_cpu_whatever_jax_would_choose():
+    """benchmarks/attention_cpu.py measures XLA:CPU: asked for a CUDA backend, it still runs, on the CPU, and our
+    CPU form agrees with jax.nn's (the stated margin: 1e-5 relative)."""
+    result = subprocess.run([sys.executable, "benchmarks/attention_cpu.py", "--rounds=1", "--calls=1",
+                             "--shapes=2x69"], capture_output=True, text=True, cwd=REPO,
+                            env={**os.environ, "JAX_PLATFORMS": "cuda"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert " on cpu, " in result.stdout
+    ours = next(line for line in result.stdout.splitlines() if line.strip().startswith("heads-major (ours)"))
+    assert float(ours.rsplit(" ", 1)[-1]) < 1e-5, ours
