@@ -1,7 +1,8 @@
 """The GPU session's tooling, on this CPU machine: benchmarks/gpu_prepare.sh and benchmarks/gpu_session.sh pass
 shellcheck and refuse what they cannot use with a message that names it, and the side-by-side benchmark's
---device=gpu says when there is no GPU instead of timing the CPU. (The GPU checks themselves are
-tests/test_gpu.py, skipped here.)"""
+--device=gpu says when there is no GPU instead of timing the CPU; the CPU benchmarks (the side-by-side's
+--device=cpu, attention_cpu.py) run jax on the CPU even where its build would choose an accelerator. (The GPU
+checks themselves are tests/test_gpu.py, skipped here.)"""
 
 from __future__ import annotations
 
