@@ -88,7 +88,7 @@ def test_training_forward_matches_official():
     loss_and_preds = nnx.jit(lambda m, f, t: (m.loss(f, t, GRID), m.predict_next_frames(
         m.train_queries(f, t, GRID, None)[0], f, t, GRID)))
     (loss, _), preds = loss_and_preds(model, jnp.asarray(feats), jnp.asarray(times))
-    q_embed = torch.from_numpy(np.asarray(model.q_embed[...]))
+    q_embed = torch.from_numpy(np.array(model.q_embed[...]))
     ref = torch_train_forward(model, q_embed.expand(B, (T - 1) * P, -1), feats, times)
     assert_close(preds, ref.detach().numpy())
     ref_loss = F.smooth_l1_loss(ref, torch.from_numpy(feats[:, 1:]), beta=0.1).item()
@@ -113,7 +113,7 @@ def test_best_of_k_variant_matches_official_candidate_layout():
     rng = jax.random.key(4)
     queries, _ = nnx.jit(lambda m: m.train_queries(jnp.asarray(feats), jnp.asarray(times), GRID, rng))(model)
 
-    cands = np.asarray(candidate_queries(rng, jnp.arange(k), (B, T - 1), 32, 0.5))  # [B, T-1, K, hidden]
+    cands = np.array(candidate_queries(rng, jnp.arange(k), (B, T - 1), 32, 0.5))  # [B, T-1, K, hidden]
     ts = torch.from_numpy(times)
     w, h = torch_coords()
     q_all = torch.from_numpy(cands).flatten(1, 2).repeat_interleave(P, 1)
@@ -153,9 +153,9 @@ def test_rollout_follows_the_official_step_loop():
     # Official rollout_step in torch: kv = context patches, then each prediction appended.
     sd = official_state_dict(model)
     w, h = torch_coords()
-    ts = torch.from_numpy(np.asarray(times))
-    kv = torch.from_numpy(np.asarray(feats[:, :ctx_len])).reshape(B, ctx_len * P, D)
-    q = torch.from_numpy(np.asarray(model.q_embed[...])).expand(B, P, -1)
+    ts = torch.from_numpy(np.array(times))
+    kv = torch.from_numpy(np.array(feats[:, :ctx_len])).reshape(B, ctx_len * P, D)
+    q = torch.from_numpy(np.array(model.q_embed[...])).expand(B, P, -1)
     for step in range(T - ctx_len):
         n_kv = kv.shape[1] // P
         tgt = ctx_len + step

@@ -176,7 +176,7 @@ def test_dot_product_attention_xla_matches_reference_with_mask():
     np.testing.assert_allclose(np.asarray(xla), np.asarray(ref), atol=1e-5)
     # And against torch's sdpa (boolean mask, True = attend).
     torch_out = torch.nn.functional.scaled_dot_product_attention(
-        *(_t(a).transpose(1, 2) for a in (q, k, v)), attn_mask=torch.from_numpy(np.asarray(mask)))
+        *(_t(a).transpose(1, 2) for a in (q, k, v)), attn_mask=torch.from_numpy(np.array(mask)))
     np.testing.assert_allclose(np.asarray(ref), torch_out.transpose(1, 2).numpy(), atol=1e-5)
 
 
