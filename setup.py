@@ -54,8 +54,6 @@ TEST_REQUIRES = [
     "transformers>=4.56",
     "pytest",
     "pytest-xdist",
-    # jax's compilation cache needs it for its file lock, which tests/conftest.py turns on (two workers share it).
-    "filelock",
     "nbclient",
     "nbformat",
     "ipykernel",

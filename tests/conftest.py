@@ -62,13 +62,8 @@ def compiled_as_users_do():
 
 
 JIT_CACHE_DIR = os.path.join(tempfile.gettempdir(), "deltaworld_jax_test_jit_cache")
-# A size limit, not to evict (the suite writes well under 1 GiB) but because jax's cache takes its file lock only
-# when it has one: without it one process could read an entry another was still writing (jax then warned
-# "Error reading persistent compilation cache entry ... ZstdError" and compiled the program again).
-JIT_CACHE_MAX_BYTES = 8 << 30
 JIT_CACHE_ENV = {"JAX_COMPILATION_CACHE_DIR": JIT_CACHE_DIR, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-                 "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-                 "JAX_COMPILATION_CACHE_MAX_SIZE": str(JIT_CACHE_MAX_BYTES)}
+                 "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
 
 def repo_pythonpath() -> str:
@@ -113,4 +108,3 @@ if not os.environ.get("DELTAWORLD_TEST_NO_JIT_CACHE"):
     jax.config.update("jax_compilation_cache_dir", JIT_CACHE_DIR)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    jax.config.update("jax_compilation_cache_max_size", JIT_CACHE_MAX_BYTES)
