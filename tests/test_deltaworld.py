@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from flax import nnx
 
-from test_predictor import assert_close, losses_over_steps, make_random, official_state_dict, torch_causal_mask, torch_predictor
+from test_predictor import (assert_close, losses_over_steps, make_random, official_state_dict, to_torch,
+                            torch_causal_mask, torch_predictor)
 
 from deltaworld_jax.models.deltatok import DeltaTok, DeltaTokConfig
 from deltaworld_jax.models.deltaworld import DeltaWorld, DeltaWorldConfig
@@ -32,8 +33,7 @@ def clip(seed=0):
 def torch_forward(model, queries, tokens, times):
     """The official DeltaWorld._forward_train loss pass, given the queries."""
     t = tokens.shape[1]
-    # np.array(queries): torch gets a writable copy (jax's output is a read-only view).
-    return torch_predictor(official_state_dict(model), torch.from_numpy(np.array(queries)),
+    return torch_predictor(official_state_dict(model), to_torch(queries),
                            torch.from_numpy(tokens[:, :-1]), torch_causal_mask(np.arange(1, t), np.arange(t - 1)),
                            [torch.from_numpy(times[:, 1:])], [torch.from_numpy(times[:, :-1])],
                            num_heads=2, axis_sizes=(12,), unrotated=4)
@@ -60,8 +60,8 @@ def test_best_of_k_matches_official_candidate_layout():
     rng = jax.random.key(5)
     queries, metrics = nnx.jit(lambda m: m.train_queries(jnp.asarray(tokens), jnp.asarray(times), rng))(model)
 
-    cands = np.array(candidate_queries(rng, jnp.arange(k), (B, T - 1), 32, 0.5))  # [B, T-1, K, hidden]
-    q_all = torch.from_numpy(cands).flatten(1, 2)
+    cands = np.asarray(candidate_queries(rng, jnp.arange(k), (B, T - 1), 32, 0.5))  # [B, T-1, K, hidden]
+    q_all = to_torch(cands).flatten(1, 2)
     pos_q = torch.from_numpy(times[:, 1:]).repeat_interleave(k, 1)
     q_index = torch.arange(T - 1).repeat_interleave(k) + 1
     preds = torch_predictor(official_state_dict(model), q_all, torch.from_numpy(tokens[:, :-1]),

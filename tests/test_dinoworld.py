@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from flax import nnx
 
-from test_predictor import assert_close, losses_over_steps, make_random, official_state_dict, torch_causal_mask, torch_predictor
+from test_predictor import (assert_close, losses_over_steps, make_random, official_state_dict, to_torch,
+                            torch_causal_mask, torch_predictor)
 
 from deltaworld_jax.models.dinoworld import DINOWorld, DINOWorldConfig, spatial_positions, torch_linspace
 from deltaworld_jax.models.predictor import candidate_queries
@@ -75,7 +76,7 @@ def test_training_forward_matches_official_to_float32_precision():
         model, jnp.asarray(feats), jnp.asarray(times))
     h, w = torch.meshgrid(torch.linspace(-1, 1, grid[0]), torch.linspace(-1, 1, grid[1]), indexing="ij")
     pos = [torch.from_numpy(times[:, :1]).repeat_interleave(p, 1), w.flatten()[None], h.flatten()[None]]
-    q = torch.from_numpy(np.array(model.q_embed[...]))[None].expand(1, p, -1)
+    q = to_torch(model.q_embed[...])[None].expand(1, p, -1)
     ref = torch_predictor(official_state_dict(model), q, torch.from_numpy(feats[:, 0]), None,
                           [torch.from_numpy(times[:, 1:]).repeat_interleave(p, 1)] + pos[1:], pos, num_heads=2,
                           axis_sizes=(4, 4, 4), unrotated=4)
@@ -88,7 +89,7 @@ def test_training_forward_matches_official():
     loss_and_preds = nnx.jit(lambda m, f, t: (m.loss(f, t, GRID), m.predict_next_frames(
         m.train_queries(f, t, GRID, None)[0], f, t, GRID)))
     (loss, _), preds = loss_and_preds(model, jnp.asarray(feats), jnp.asarray(times))
-    q_embed = torch.from_numpy(np.array(model.q_embed[...]))
+    q_embed = to_torch(model.q_embed[...])
     ref = torch_train_forward(model, q_embed.expand(B, (T - 1) * P, -1), feats, times)
     assert_close(preds, ref.detach().numpy())
     ref_loss = F.smooth_l1_loss(ref, torch.from_numpy(feats[:, 1:]), beta=0.1).item()
@@ -113,10 +114,10 @@ def test_best_of_k_variant_matches_official_candidate_layout():
     rng = jax.random.key(4)
     queries, _ = nnx.jit(lambda m: m.train_queries(jnp.asarray(feats), jnp.asarray(times), GRID, rng))(model)
 
-    cands = np.array(candidate_queries(rng, jnp.arange(k), (B, T - 1), 32, 0.5))  # [B, T-1, K, hidden]
+    cands = np.asarray(candidate_queries(rng, jnp.arange(k), (B, T - 1), 32, 0.5))  # [B, T-1, K, hidden]
     ts = torch.from_numpy(times)
     w, h = torch_coords()
-    q_all = torch.from_numpy(cands).flatten(1, 2).repeat_interleave(P, 1)
+    q_all = to_torch(cands).flatten(1, 2).repeat_interleave(P, 1)
     pos_q = [ts[:, 1:].repeat_interleave(k, 1).repeat_interleave(P, 1)] + [
         c.unsqueeze(1).unsqueeze(2).expand(-1, T - 1, k, -1).flatten(1, 3) for c in (w, h)]
     pos_k = [ts[:, :-1].repeat_interleave(P, 1)] + [c.unsqueeze(1).expand(-1, T - 1, -1).flatten(1, 2)
@@ -153,9 +154,9 @@ def test_rollout_follows_the_official_step_loop():
     # Official rollout_step in torch: kv = context patches, then each prediction appended.
     sd = official_state_dict(model)
     w, h = torch_coords()
-    ts = torch.from_numpy(np.array(times))
-    kv = torch.from_numpy(np.array(feats[:, :ctx_len])).reshape(B, ctx_len * P, D)
-    q = torch.from_numpy(np.array(model.q_embed[...])).expand(B, P, -1)
+    ts = to_torch(times)
+    kv = to_torch(feats[:, :ctx_len]).reshape(B, ctx_len * P, D)
+    q = to_torch(model.q_embed[...]).expand(B, P, -1)
     for step in range(T - ctx_len):
         n_kv = kv.shape[1] // P
         tgt = ctx_len + step

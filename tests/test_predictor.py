@@ -112,6 +112,12 @@ def losses_over_steps(model, loss_fn, num_steps=10, learning_rate=1e-2):
     return [float(x) for x in train(params)]
 
 
+def to_torch(x) -> torch.Tensor:
+    """A torch tensor over a COPY of `x` (dtype kept): a jax array's numpy view is read-only, and torch warns
+    that writing through such a tensor is undefined behaviour."""
+    return torch.from_numpy(np.array(x))
+
+
 def official_state_dict(model):
     """Parameters of a DeltaWorld / DINO-World (or a bare Predictor) as an official torch state dict."""
     if isinstance(model, Predictor):
@@ -121,7 +127,7 @@ def official_state_dict(model):
     flat = {tuple(path): np.asarray(v.get_value() if hasattr(v, "get_value") else v)
             for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     assert set(flat) == {p for p, _ in mapping.values()}, "the key map must cover every parameter"
-    return {k: torch.from_numpy(np.array(flat[p].T if t else flat[p])) for k, (p, t) in mapping.items()}
+    return {k: to_torch(flat[p].T if t else flat[p]) for k, (p, t) in mapping.items()}
 
 
 def assert_close(actual, expected, rel=1e-5):
